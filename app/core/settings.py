@@ -1,0 +1,108 @@
+"""The one settings object for the API, the workers and the CLI (environment first).
+
+With no environment at all the service runs embedded: a SQLite file, Celery's filesystem transport
+and every artifact under ``./var/``. ``DATABASE_URL``/``BROKER_URL`` (or their ``SCAN_`` forms)
+switch it to PostgreSQL and Redis without any other change. Nothing else in the code reads
+``os.environ``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCAN_", populate_by_name=True, extra="ignore")
+
+    var_dir: Path = Field(Path("var"), description="Root of everything written locally (embedded database, "
+                          "broker folder, datasets, runs, uploads, the first API key).")
+    database_url: str = Field(
+        "", validation_alias=AliasChoices("SCAN_DATABASE_URL", "DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL; empty means SQLite at <var_dir>/scan.db. postgresql:// is rewritten "
+        "to the psycopg 3 driver.")
+    broker_url: str = Field(
+        "", validation_alias=AliasChoices("SCAN_BROKER_URL", "BROKER_URL", "broker_url"),
+        description="Celery broker; empty means the filesystem transport under <var_dir>/broker "
+        "(no server). redis://host:6379/0 in production.")
+    artifacts_dir: Path | None = Field(None, description="Datasets and run directories; default <var_dir>. "
+                                       "Must be shared by the API and every worker.")
+    max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload; larger ones get 413.")
+    ingest_wait_s: float = Field(120.0, ge=0, description="How long POST /v1/datasets waits for the ingest "
+                                 "task before answering 202 instead of 201/4xx.")
+    visibility_timeout_s: int = Field(12 * 3600, ge=60, description="Redis redelivers an unacknowledged task "
+                                      "after this long; must exceed the longest stage.")
+    max_stage_attempts: int = Field(3, ge=1, description="A stage delivered more often than this (worker "
+                                    "killed, OOM) fails the run instead of looping.")
+    heartbeat_s: float = Field(10.0, gt=0, description="How often a running stage marks itself alive.")
+    stale_after_s: float = Field(120.0, gt=0, description="A stage whose heartbeat is older than this is "
+                                 "presumed dead; a worker re-enqueues it and it resumes from its checkpoint.")
+    recover_interval_s: float = Field(30.0, gt=0, description="How often each worker looks for dead stages.")
+    progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress rows.")
+    cancel_check_interval_s: float = Field(0.5, ge=0, description="Least time between two cancel-flag reads.")
+    default_page_size: int = Field(50, ge=1)
+    max_page_size: int = Field(1000, ge=1)
+    api_host: str = Field("127.0.0.1", description="Where `make demo` binds the API.")
+    api_port: int = Field(8000, description="Where `make demo` binds the API.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, url: str) -> str:
+        # SQLAlchemy's bare postgresql:// means psycopg2, which we do not ship.
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'scan.db').resolve()}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.var_dir / "broker").resolve()
+
+    @property
+    def artifacts(self) -> Path:
+        return (self.artifacts_dir or self.var_dir).resolve()
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.artifacts / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.artifacts / "runs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.artifacts / "uploads"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.var_dir.resolve() / "api-key.txt"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.db_url.startswith("sqlite")
+
+    @property
+    def embedded(self) -> bool:
+        return self.is_sqlite and self.broker.startswith("filesystem")
+
+    def make_dirs(self) -> None:
+        for path in (self.var_dir, self.datasets_dir, self.runs_dir, self.uploads_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        if self.broker.startswith("filesystem"):
+            (self.broker_dir / "queue").mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

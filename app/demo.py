@@ -1,0 +1,199 @@
+"""`make demo`: from a fresh clone to a trained model behind a running API, in one command.
+
+1. creates ./var/, applies the migrations, creates the first API key (var/api-key.txt);
+2. starts the API (uvicorn) and one Celery worker (queues gpu+cpu) in embedded mode: SQLite and the
+   filesystem broker, no servers;
+3. imports `digits` (and `fashion-mnist` when Debian's package put it in /usr/share/datasets, import
+   only: training it on a laptop CPU takes far longer than a demo should);
+4. trains a run on digits through the API, with a progress bar fed by GET /v1/runs/{id};
+5. prints the metrics and one /predict answer, then keeps the server running and prints its URLs.
+
+Rerunning it reuses the finished run (Idempotency-Key) and answers within seconds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.bootstrap import ensure_first_key, migrate
+from app.core.settings import get_settings
+
+console = Console()
+ROOT = Path(__file__).resolve().parent.parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+STAGES = ("pretext", "mining", "clustering", "selflabel")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(args, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            start_new_session=True)
+
+
+def _wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/readyz", timeout=3).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("the API or the worker exited; see var/logs/")
+        time.sleep(0.5)
+    raise SystemExit(f"API not ready after {timeout:.0f}s; see var/logs/api.log")
+
+
+def _import(client: httpx.Client, source: str) -> dict:
+    existing = [d for d in client.get("/v1/datasets", params={"state": "READY", "limit": 1000}).json()["items"]
+                if d["source"] == source]
+    if existing:
+        return existing[0]
+    with console.status(f"importing {source} ..."):
+        r = client.post("/v1/datasets/import", json={"source": source}, timeout=900)
+    if r.status_code not in (201, 202):
+        raise SystemExit(f"import of {source} failed: {r.json()['detail']}")
+    return r.json()
+
+
+def _train(client: httpx.Client, dataset: dict, overrides: dict) -> dict:
+    r = client.post("/v1/runs", json={"dataset_id": dataset["id"], "num_clusters": 10, "preset": "small",
+                                      "overrides": overrides},
+                    headers={"Idempotency-Key": f"demo-{dataset['id']}-{sorted(overrides.items())}"})
+    if r.status_code not in (200, 202):
+        raise SystemExit(f"could not start the run: {r.json()['detail']}")
+    run = r.json()
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        tasks = {s: bar.add_task(s, total=1, info="waiting") for s in STAGES}
+        while True:
+            run = client.get(f"/v1/runs/{run['id']}").json()
+            for s in run["stages"]:
+                total = s["epochs"] or 1
+                done = total if s["state"] == "SUCCEEDED" else max(0, (s["epoch"] or 1) - 1) + (
+                    (s["step"] or 0) / s["steps"] if s["steps"] else 0)
+                info = s["state"].lower()
+                if s["state"] in ("RUNNING", "SUCCEEDED") and s["epochs"]:
+                    info = f"epoch {s['epoch'] or 0}/{s['epochs']}"
+                    if s["loss"] is not None:
+                        info += f"  loss {s['loss']:.3f}"
+                    if s["images_per_s"] and s["state"] == "RUNNING":
+                        info += f"  {s['images_per_s']:.0f} img/s  ETA {s['eta_s'] or 0:.0f}s"
+                bar.update(tasks[s["stage"]], total=total, completed=done, info=info)
+            if run["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
+                return run
+            time.sleep(0.5)
+
+
+def _print_metrics(client: httpx.Client, run: dict) -> None:
+    metrics = client.get(f"/v1/runs/{run['id']}/metrics").json()["metrics"]
+    final = metrics.get(metrics.get("final", "selflabel"), {})
+    mining = metrics.get("mining", {})
+    table = Table(title="digits: clustering quality (labels used only to score)")
+    for col in ("", "ACC", "NMI", "ARI", "top-5"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    table.add_row("SCAN", *(fmt(final.get(k)) for k in ("acc", "nmi", "ari", "top5_acc")))
+    km = mining.get("kmeans", {})
+    table.add_row("K-means on pretext features", *(fmt(km.get(k)) for k in ("acc", "nmi", "ari")), "-")
+    console.print(table)
+    if "neighbor_purity" in mining:
+        console.print(f"neighbour purity (K={mining.get('num_neighbors')}): {mining['neighbor_purity']:.3f}")
+
+
+def _predict_one(client: httpx.Client, dataset: dict, run: dict) -> None:
+    png = client.get(f"/v1/datasets/{dataset['id']}/items/0.png").content
+    r = client.post(f"/v1/runs/{run['id']}/predict", files={"files": ("digit0.png", png, "image/png")})
+    if r.status_code == 200:
+        console.print("[bold]POST /v1/runs/{id}/predict[/] with item 0 of digits:")
+        console.print_json(data=r.json())
+    else:
+        console.print(f"/predict answered {r.status_code}: {r.text[:200]}")
+
+
+def main(pretext_epochs: int = typer.Option(30, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
+         clustering_epochs: int = typer.Option(15), selflabel_epochs: int = typer.Option(5),
+         exit_after: bool = typer.Option(False, "--exit", help="stop the servers instead of leaving them up")) -> None:
+    t0 = time.monotonic()
+    settings = get_settings()
+    settings.make_dirs()
+    migrate(settings)
+    written = ensure_first_key(settings)
+    key = settings.api_key_file.read_text().strip()
+    console.print(f"[bold]SCAN demo[/] ({'embedded: SQLite + filesystem broker' if settings.embedded else 'services'})"
+                  f"; API key {'created in' if written else 'read from'} {settings.api_key_file}")
+    host, port = settings.api_host, settings.api_port
+    while not _port_free(host, port):
+        port += 1
+    base = f"http://{host}:{port}"
+    logs = settings.var_dir / "logs"
+    procs = [
+        _spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)], logs / "api.log"),
+        _spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,cpu", "-c", "1",
+                "--loglevel", "INFO"], logs / "worker.log"),
+    ]
+
+    def stop(*_: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        _wait_ready(base, procs)
+        console.print(f"API up at {base} after {time.monotonic() - t0:.1f}s (logs in {logs})")
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        digits = _import(client, "digits")
+        console.print(f"digits: {digits['count']} images {digits['height']}x{digits['width']}, "
+                      f"{len(digits['class_names'] or [])} classes")
+        if FASHION.exists():
+            fm = _import(client, "fashion-mnist")
+            console.print(f"fashion-mnist: {fm.get('count')} images imported (train it with POST /v1/runs)")
+        t1 = time.monotonic()
+        run = _train(client, digits, {"pretext.epochs": pretext_epochs, "clustering.epochs": clustering_epochs,
+                                      "selflabel.epochs": selflabel_epochs})
+        if run["state"] != "SUCCEEDED":
+            raise SystemExit(f"run {run['id']} ended {run['state']}: {run['error']}")
+        console.print(f"run {run['id']} SUCCEEDED in {time.monotonic() - t1:.0f}s")
+        _print_metrics(client, run)
+        _predict_one(client, digits, run)
+        console.print(f"\n[bold green]Ready[/] in {time.monotonic() - t0:.0f}s.  API: {base}   docs: {base}/docs   "
+                      f"UI: {base}/ui   key: {settings.api_key_file}")
+        console.print(f'try: curl -H "Authorization: Bearer $(cat {settings.api_key_file})" {base}/v1/runs')
+        if exit_after:
+            stop()
+        console.print("The server keeps running; Ctrl-C stops it.")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        raise SystemExit("the API or the worker exited; see var/logs/")
+    except KeyboardInterrupt:
+        stop()
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        raise
+
+
+if __name__ == "__main__":
+    typer.run(main)

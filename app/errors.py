@@ -1,0 +1,46 @@
+"""Every error is ``{"detail": "<message a person can act on>"}``, whatever raised it."""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.services.errors import ServiceError
+
+
+def _where(loc) -> str:  # noqa: ANN001
+    return ".".join(str(part) for part in loc if part not in ("body", "query", "path", "header")) or "request"
+
+
+def describe(errors, prefix: str = "") -> str:  # noqa: ANN001
+    return "; ".join(f"{prefix}{_where(e['loc'])}: {e['msg']}" for e in errors)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": "invalid request: " + describe(exc.errors())}, 422)
+
+    @app.exception_handler(ValidationError)
+    async def _config(_: Request, exc: ValidationError) -> JSONResponse:
+        # Raised by ml.config.RunConfig on bad overrides: name the field the user must change.
+        return JSONResponse({"detail": "invalid run configuration: " + describe(exc.errors())}, 422)
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, exc.status_code)
+
+    try:
+        from ml.data import DataError
+    except ImportError:  # pragma: no cover - ml.data always ships with the service
+        return
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 422)

@@ -1,0 +1,186 @@
+"""The data layer shared by the API and the workers (SQLAlchemy 2.0, typed).
+
+The schema exists only through the Alembic migrations in ``migrations/``; a test checks that
+autogenerate finds no difference between these classes and ``alembic upgrade head``.
+States are plain strings (not database enums) so adding one is a one-line migration on both
+SQLite and PostgreSQL.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        TypeDecorator, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones otherwise)."""
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):  # noqa: ANN001, ANN201
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
+
+
+class DatasetState:
+    PENDING, INGESTING, READY, FAILED = "PENDING", "INGESTING", "READY", "FAILED"
+
+
+class RunState:
+    QUEUED, PRETEXT, MINING, CLUSTERING, SELFLABEL = "QUEUED", "PRETEXT", "MINING", "CLUSTERING", "SELFLABEL"
+    SUCCEEDED, FAILED, CANCELED = "SUCCEEDED", "FAILED", "CANCELED"
+    ALL = (QUEUED, PRETEXT, MINING, CLUSTERING, SELFLABEL, SUCCEEDED, FAILED, CANCELED)
+    TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+    ACTIVE = (QUEUED, PRETEXT, MINING, CLUSTERING, SELFLABEL)
+
+
+class StageState:
+    PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED"
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A bearer key: only its SHA-256 is stored; ``prefix`` (public) finds the row in one lookup."""
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(500))
+    split: Mapped[str] = mapped_column(String(32), default="train")
+    state: Mapped[str] = mapped_column(String(16), default=DatasetState.PENDING)
+    count: Mapped[int | None]
+    height: Mapped[int | None]
+    width: Mapped[int | None]
+    channels: Mapped[int | None]
+    labelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    class_names: Mapped[list[Any] | None]
+    storage_path: Mapped[str | None] = mapped_column(String(1000))
+    upload_path: Mapped[str | None] = mapped_column(String(1000))
+    size_bytes: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ready_at: Mapped[datetime | None]
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
+                      Index("ix_runs_tenant_state", "tenant_id", "state"))
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default=RunState.QUEUED)
+    stage: Mapped[str | None] = mapped_column(String(16))  # the stage running or next to run
+    num_clusters: Mapped[int]
+    preset: Mapped[str] = mapped_column(String(64))
+    overrides: Mapped[dict[str, Any]]
+    config: Mapped[dict[str, Any]]
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    redeliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease of the task now running a stage: a fresh heartbeat means "alive, leave it alone".
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
+    run_dir: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class StageStatus(Base):
+    __tablename__ = "stage_status"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=StageState.PENDING)
+    epoch: Mapped[int | None]
+    epochs: Mapped[int | None]
+    step: Mapped[int | None]
+    steps: Mapped[int | None]
+    loss: Mapped[float | None] = mapped_column(Float)
+    images_per_s: Mapped[float | None] = mapped_column(Float)
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    summary: Mapped[dict[str, Any] | None]
+
+
+class RunEvent(Base):
+    """The progress log: one row per throttled progress report and per state change."""
+    __tablename__ = "run_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # progress | stage_started | stage_finished | state | error
+    stage: Mapped[str | None] = mapped_column(String(16))
+    attempt: Mapped[int | None]
+    epoch: Mapped[int | None]
+    epochs: Mapped[int | None]
+    step: Mapped[int | None]
+    steps: Mapped[int | None]
+    loss: Mapped[float | None] = mapped_column(Float)
+    message: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None]
+
+
+class Cluster(Base):
+    __tablename__ = "clusters"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    size: Mapped[int]
+    mean_confidence: Mapped[float | None] = mapped_column(Float)
+    prototype: Mapped[int | None]
+    top_items: Mapped[list[Any] | None]
+    matched_label: Mapped[str | None] = mapped_column(String(200))
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (Index("ix_assignments_run_cluster", "run_id", "cluster"),)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    item_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cluster: Mapped[int]
+    confidence: Mapped[float] = mapped_column(Float)
+
+
+class RunMetrics(Base):
+    __tablename__ = "run_metrics"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,86 @@
+"""POST /v1/runs/{run_id}/predict: cluster probabilities for new images, dynamically batched.
+
+Send images as multipart `files` (one or many) or as JSON `{"images": ["<base64>", ...]}`. Each
+image is decoded and converted to the run's size and channel count by the ingest rule, queued in
+the run's dynamic batcher (`predict_max_batch_size`, `predict_max_delay_ms`) together with the
+images of concurrent requests, and run through the model in a worker thread.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import SessionDep, TenantDep
+from app.serving.images import (check_count, decode_base64_images, max_images, read_json_body,
+                                read_upload_form, to_model_input)
+from app.serving.runs import served_run, succeeded_run_dir, tenant_run
+
+router = APIRouter(tags=["serving"])
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                           "description": "base64-encoded image files (PNG, JPEG, ...)"}}}},
+        },
+    }
+}
+
+
+async def read_request_images(request: Request) -> list[tuple[str, bytes]]:
+    limit = max_images()
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        named, _fields = await read_upload_form(request, limit)
+    elif ctype.startswith("application/json"):
+        body = await read_json_body(request)
+        if not isinstance(body, dict) or "images" not in body:
+            raise HTTPException(422, 'JSON body must be {"images": ["<base64>", ...]}')
+        named = decode_base64_images(body["images"])
+    else:
+        raise HTTPException(415, "send images as multipart/form-data `files` or application/json "
+                                 '{"images": [base64, ...]}')
+    check_count(len(named), limit)
+    return named
+
+
+@router.post("/v1/runs/{run_id}/predict", openapi_extra=_BODY_DOC,
+             summary="Cluster of each image, its confidence and the top-k clusters")
+async def predict(run_id: str, request: Request, session: SessionDep, tenant: TenantDep,
+                  k: Annotated[int, Query(ge=1, le=1000, description="how many clusters to list per "
+                                          "image; capped at the run's number of clusters")] = 5
+                  ) -> dict[str, Any]:
+    run = tenant_run(session, tenant.id, run_id)
+    run_dir = succeeded_run_dir(run)
+    session.close()  # nothing more to read; do not hold a connection while the model runs
+    named = await read_request_images(request)
+    served = await served_run(run_dir)
+    p = served.predictor
+    images = await run_in_threadpool(to_model_input, named, p.image_size, p.channels)
+    probs = await served.batcher.submit(images)
+    return {"run_id": run_id, "predictions": format_predictions(named, probs, k, served.cluster_labels)}
+
+
+def format_predictions(named: list[tuple[str, bytes]], probs: np.ndarray, k: int,
+                       labels: list[str | None] | None) -> list[dict[str, Any]]:
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    out = []
+    for (name, _), row, order in zip(named, probs, top):
+        c = int(order[0])
+        entry: dict[str, Any] = {
+            "file": name, "cluster": c, "confidence": float(row[c]),
+            "top_k": [{"cluster": int(j), "probability": float(row[j]),
+                       **({"label": labels[j]} if labels else {})} for j in order],
+        }
+        if labels:
+            entry["label"] = labels[c]
+        out.append(entry)
+    return out

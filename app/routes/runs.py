@@ -1,0 +1,123 @@
+"""/v1/runs: submit, list, read (per-stage progress), cancel, and the progress log (JSON or SSE)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.core.db import new_session
+from app.deps import SessionDep, SettingsDep, TenantDep
+from app.models import Run, RunEvent, RunState
+from app.schemas.common import ERRORS, ErrorBody, Page
+from app.schemas.runs import EventPage, RunCreate, RunEventOut, RunOut, RunStateName, StageOut
+from app.services import execution
+from app.services import runs as service
+from app.services.queue import enqueue_stage
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
+
+
+def run_out(session, run: Run) -> RunOut:  # noqa: ANN001
+    out = RunOut.model_validate(run)
+    out.stages = [StageOut.model_validate(s) for s in service.stages(session, run)]
+    return out
+
+
+@router.post("", summary="Start a training run (answers 202 with the queued run)", status_code=202,
+             response_model=RunOut, responses={
+                 200: {"model": RunOut, "description": "replay of an earlier request with the same Idempotency-Key"},
+                 409: {"model": ErrorBody, "description": "Idempotency-Key reused with another body, or dataset not READY"},
+                 503: {"model": ErrorBody, "description": "broker unreachable"}})
+def create_run(body: RunCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200, description=
+                                          "same key and body give back the same run")] = None) -> JSONResponse:
+    run, created = service.create(session, settings, tenant, body.model_dump(mode="json"), idempotency_key)
+    if created:
+        try:
+            enqueue_stage(run.id, run.stage)
+        except Exception as exc:  # noqa: BLE001
+            execution.mark_failed(session, run.id, None, f"could not queue the run, is the broker up? ({exc})")
+            return JSONResponse({"detail": f"could not queue the run, is the broker up? ({exc})"}, 503)
+    return JSONResponse(run_out(session, run).model_dump(mode="json"), 202 if created else 200)
+
+
+@router.get("", summary="List your runs (filter by state and dataset)", response_model=Page[RunOut])
+def list_runs(session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+              state: Annotated[RunStateName | None, Query()] = None,
+              dataset_id: Annotated[str | None, Query()] = None,
+              limit: Annotated[int | None, Query(ge=1)] = None,
+              offset: Annotated[int, Query(ge=0)] = 0) -> Page[RunOut]:
+    limit = min(limit or settings.default_page_size, settings.max_page_size)
+    rows, total = service.list_(session, tenant, state=state, dataset_id=dataset_id, limit=limit, offset=offset)
+    return Page[RunOut](items=[run_out(session, r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{run_id}", summary="One run: state, current stage, per-stage progress, error", response_model=RunOut)
+def read_run(run_id: str, session: SessionDep, tenant: TenantDep) -> RunOut:
+    return run_out(session, service.get(session, tenant, run_id))
+
+
+@router.post("/{run_id}/cancel", summary="Ask a run to stop (it ends CANCELED within seconds)",
+             status_code=202, response_model=RunOut)
+def cancel_run(run_id: str, session: SessionDep, tenant: TenantDep) -> RunOut:
+    return run_out(session, service.cancel(session, tenant, run_id))
+
+
+@router.get("/{run_id}/events", summary="The progress log, paginated by ?after=<event id>; "
+            "`Accept: text/event-stream` streams it as Server-Sent Events", response_model=EventPage,
+            responses={200: {"content": {"text/event-stream": {}}}})
+def list_events(run_id: str, request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+                after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int | None, Query(ge=1)] = None):
+    run = service.get(session, tenant, run_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return _sse(run.id, _last_event_id(request, after))
+    limit = min(limit or settings.default_page_size, settings.max_page_size)
+    rows = service.events(session, run, after=after, limit=limit)
+    return EventPage(items=[RunEventOut.model_validate(r) for r in rows], total=service.count_events(session, run),
+                     next_after=rows[-1].id if rows else after)
+
+
+@router.get("/{run_id}/events/stream", summary="The progress log as Server-Sent Events until the run ends",
+            response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+def stream_events(run_id: str, request: Request, session: SessionDep, tenant: TenantDep,
+                  after: Annotated[int, Query(ge=0)] = 0) -> StreamingResponse:
+    run = service.get(session, tenant, run_id)
+    return _sse(run.id, _last_event_id(request, after))
+
+
+def _last_event_id(request: Request, after: int) -> int:
+    value = request.headers.get("last-event-id", "")
+    return int(value) if value.isdigit() else after
+
+
+def _poll(run_id: str, after: int) -> tuple[list[RunEvent], str]:
+    with new_session() as session:
+        run = session.get(Run, run_id)
+        rows = service.events(session, run, after=after, limit=500)
+        return rows, run.state
+
+
+def _sse(run_id: str, after: int) -> StreamingResponse:
+    async def stream():
+        last, idle = after, 0.0
+        while True:
+            rows, state = await run_in_threadpool(_poll, run_id, last)
+            for row in rows:
+                last = row.id
+                payload = RunEventOut.model_validate(row).model_dump_json()
+                yield f"id: {row.id}\nevent: {row.kind}\ndata: {payload}\n\n"
+            if not rows and state in RunState.TERMINAL:
+                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
+                return
+            idle = 0.0 if rows else idle + 0.5
+            if idle >= 15:  # keep proxies from closing a quiet stream
+                idle = 0.0
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,310 @@
+"""The cluster browser: server-rendered Jinja2 pages under /ui (plain HTML + CSS + a little JS).
+
+Authentication is the API's: the key entered once on /ui/login is checked with the same
+`tenant_for_key` as the `Authorization: Bearer` header and then kept in an HttpOnly cookie, which
+every page, image and progress poll below reads. Images come from `/ui/datasets/{id}/items/{i}.png`
+(cookie-authenticated, so `<img>` tags load without scripts setting headers).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import SessionDep, SettingsDep
+from app.services import datasets as dataset_service
+from app.models import (Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState,
+                        StageState, StageStatus, Tenant)
+from app.serving.charts import line_chart
+from app.serving.runs import served_run, succeeded_run_dir, tenant_run
+from app.services.auth import tenant_for_key
+from ml.rundir import RunDir
+
+COOKIE = "scan_key"
+STAGES = ("pretext", "mining", "clustering", "selflabel")
+MEMBERS_PER_PAGE = 96
+NEIGHBORS_SHOWN = 24
+TOP_ITEMS_SHOWN = 8
+
+_APP_DIR = Path(__file__).resolve().parent.parent
+templates = Jinja2Templates(directory=str(_APP_DIR / "templates"))
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+def _cookie_tenant(request: Request, session: SessionDep) -> Tenant:
+    key = request.cookies.get(COOKIE)
+    tenant = tenant_for_key(session, key) if key else None
+    if tenant is None:
+        if request.url.path.endswith((".png", "/progress")):
+            raise HTTPException(401, "log in at /ui/login first")
+        # Pages send the browser to the login form and back here afterwards.
+        raise HTTPException(303, "log in at /ui/login first",
+                            headers={"Location": f"/ui/login?next={quote(request.url.path)}"})
+    return tenant
+
+
+UiTenant = Annotated[Tenant, Depends(_cookie_tenant)]
+
+_STATIC = {"style.css": "text/css; charset=utf-8", "ui.js": "text/javascript; charset=utf-8"}
+
+
+@router.get("/static/{path}", name="ui_static")
+def static_file(path: str):
+    # A fixed list, not a directory mount: nothing else under app/ can be fetched by name.
+    if path not in _STATIC:
+        raise HTTPException(404, f"no static file {path}")
+    return FileResponse(_APP_DIR / "static" / path, media_type=_STATIC[path],
+                        headers={"Cache-Control": "public, max-age=300"})
+
+
+@router.get("/login", name="ui_login_form", response_class=HTMLResponse)
+def login_form(request: Request, next: str = ""):
+    return templates.TemplateResponse(request, "login.html", {"tenant": None, "next": next, "error": None})
+
+
+@router.post("/login", name="ui_login")
+def login(request: Request, session: SessionDep, api_key: Annotated[str, Form()] = "",
+          next: Annotated[str, Form()] = ""):
+    tenant = tenant_for_key(session, api_key.strip()) if api_key.strip() else None
+    if tenant is None:
+        return templates.TemplateResponse(request, "login.html", {
+            "tenant": None, "next": next, "error": "That API key is not valid (or has been revoked)."},
+            status_code=401)
+    # Only local paths: an attacker-supplied next=https://evil must not turn login into a redirector.
+    target = next if next.startswith("/ui") and not next.startswith("//") else "/ui"
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(COOKIE, api_key.strip(), httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", max_age=30 * 24 * 3600, path="/")
+    return response
+
+
+@router.post("/logout", name="ui_logout")
+def logout():
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+# -- runs list and progress -------------------------------------------------------------------
+
+def _stage_rows(session: Session, run_id: str) -> list[StageStatus]:
+    rows = {s.stage: s for s in session.scalars(select(StageStatus).where(StageStatus.run_id == run_id))}
+    return [rows[s] for s in STAGES if s in rows] + [r for s, r in rows.items() if s not in STAGES]
+
+
+def _progress(run: Run, stages: list[StageStatus]) -> tuple[float, str]:
+    """Overall fraction done (the four stages weigh the same) and a short label."""
+    if run.state == RunState.SUCCEEDED:
+        return 1.0, "done"
+    done = 0.0
+    label = run.state.lower()
+    for s in stages:
+        if s.state == StageState.SUCCEEDED:
+            done += 1
+        elif s.state == StageState.RUNNING:
+            if s.epochs:
+                frac = (s.epoch or 0) / s.epochs
+                if s.steps:
+                    frac += (s.step or 0) / s.steps / s.epochs
+                done += min(frac, 1.0)
+                label = f"{s.stage} {s.epoch or 0}/{s.epochs}"
+            else:
+                label = s.stage
+    if run.state in RunState.TERMINAL:
+        label = run.state.lower()
+    return done / len(STAGES), label
+
+
+def _run_view(run: Run, stages: list[StageStatus], dataset: Dataset | None) -> dict[str, Any]:
+    progress, label = _progress(run, stages)
+    return {"id": run.id, "state": run.state, "stage": run.stage, "num_clusters": run.num_clusters,
+            "preset": run.preset, "error": run.error, "created_at": run.created_at,
+            "dataset_id": run.dataset_id, "dataset_name": dataset.name if dataset else run.dataset_id,
+            "progress": progress, "progress_label": label, "terminal": run.state in RunState.TERMINAL}
+
+
+@router.get("", name="ui_runs", response_class=HTMLResponse)
+def runs_page(request: Request, session: SessionDep, tenant: UiTenant):
+    runs = session.scalars(select(Run).where(Run.tenant_id == tenant.id)
+                           .order_by(Run.created_at.desc()).limit(200)).all()
+    datasets = {d.id: d for d in session.scalars(
+        select(Dataset).where(Dataset.id.in_({r.dataset_id for r in runs})))} if runs else {}
+    views = [_run_view(r, _stage_rows(session, r.id), datasets.get(r.dataset_id)) for r in runs]
+    return templates.TemplateResponse(request, "runs.html", {"tenant": tenant, "runs": views})
+
+
+@router.get("/runs/{run_id}/progress", name="ui_run_progress")
+def run_progress(run_id: str, session: SessionDep, tenant: UiTenant) -> dict[str, Any]:
+    run = tenant_run(session, tenant.id, run_id)
+    progress, label = _progress(run, _stage_rows(session, run.id))
+    return {"id": run.id, "state": run.state, "stage": run.stage, "progress": progress,
+            "label": label, "terminal": run.state in RunState.TERMINAL}
+
+
+# -- run page ---------------------------------------------------------------------------------
+
+def _history(run: Run, session: Session) -> dict[str, list[dict[str, Any]]]:
+    """Per-stage, per-epoch records: history.json once a stage ends, progress events while it runs."""
+    history: dict[str, list[dict[str, Any]]] = {}
+    if run.run_dir:
+        data = RunDir(run.run_dir).read_json(RunDir(run.run_dir).history_path, default={}) or {}
+        history = {k: v for k, v in data.items() if isinstance(v, list)}
+    live: dict[str, dict[int, dict[str, Any]]] = {}
+    for ev in session.scalars(select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.kind == "progress",
+                                                     RunEvent.epoch.is_not(None)).order_by(RunEvent.id)):
+        if ev.stage in history or ev.loss is None:
+            continue
+        data = ev.data or {}
+        fields = {**data, **(data.get("extra") if isinstance(data.get("extra"), dict) else {})}
+        rec = {"epoch": ev.epoch, "loss": ev.loss,
+               **{k: v for k, v in fields.items() if isinstance(v, (int, float)) and k not in ("epoch", "loss")}}
+        live.setdefault(ev.stage, {})[ev.epoch] = rec  # the last report of an epoch wins
+    for stage, by_epoch in live.items():
+        history[stage] = [by_epoch[e] for e in sorted(by_epoch)]
+    return history
+
+
+def _charts(history: dict[str, list[dict[str, Any]]]) -> list:
+    charts = []
+    for stage in [s for s in STAGES if s in history] + [s for s in history if s not in STAGES]:
+        pts = [(h["epoch"], h.get("loss")) for h in history[stage] if "epoch" in h]
+        if pts:
+            charts.append(line_chart({stage: pts}, title=f"{stage} loss", x_label="epoch",
+                                     css_class=f"chart chart-loss chart-{stage}"))
+    selflabel = history.get("selflabel", [])
+    confident = [(h["epoch"], h["confident"]) for h in selflabel if "confident" in h]
+    if confident:  # the paper's Fig. 4: confident samples grow, then plateau
+        charts.append(line_chart({"confident samples": confident}, title="self-labeling: confident samples",
+                                 x_label="epoch", css_class="chart chart-confident"))
+    return charts
+
+
+METRIC_NAMES = ("acc", "nmi", "ari", "top5_acc", "many_to_one_acc", "neighbor_purity")
+
+
+def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
+    """(metrics table, confusion matrix): the table has one column per stage that was evaluated."""
+    data: dict[str, Any] = {}
+    row = session.get(RunMetrics, run.id)
+    if row is not None and isinstance(row.metrics, dict):
+        data = row.metrics
+    if not data and run.run_dir:
+        data = RunDir(run.run_dir).read_json(RunDir(run.run_dir).metrics_path, default={}) or {}
+    stages = {k: _flatten(v) for k, v in data.items() if isinstance(v, dict)}
+    if not stages and any(isinstance(v, (int, float)) for v in data.values()):
+        stages = {"final": data}  # a flat dict of one evaluation
+    names = [n for n in METRIC_NAMES if any(n in v for v in stages.values())]
+    names += sorted({k for v in stages.values() for k, x in v.items()
+                     if isinstance(x, (int, float)) and not isinstance(x, bool) and k not in names})
+    table = None
+    columns = [s for s in stages if any(n in stages[s] for n in names)]
+    if names and columns:
+        def fmt(x):
+            if isinstance(x, float):
+                return f"{x:.4f}"
+            return "" if x is None else str(x)
+        table = {"columns": columns,
+                 "rows": [{"name": n, "cells": [fmt(stages[c].get(n)) for c in columns]} for n in names]}
+    final = stages.get(data.get("final")) if isinstance(data.get("final"), str) else None
+    final = final or next((stages[s] for s in ("selflabel", "scan", "final") if s in stages), None)
+    return table, final.get("confusion") if final else None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"kmeans": {"acc": 0.6}} -> {"kmeans.acc": 0.6}; lists (the confusion matrix) stay as they are."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _confusion(matrix, class_names: list[str] | None) -> dict | None:
+    if not matrix:
+        return None
+    m = np.asarray(matrix, dtype=np.int64)
+    names = list(class_names or [])
+    rows_total = m.sum(axis=1, keepdims=True).clip(min=1)
+    shade = m / rows_total
+    label = lambda i: names[i] if i < len(names) else str(i)  # noqa: E731
+    return {"columns": [label(j) for j in range(m.shape[1])],
+            "rows": [{"name": label(i), "cells": [{"value": int(m[i, j]), "shade": float(shade[i, j])}
+                                                  for j in range(m.shape[1])]} for i in range(m.shape[0])]}
+
+
+@router.get("/runs/{run_id}", name="ui_run", response_class=HTMLResponse)
+def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenant):
+    run = tenant_run(session, tenant.id, run_id)
+    dataset = session.get(Dataset, run.dataset_id)
+    stages = _stage_rows(session, run.id)
+    table, confusion = _metrics(run, session)
+    clusters = []
+    for c in session.scalars(select(Cluster).where(Cluster.run_id == run.id).order_by(Cluster.index)):
+        clusters.append({"index": c.index, "size": c.size, "mean_confidence": c.mean_confidence,
+                         "prototype": c.prototype, "matched_label": c.matched_label,
+                         "top_items": [int(i) for i in (c.top_items or [])[:TOP_ITEMS_SHOWN]]})
+    return templates.TemplateResponse(request, "run.html", {
+        "tenant": tenant, "run": _run_view(run, stages, dataset), "stages": stages,
+        "charts": _charts(_history(run, session)), "metrics": table,
+        "confusion": _confusion(confusion, dataset.class_names if dataset else None),
+        "clusters": clusters})
+
+
+@router.get("/runs/{run_id}/clusters/{cluster}", name="ui_cluster", response_class=HTMLResponse)
+def cluster_page(request: Request, run_id: str, cluster: int, session: SessionDep, tenant: UiTenant,
+                 order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1)):
+    run = tenant_run(session, tenant.id, run_id)
+    row = session.get(Cluster, (run.id, cluster))
+    if row is None:
+        raise HTTPException(404, f"run {run_id} has no cluster {cluster}")
+    where = (Assignment.run_id == run.id, Assignment.cluster == cluster)
+    total = session.scalar(select(func.count()).select_from(Assignment).where(*where)) or 0
+    pages = max(1, math.ceil(total / MEMBERS_PER_PAGE))
+    page = min(page, pages)
+    conf = Assignment.confidence.asc() if order == "asc" else Assignment.confidence.desc()
+    members = session.scalars(select(Assignment).where(*where).order_by(conf, Assignment.item_index)
+                              .offset((page - 1) * MEMBERS_PER_PAGE).limit(MEMBERS_PER_PAGE)).all()
+    return templates.TemplateResponse(request, "cluster.html", {
+        "tenant": tenant, "run": _run_view(run, [], session.get(Dataset, run.dataset_id)),
+        "cluster": row, "members": members, "total": total, "order": order, "page": page, "pages": pages})
+
+
+@router.get("/runs/{run_id}/items/{item}/neighbors", name="ui_neighbors", response_class=HTMLResponse)
+async def neighbors_page(request: Request, run_id: str, item: int, session: SessionDep, tenant: UiTenant):
+    run = tenant_run(session, tenant.id, run_id)
+    served = await served_run(succeeded_run_dir(run))
+    n_items = len(served.assignments["cluster"])
+    if not 0 <= item < n_items:
+        raise HTTPException(404, f"item {item} is out of range: the dataset has {n_items} items")
+    k = min(NEIGHBORS_SHOWN + 1, n_items)
+    scores, ids = await run_in_threadpool(served.search, np.asarray(served.features[item:item + 1]), k)
+    cluster = served.assignments["cluster"]
+    neighbors = [{"item": int(i), "score": float(s), "cluster": int(cluster[i])}
+                 for s, i in zip(scores[0], ids[0]) if i >= 0 and i != item]
+    labels = served.cluster_labels
+    c = int(cluster[item])
+    return templates.TemplateResponse(request, "neighbors.html", {
+        "tenant": tenant, "run": _run_view(run, [], None), "item": item, "cluster": c,
+        "label": labels[c] if labels else None,
+        "confidence": float(served.assignments["confidence"][item]), "neighbors": neighbors})
+
+
+# -- images ---------------------------------------------------------------------------------
+
+@router.get("/datasets/{dataset_id}/items/{item}.png", name="ui_item_png")
+def item_image(dataset_id: str, item: int, session: SessionDep, tenant: UiTenant, settings: SettingsDep):
+    """The API's `/v1/datasets/{id}/items/{i}.png`, authenticated by the cookie so `<img>` works."""
+    dataset = dataset_service.get(session, tenant, dataset_id)
+    return Response(dataset_service.item_png(settings, dataset, item), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=86400"})

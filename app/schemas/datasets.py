@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from app.schemas.common import ORMModel
+
+
+class DatasetOut(ORMModel):
+    id: str
+    name: str
+    source: str
+    split: str
+    state: Literal["PENDING", "INGESTING", "READY", "FAILED"]
+    count: int | None = Field(None, description="number of images")
+    height: int | None = None
+    width: int | None = None
+    channels: int | None = None
+    labelled: bool
+    class_names: list[str] | None = None
+    error: str | None = None
+    created_at: datetime
+    ready_at: datetime | None = None
+
+
+class DatasetImport(BaseModel):
+    source: Literal["digits", "fashion-mnist"] = Field(description="a built-in source")
+    split: Literal["train", "test"] = "train"
+    name: str | None = Field(None, max_length=200)

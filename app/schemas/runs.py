@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.schemas.common import ORMModel
+
+RunStateName = Literal["QUEUED", "PRETEXT", "MINING", "CLUSTERING", "SELFLABEL", "SUCCEEDED", "FAILED", "CANCELED"]
+
+
+class RunCreate(BaseModel):
+    dataset_id: str
+    num_clusters: int = Field(ge=2, le=10_000)
+    preset: str = Field("small", description="cifar | stl | imagenet | small (see ml/config.py)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description='e.g. {"pretext.epochs": 5}')
+
+
+class StageOut(ORMModel):
+    stage: str
+    state: Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED"]
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+    images_per_s: float | None = None
+    eta_s: float | None = None
+    attempts: int
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+
+
+class RunOut(ORMModel):
+    id: str
+    dataset_id: str
+    state: RunStateName
+    stage: str | None = Field(None, description="the stage running now (or next to run)")
+    num_clusters: int
+    preset: str
+    overrides: dict[str, Any]
+    config: dict[str, Any]
+    cancel_requested: bool
+    error: str | None = None
+    redeliveries: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    stages: list[StageOut] = []
+
+
+class RunEventOut(ORMModel):
+    id: int
+    created_at: datetime
+    kind: str
+    stage: str | None = None
+    attempt: int | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+    message: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class EventPage(BaseModel):
+    items: list[RunEventOut]
+    total: int
+    next_after: int = Field(description="pass as ?after= to get the following events")

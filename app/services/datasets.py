@@ -1,0 +1,147 @@
+"""Datasets: create, ingest (in a worker), wait for ingest, list, delete, read one item.
+
+Bad input never leaves anything behind: an upload lives under ``uploads/<id>/`` until ingest has
+written the decoded cache atomically to ``datasets/<id>/``; a failed ingest removes both folders and
+the API, which waits for the ingest task, deletes the row and answers 4xx with the reason.
+"""
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import time
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.settings import Settings
+from app.models import Dataset, DatasetState, Run, RunState, Tenant, utcnow
+from app.services.errors import Conflict, NotFound
+
+BUILTIN_SOURCES = ("digits", "fashion-mnist")
+
+
+def safe_filename(name: str | None) -> str:
+    """The client's file name reduced to a harmless basename that keeps its extension (the format)."""
+    base = Path((name or "upload").replace("\\", "/")).name
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    return base[:120] or "upload"
+
+
+def create(session: Session, tenant: Tenant, *, name: str, source: str, split: str = "train") -> Dataset:
+    dataset = Dataset(tenant_id=tenant.id, name=name[:200], source=source[:500], split=split)
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant.id:
+        raise NotFound(f"dataset {dataset_id} not found (list yours with GET /v1/datasets)")
+    return dataset
+
+
+def list_(session: Session, tenant: Tenant, *, state: str | None, limit: int, offset: int) -> tuple[list[Dataset], int]:
+    query = select(Dataset).where(Dataset.tenant_id == tenant.id)
+    if state:
+        query = query.where(Dataset.state == state)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def upload_dir(settings: Settings, dataset_id: str) -> Path:
+    return settings.uploads_dir / dataset_id
+
+
+def remove_files(settings: Settings, dataset: Dataset) -> None:
+    shutil.rmtree(upload_dir(settings, dataset.id), ignore_errors=True)
+    shutil.rmtree(settings.datasets_dir / dataset.id, ignore_errors=True)
+
+
+def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
+    """Decode the upload (or built-in source) into the uint8 cache; called by the ``cpu`` worker.
+
+    DataError marks the row FAILED with the reader's message and removes every file; the API (which
+    is waiting) then deletes the row, or a user who did not wait sees the message on GET.
+    """
+    from ml.data import DataError, load_source  # lazy: keeps torch out of the API's import path
+
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.state not in (DatasetState.PENDING, DatasetState.INGESTING):
+        return  # deleted meanwhile, or a redelivered task for a finished ingest
+    dataset.state = DatasetState.INGESTING
+    session.commit()
+    try:
+        source = dataset.upload_path or dataset.source
+        data = load_source(source, split=dataset.split, cache_dir=settings.artifacts / "cache")
+        if data.n == 0:
+            raise DataError(dataset.name, "contains no images")
+        data.save(settings.datasets_dir / dataset.id)
+    except Exception as exc:  # noqa: BLE001 - any failure must leave no files and a message
+        session.rollback()
+        dataset = session.get(Dataset, dataset_id)
+        remove_files(settings, dataset)
+        dataset.state = DatasetState.FAILED
+        message = str(exc) if isinstance(exc, DataError) else f"could not ingest: {type(exc).__name__}: {exc}"
+        # Name the user's file, not the server's temporary path.
+        dataset.error = message.replace(str(upload_dir(settings, dataset.id)) + "/", "")
+        session.commit()
+        return
+    shutil.rmtree(upload_dir(settings, dataset.id), ignore_errors=True)
+    dataset.state = DatasetState.READY
+    dataset.count, dataset.channels = int(data.n), int(data.channels)
+    dataset.height, dataset.width = int(data.height), int(data.width)
+    dataset.labelled = data.labels is not None
+    dataset.class_names = list(data.class_names) if data.class_names else None
+    dataset.storage_path = str(settings.datasets_dir / dataset.id)
+    dataset.upload_path = None
+    dataset.ready_at = utcnow()
+    session.commit()
+
+
+def wait_until_settled(session: Session, dataset_id: str, timeout_s: float) -> Dataset | None:
+    """Poll until ingest finished (READY/FAILED) or the timeout passed; returns the fresh row."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        session.expire_all()
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.state in (DatasetState.READY, DatasetState.FAILED):
+            return dataset
+        if time.monotonic() >= deadline:
+            return dataset
+        time.sleep(0.1)
+
+
+def delete(session: Session, settings: Settings, tenant: Tenant, dataset_id: str) -> None:
+    dataset = get(session, tenant, dataset_id)
+    active = session.scalar(select(func.count()).select_from(Run).where(
+        Run.dataset_id == dataset.id, Run.state.in_(RunState.ACTIVE)))
+    if active:
+        raise Conflict(f"dataset {dataset_id} has {active} run(s) in progress; cancel them first "
+                       "(POST /v1/runs/{id}/cancel)")
+    run_dirs = session.scalars(select(Run.run_dir).where(Run.dataset_id == dataset.id)).all()
+    session.delete(dataset)  # runs and their results follow by ON DELETE CASCADE
+    session.commit()
+    remove_files(settings, dataset)
+    for run_dir in run_dirs:
+        if run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def item_png(settings: Settings, dataset: Dataset, index: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    if dataset.state != DatasetState.READY:
+        raise Conflict(f"dataset {dataset.id} is {dataset.state}, not READY")
+    if not 0 <= index < (dataset.count or 0):
+        raise NotFound(f"item {index} is out of range: dataset {dataset.id} has items 0..{(dataset.count or 0) - 1}")
+    images = np.load(Path(dataset.storage_path) / "images.npy", mmap_mode="r")
+    chw = np.asarray(images[index])
+    hwc = chw[0] if chw.shape[0] == 1 else np.transpose(chw, (1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(hwc)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,25 @@
+"""Domain errors; app/errors.py maps them to HTTP status codes with the message as ``detail``."""
+
+
+class ServiceError(Exception):
+    status_code = 400
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class Conflict(ServiceError):
+    status_code = 409
+
+
+class Invalid(ServiceError):
+    status_code = 422
+
+
+class TooLarge(ServiceError):
+    status_code = 413

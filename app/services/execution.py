@@ -1,0 +1,224 @@
+"""What a worker does to a run's rows: claim a stage, report progress, finish, fail, cancel, recover.
+
+A stage is guarded by a lease (``runs.lease_token`` + ``heartbeat_at``) taken with one conditional
+UPDATE, so a duplicate delivery (broker redelivery, recovery re-enqueue) never runs a stage twice at
+the same time. A worker that dies stops heart-beating; after ``stale_after_s`` any worker re-enqueues
+the stage, which resumes from its last epoch checkpoint. Attempts are counted per stage and the run
+fails with a clear message beyond ``max_stage_attempts`` (an OOM-killed task must not loop forever).
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app.core.settings import Settings
+from app.models import Run, RunEvent, RunState, StageState, StageStatus, utcnow
+from app.services.runs import STAGES
+
+FINALIZE = "finalize"
+RUNNING_STATES = {stage: stage.upper() for stage in STAGES}
+
+
+@dataclass
+class Claim:
+    token: str
+    attempt: int
+
+
+def next_stage(stage: str) -> str | None:
+    if stage == FINALIZE:
+        return None
+    i = STAGES.index(stage)
+    return STAGES[i + 1] if i + 1 < len(STAGES) else FINALIZE
+
+
+def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Claim | str | None:
+    """Take the stage's lease. Returns a Claim, "advance" (stage done but the run was not moved on:
+    enqueue the next one) or None (nothing to do: ended, canceled, superseded or held by a live task)."""
+    run = session.get(Run, run_id)
+    if run is None or run.state in RunState.TERMINAL:
+        return None
+    if run.cancel_requested:
+        mark_canceled(session, run_id, stage, None)
+        return None
+    status = session.get(StageStatus, (run_id, stage)) if stage != FINALIZE else None
+    if status is not None and status.state == StageState.SUCCEEDED:
+        return "advance" if run.stage == stage else None
+    if run.stage != stage:
+        return None  # a stale duplicate of a stage the run has already left
+    token = secrets.token_hex(16)
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.stale_after_s)
+    won = session.execute(
+        update(Run).where(Run.id == run_id, or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None),
+                                                Run.heartbeat_at < cutoff))
+        .values(lease_token=token, heartbeat_at=now).execution_options(synchronize_session=False)).rowcount
+    session.commit()
+    if won != 1:
+        return None
+    session.refresh(run)
+    attempt = 1
+    if status is not None:
+        status.attempts += 1
+        attempt = status.attempts
+        if attempt > 1:
+            run.redeliveries += 1
+        if attempt > settings.max_stage_attempts:
+            session.commit()
+            mark_failed(session, run_id, stage,
+                        f"stage {stage} was started {attempt} times and never finished (the worker "
+                        f"died each time, e.g. killed for memory); giving up after "
+                        f"max_stage_attempts={settings.max_stage_attempts}. Retry with a smaller "
+                        "batch_size or a larger worker.")
+            return None
+        status.state = StageState.RUNNING
+        status.started_at = status.started_at or now
+        status.finished_at = None
+    run.state = RUNNING_STATES.get(stage, run.state)
+    run.started_at = run.started_at or now
+    session.add(RunEvent(run_id=run_id, kind="stage_started", stage=stage, attempt=attempt,
+                         message=f"{stage} started" + (f" (attempt {attempt}, resuming)" if attempt > 1 else "")))
+    session.commit()
+    return Claim(token, attempt)
+
+
+def heartbeat(session: Session, run_id: str, token: str) -> None:
+    session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token).values(heartbeat_at=utcnow())
+                    .execution_options(synchronize_session=False))
+    session.commit()
+
+
+def cancel_requested(session: Session, run_id: str) -> bool:
+    return bool(session.scalar(select(Run.cancel_requested).where(Run.id == run_id)))
+
+
+def _num(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def record_progress(session: Session, run_id: str, stage: str, attempt: int, progress: Any,
+                    token: str) -> None:
+    """One progress report from ml.pipeline (a Progress object) into stage_status and run_events."""
+    get = (progress.get if isinstance(progress, dict) else lambda k, d=None: getattr(progress, k, d))
+    fields = dict(epoch=_int(get("epoch")), epochs=_int(get("epochs")), step=_int(get("step")),
+                  steps=_int(get("steps")), loss=_num(get("loss")),
+                  images_per_s=_num(get("images_per_s")), eta_s=_num(get("eta_s")))
+    status = session.get(StageStatus, (run_id, stage))
+    if status is not None:
+        for key, value in fields.items():
+            if value is not None:
+                setattr(status, key, value)
+    extra = get("extra") or get("metrics") or None
+    message = get("message")
+    session.add(RunEvent(run_id=run_id, kind="progress", stage=stage, attempt=attempt, epoch=fields["epoch"],
+                         epochs=fields["epochs"], step=fields["step"], steps=fields["steps"],
+                         loss=fields["loss"], message=str(message) if message else None,
+                         data=_jsonable({k: v for k, v in fields.items() if k in ("images_per_s", "eta_s")}
+                                        | ({"extra": extra} if extra else {}))))
+    session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token).values(heartbeat_at=utcnow())
+                    .execution_options(synchronize_session=False))
+    session.commit()
+
+
+def finish_stage(session: Session, run_id: str, stage: str, summary: dict[str, Any] | None) -> str | None:
+    """Mark the stage done, move the run to the next one and release the lease; returns the next."""
+    now = utcnow()
+    nxt = next_stage(stage)
+    status = session.get(StageStatus, (run_id, stage))
+    if status is not None:
+        status.state, status.finished_at = StageState.SUCCEEDED, now
+        if status.started_at is not None:
+            status.duration_s = (now - _aware(status.started_at)).total_seconds()
+        status.summary = _jsonable(summary or {})
+        if status.epochs is not None:
+            status.epoch = status.epochs
+        status.eta_s = 0.0
+    run = session.get(Run, run_id)
+    run.stage = nxt
+    if nxt in RUNNING_STATES:
+        run.state = RUNNING_STATES[nxt]
+    run.lease_token, run.heartbeat_at = None, now
+    session.add(RunEvent(run_id=run_id, kind="stage_finished", stage=stage, message=f"{stage} finished",
+                         data=_jsonable(summary or {})))
+    session.commit()
+    return nxt
+
+
+def mark_failed(session: Session, run_id: str, stage: str | None, message: str) -> None:
+    session.rollback()
+    run = session.get(Run, run_id)
+    if run is None or run.state in RunState.TERMINAL:
+        return
+    status = session.get(StageStatus, (run_id, stage)) if stage in STAGES else None
+    if status is not None:
+        status.state, status.finished_at = StageState.FAILED, utcnow()
+    run.state, run.error, run.finished_at, run.lease_token = RunState.FAILED, message, utcnow(), None
+    session.add(RunEvent(run_id=run_id, kind="error", stage=stage, message=message,
+                         data={"state": RunState.FAILED}))
+    session.commit()
+
+
+def mark_canceled(session: Session, run_id: str, stage: str | None, summary: str | None) -> None:
+    session.rollback()
+    run = session.get(Run, run_id)
+    if run is None or run.state in RunState.TERMINAL:
+        return
+    status = session.get(StageStatus, (run_id, stage)) if stage in STAGES else None
+    if status is not None and status.state == StageState.RUNNING:
+        status.state, status.finished_at = StageState.CANCELED, utcnow()
+    run.state, run.finished_at, run.lease_token = RunState.CANCELED, utcnow(), None
+    session.add(RunEvent(run_id=run_id, kind="state", stage=stage, message=summary or "run canceled",
+                         data={"state": RunState.CANCELED}))
+    session.commit()
+
+
+def stale_runs(session: Session, settings: Settings) -> list[tuple[str, str]]:
+    """(run_id, stage) of runs whose stage has not heart-beaten for stale_after_s (worker died, or
+    the next stage's message was lost). Bumps their heartbeat so one recovery re-enqueues once."""
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    rows = session.scalars(select(Run).where(Run.state.in_(RunState.ACTIVE), Run.heartbeat_at.is_not(None),
+                                             Run.heartbeat_at < cutoff, Run.stage.is_not(None))).all()
+    found = []
+    for run in rows:
+        found.append((run.id, run.stage))
+        # The dead task's lease dies with it; the fresh heartbeat stops a second re-enqueue.
+        run.lease_token, run.heartbeat_at = None, utcnow()
+        session.add(RunEvent(run_id=run.id, kind="recovered", stage=run.stage,
+                             message=f"no heartbeat for {settings.stale_after_s:.0f}s; re-enqueued {run.stage}"))
+    session.commit()
+    return found
+
+
+def _aware(dt):  # SQLite gives naive datetimes back
+    from datetime import timezone
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def _jsonable(value: Any) -> Any:
+    """Stage summaries may hold numpy scalars or NaN; JSON columns need plain, finite values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    number = _num(value)
+    return number if number is not None else str(value)

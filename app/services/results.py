@@ -1,0 +1,100 @@
+"""Results in the database: written once by the finalize task (bulk), read by the API."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from app.models import Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState, utcnow
+from app.services.errors import Conflict, NotFound
+
+
+def write_results(session: Session, run: Run) -> int:
+    """Load assignments.npz, clusters.json and metrics.json from the run dir into the tables.
+
+    Idempotent (a redelivered finalize replaces what is there). Assignments go in bulk: COPY on
+    PostgreSQL, one executemany INSERT elsewhere; never one ORM object per row.
+    """
+    import numpy as np
+    from ml.rundir import RunDir
+
+    rd = RunDir(run.run_dir)
+    with np.load(rd.assignments_path) as npz:
+        cluster = np.asarray(npz["cluster"], dtype=np.int64)
+        confidence = np.asarray(npz["confidence"], dtype=np.float64)
+    clusters = rd.read_json(rd.clusters_path, [])
+    if isinstance(clusters, dict):
+        clusters = clusters.get("clusters", [])
+    metrics = rd.read_json(rd.metrics_path, {}) or {}
+
+    for table in (Assignment, Cluster, RunMetrics):
+        session.execute(delete(table).where(table.run_id == run.id))
+    _bulk_assignments(session, run.id, cluster, confidence)
+    class_names = session.scalar(select(Dataset.class_names).where(Dataset.id == run.dataset_id))
+    if clusters:
+        session.execute(insert(Cluster), [_cluster_row(run.id, i, c, class_names) for i, c in enumerate(clusters)])
+    session.add(RunMetrics(run_id=run.id, metrics=metrics))
+    run.state, run.finished_at, run.lease_token, run.stage = RunState.SUCCEEDED, utcnow(), None, None
+    session.add(RunEvent(run_id=run.id, kind="state", message=f"run succeeded: {len(cluster)} items assigned",
+                         data={"state": RunState.SUCCEEDED}))
+    session.commit()
+    return len(cluster)
+
+
+def _bulk_assignments(session: Session, run_id: str, cluster, confidence) -> None:
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        raw = connection.connection.driver_connection  # psycopg 3, same transaction as the session
+        with raw.cursor() as cur, cur.copy(
+                "COPY assignments (run_id, item_index, cluster, confidence) FROM STDIN") as copy:
+            for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist())):
+                copy.write_row((run_id, i, c, p))
+        return
+    session.execute(insert(Assignment), [
+        {"run_id": run_id, "item_index": i, "cluster": c, "confidence": p}
+        for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist()))])
+
+
+def _cluster_row(run_id: str, index: int, c: dict[str, Any], class_names: list[str] | None) -> dict[str, Any]:
+    matched = c.get("matched_label")
+    if isinstance(matched, int) and class_names and 0 <= matched < len(class_names):
+        matched = class_names[matched]
+    top = c.get("top_items", c.get("top"))
+    return {"run_id": run_id, "index": int(c.get("index", c.get("cluster", index))), "size": int(c.get("size", 0)),
+            "mean_confidence": c.get("mean_confidence"), "prototype": c.get("prototype"),
+            "top_items": [int(t) for t in top] if top is not None else None,
+            "matched_label": None if matched is None else str(matched)}
+
+
+def _require_finished(run: Run) -> None:
+    if run.state != RunState.SUCCEEDED:
+        raise Conflict(f"run {run.id} is {run.state}; results exist once it has SUCCEEDED")
+
+
+def clusters(session: Session, run: Run) -> list[Cluster]:
+    _require_finished(run)
+    return list(session.scalars(select(Cluster).where(Cluster.run_id == run.id).order_by(Cluster.index)))
+
+
+def assignments(session: Session, run: Run, *, cluster: int | None, min_confidence: float | None,
+                page: int, page_size: int) -> tuple[list[Assignment], int]:
+    _require_finished(run)
+    query = select(Assignment).where(Assignment.run_id == run.id)
+    if cluster is not None:
+        query = query.where(Assignment.cluster == cluster)
+    if min_confidence is not None:
+        query = query.where(Assignment.confidence >= min_confidence)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Assignment.item_index).limit(page_size).offset((page - 1) * page_size))
+    return list(rows), total
+
+
+def metrics(session: Session, run: Run) -> dict[str, Any]:
+    _require_finished(run)
+    row = session.get(RunMetrics, run.id)
+    if row is None:
+        raise NotFound(f"run {run.id} has no metrics")
+    return row.metrics

@@ -1,0 +1,129 @@
+"""Runs as the API sees them: create (validated against ml.config), list, read, cancel, events."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.settings import Settings
+from app.models import Dataset, DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
+from app.services import datasets as dataset_service
+from app.services.errors import Conflict, Invalid, NotFound
+
+STAGES = ("pretext", "mining", "clustering", "selflabel")
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def validate_config(preset: str, num_clusters: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig.from_preset; a pydantic.ValidationError reaches the 422 handler with field paths."""
+    from pydantic import ValidationError
+
+    from ml.config import RunConfig
+
+    try:
+        return RunConfig.from_preset(preset, num_clusters=num_clusters, overrides=overrides).model_dump(mode="json")
+    except ValidationError:
+        raise
+    except (ValueError, TypeError, AttributeError) as exc:  # unknown preset, overrides of the wrong shape
+        raise Invalid(f"invalid run configuration: {exc}") from exc
+
+
+def create(session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any],
+           idempotency_key: str | None) -> tuple[Run, bool]:
+    """Returns (run, created). Same Idempotency-Key and body: the first run, created=False."""
+    digest = request_hash(body)
+    if idempotency_key:
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, idempotency_key), False
+    dataset = dataset_service.get(session, tenant, body["dataset_id"])
+    if dataset.state != DatasetState.READY:
+        raise Conflict(f"dataset {dataset.id} is {dataset.state}; runs need a READY dataset")
+    config = validate_config(body["preset"], body["num_clusters"], body.get("overrides") or {})
+    run = Run(tenant_id=tenant.id, dataset_id=dataset.id, num_clusters=body["num_clusters"],
+              preset=body["preset"], overrides=body.get("overrides") or {}, config=config,
+              idempotency_key=idempotency_key, request_hash=digest, stage=STAGES[0])
+    session.add(run)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        existing = _by_idempotency_key(session, tenant, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, digest, idempotency_key or ""), False
+    run.run_dir = str(settings.runs_dir / run.id)
+    for stage in STAGES:
+        session.add(StageStatus(run_id=run.id, stage=stage, state=StageState.PENDING))
+    session.add(RunEvent(run_id=run.id, kind="state", message="run queued", data={"state": RunState.QUEUED}))
+    session.commit()
+    return run, True
+
+
+def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Run | None:
+    return session.scalar(select(Run).where(Run.tenant_id == tenant.id, Run.idempotency_key == key))
+
+
+def _replay(existing: Run, digest: str, key: str) -> Run:
+    if existing.request_hash != digest:
+        raise Conflict(f"Idempotency-Key {key!r} was already used with a different request body "
+                       f"(run {existing.id}); use a new key for a new run")
+    return existing
+
+
+def get(session: Session, tenant: Tenant, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None or run.tenant_id != tenant.id:
+        raise NotFound(f"run {run_id} not found (list yours with GET /v1/runs)")
+    return run
+
+
+def list_(session: Session, tenant: Tenant, *, state: str | None, dataset_id: str | None,
+          limit: int, offset: int) -> tuple[list[Run], int]:
+    query = select(Run).where(Run.tenant_id == tenant.id)
+    if state:
+        query = query.where(Run.state == state)
+    if dataset_id:
+        query = query.where(Run.dataset_id == dataset_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Run.created_at.desc(), Run.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def stages(session: Session, run: Run) -> list[StageStatus]:
+    rows = {s.stage: s for s in session.scalars(select(StageStatus).where(StageStatus.run_id == run.id))}
+    return [rows[s] for s in STAGES if s in rows]
+
+
+def cancel(session: Session, tenant: Tenant, run_id: str) -> Run:
+    """Cooperative: set the flag the training loop polls; a run not yet started ends at once."""
+    run = get(session, tenant, run_id)
+    if run.state in RunState.TERMINAL:
+        raise Conflict(f"run {run.id} already ended ({run.state}); nothing to cancel")
+    run.cancel_requested = True
+    if run.state == RunState.QUEUED and run.lease_token is None:
+        run.state, run.finished_at = RunState.CANCELED, utcnow()
+        session.add(RunEvent(run_id=run.id, kind="state", message="canceled before it started",
+                             data={"state": RunState.CANCELED}))
+    else:
+        session.add(RunEvent(run_id=run.id, kind="cancel_requested", stage=run.stage,
+                             message="cancel requested; the stage stops at its next step"))
+    session.commit()
+    return run
+
+
+def events(session: Session, run: Run, *, after: int, limit: int) -> list[RunEvent]:
+    rows = session.scalars(select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.id > after)
+                           .order_by(RunEvent.id).limit(limit)).all()
+    return list(rows)
+
+
+def count_events(session: Session, run: Run) -> int:
+    return session.scalar(select(func.count()).select_from(RunEvent).where(RunEvent.run_id == run.id)) or 0

@@ -1,0 +1,154 @@
+"""Dynamic batching of inference calls across concurrent requests.
+
+The same idea as Triton's `dynamic_batching { max_queue_delay_microseconds }` and BentoML's adaptive
+batching: requests wait in a queue for at most `max_delay_ms`, are concatenated up to
+`max_batch_size` images, run through the model once in a worker thread (never on the event loop),
+and each caller gets back its own rows.
+
+    batcher = DynamicBatcher(predictor.predict, max_batch_size=64, max_delay_ms=5)
+    probs = await batcher.submit(images)      # images: (n, C, H, W) uint8 -> (n, K)
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+BatchFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class _Request:
+    inputs: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.inputs)
+
+
+class DynamicBatcher:
+    """Collects concurrent `submit` calls into batches of at most `max_batch_size` rows.
+
+    A request larger than `max_batch_size` is cut into chunks, so a batch never exceeds the limit
+    (the limit usually reflects accelerator memory). One batch runs at a time per batcher: while it
+    runs, new requests pile up in the queue and form the next batch, which is what makes batches
+    grow under load without waiting longer than `max_delay_ms` when idle.
+    """
+
+    def __init__(self, fn: BatchFn, *, max_batch_size: int = 64, max_delay_ms: float = 5.0,
+                 executor: Executor | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_delay_ms < 0:
+            raise ValueError("max_delay_ms must be >= 0")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000.0
+        # One thread: the model is not re-entrant on GPU, and torch already uses all cores per call.
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self._on_batch = on_batch
+        # A batcher may be used from several event loops (each test client runs its own loop); each
+        # loop gets its own queue and worker task, created on first use.
+        self._lock = threading.Lock()
+        self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[_Request]] = {}
+        self._workers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+
+    async def submit(self, inputs: np.ndarray) -> np.ndarray:
+        """Queue `inputs` (n, ...) and wait for the model's (n, ...) output for exactly these rows."""
+        if len(inputs) == 0:
+            raise ValueError("submit() needs at least one row")
+        queue = self._queue_for_current_loop()
+        loop = asyncio.get_running_loop()
+        requests = []
+        for start in range(0, len(inputs), self.max_batch_size):
+            req = _Request(inputs[start:start + self.max_batch_size], loop.create_future())
+            requests.append(req)
+            queue.put_nowait(req)
+        outputs = await asyncio.gather(*(r.future for r in requests))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def queue_depth(self) -> int:
+        """Rows waiting (not yet in a running batch), over all loops."""
+        with self._lock:
+            queues = list(self._queues.values())
+        return sum(q.qsize() for q in queues)
+
+    def close(self) -> None:
+        with self._lock:
+            workers = list(self._workers.items())
+            self._workers.clear()
+            self._queues.clear()
+        for loop, task in workers:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(task.cancel)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _queue_for_current_loop(self) -> asyncio.Queue[_Request]:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            # Forget loops that have been closed (finished test clients) so they do not leak.
+            for dead in [lp for lp in self._queues if lp.is_closed()]:
+                del self._queues[dead]
+                self._workers.pop(dead, None)
+            queue = self._queues.get(loop)
+            task = self._workers.get(loop)
+            if queue is None or task is None or task.done():
+                queue = asyncio.Queue()
+                self._queues[loop] = queue
+                self._workers[loop] = loop.create_task(self._work(queue), name="dynamic-batcher")
+            return queue
+
+    async def _work(self, queue: asyncio.Queue[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        carry: _Request | None = None
+        while True:
+            first = carry if carry is not None else await queue.get()
+            carry = None
+            batch, rows = [first], first.size
+            deadline = loop.time() + self.max_delay
+            while rows < self.max_batch_size:
+                try:
+                    nxt = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                if rows + nxt.size > self.max_batch_size:
+                    carry = nxt  # starts the next batch; never split a caller's chunk
+                    break
+                batch.append(nxt)
+                rows += nxt.size
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Request]) -> None:
+        live = [r for r in batch if not r.future.cancelled()]  # callers that went away
+        if not live:
+            return
+        inputs = live[0].inputs if len(live) == 1 else np.concatenate([r.inputs for r in live])
+        if self._on_batch is not None:
+            self._on_batch(len(inputs))
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self.fn, inputs)
+        except Exception as exc:  # every caller in the batch sees the model's error
+            for r in live:
+                if not r.future.done():
+                    r.future.set_exception(exc)
+            return
+        start = 0
+        for r in live:
+            if not r.future.done():
+                r.future.set_result(outputs[start:start + r.size])
+            start += r.size

@@ -1,0 +1,190 @@
+"""Finished runs loaded for serving: model, dynamic batcher, faiss index and assignments.
+
+Each run is loaded once per process and kept in a bounded LRU (`model_cache_size` runs); a run
+that falls out of the cache has its batcher closed. Loading is thread-safe: concurrent first
+requests for the same run wait for one load instead of loading twice, while other runs keep
+being served. The parts a route does not need (the index, the features) load on first use.
+
+    served = model_cache().get(run_dir)         # blocking: call it from a worker thread
+    probs = await served.batcher.submit(images)
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.serving.batcher import DynamicBatcher
+from ml.rundir import RunDir
+
+
+def _settings():
+    from app.core.settings import get_settings
+    return get_settings()
+
+
+def serving_device() -> str:
+    configured = getattr(_settings(), "serving_device", "auto")
+    if configured != "auto":
+        return configured
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class ServedRun:
+    """Everything about one finished run that /predict and /neighbors read."""
+
+    run_dir: Path
+    predictor: Any  # ml.predictor.Predictor
+    batcher: DynamicBatcher
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _index: Any = field(default=None, repr=False)
+    _index_lock: threading.Lock | None = field(default=None, repr=False)
+
+    @property
+    def rundir(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
+    def num_clusters(self) -> int:
+        n = getattr(self.predictor, "num_clusters", None)
+        return int(n) if n is not None else int(self.assignments["probs"].shape[1])
+
+    @cached_property
+    def assignments(self) -> dict[str, np.ndarray]:
+        with np.load(self.rundir.assignments_path) as npz:
+            return {k: npz[k] for k in npz.files}
+
+    @cached_property
+    def cluster_labels(self) -> list[str | None] | None:
+        """Matched label name per cluster (Hungarian mapping of the run's evaluation), if any."""
+        path = self.rundir.clusters_path
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        items = data if isinstance(data, list) else data.get("clusters", [])
+        labels: list[str | None] = [None] * self.num_clusters
+        for i, c in enumerate(items):
+            idx = int(c.get("cluster", c.get("id", i)))
+            if 0 <= idx < len(labels):
+                labels[idx] = c.get("matched_label")
+        return labels if any(l is not None for l in labels) else None
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        """The stored (N, D) features the index was built on; memory-mapped."""
+        return np.load(self.rundir.features_path, mmap_mode="r")
+
+    @property
+    def index(self):
+        """The run's faiss index (written at mining time), loaded on first use."""
+        with self._lock:
+            if self._index is None:
+                from ml.index import gpu_available, load_index
+                gpu = gpu_available()
+                self._index = load_index(self.rundir.index_path, use_gpu=gpu)
+                # faiss GPU indexes are not thread-safe even for searches; CPU ones are.
+                self._index_lock = threading.Lock() if gpu else None
+            return self._index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from ml.index import search
+        index = self.index
+        if self._index_lock is None:
+            return search(index, queries, k)
+        with self._index_lock:
+            return search(index, queries, k)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+class ModelCache:
+    """A bounded LRU of `ServedRun`s keyed by run directory."""
+
+    def __init__(self, capacity: int = 4, max_batch_size: int = 64, max_delay_ms: float = 5.0) -> None:
+        self.capacity = max(1, capacity)
+        self.max_batch_size = max_batch_size
+        self.max_delay_ms = max_delay_ms
+        self._entries: OrderedDict[str, ServedRun] = OrderedDict()
+        self._loading: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, run_dir: str | Path) -> ServedRun:
+        key = str(Path(run_dir).resolve())
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one loader per run; the others wait here and then find it cached
+            with self._lock:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    return self._entries[key]
+            served = self._load(Path(key))
+            with self._lock:
+                self._entries[key] = served
+                self._loading.pop(key, None)
+                evicted = []
+                while len(self._entries) > self.capacity:
+                    evicted.append(self._entries.popitem(last=False)[1])
+            for old in evicted:
+                old.close()
+            return served
+
+    def peek(self, run_dir: str | Path) -> ServedRun | None:
+        """The run if it is loaded already (no I/O, safe on the event loop), else None."""
+        key = str(Path(run_dir).resolve())
+        with self._lock:
+            served = self._entries.get(key)
+            if served is not None:
+                self._entries.move_to_end(key)
+            return served
+
+    def _load(self, run_dir: Path) -> ServedRun:
+        from app.observability import observe_batch
+        from ml.predictor import Predictor
+        predictor = Predictor.load(run_dir, device=serving_device())
+        batcher = DynamicBatcher(predictor.predict, max_batch_size=self.max_batch_size,
+                                 max_delay_ms=self.max_delay_ms, on_batch=observe_batch)
+        return ServedRun(run_dir=run_dir, predictor=predictor, batcher=batcher)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def queue_rows(self) -> int:
+        with self._lock:
+            entries = list(self._entries.values())
+        return sum(e.batcher.queue_depth() for e in entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for e in entries:
+            e.close()
+
+
+_cache: ModelCache | None = None
+_cache_lock = threading.Lock()
+
+
+def model_cache() -> ModelCache:
+    """The process-wide cache, sized from settings on first use."""
+    global _cache
+    with _cache_lock:
+        if _cache is None:
+            s = _settings()
+            _cache = ModelCache(capacity=getattr(s, "model_cache_size", 4),
+                                max_batch_size=getattr(s, "predict_max_batch_size", 64),
+                                max_delay_ms=getattr(s, "predict_max_delay_ms", 5.0))
+        return _cache

@@ -1,0 +1,196 @@
+"""`scan` command line: the whole pipeline on a folder of images, no server needed.
+
+    scan train digits --clusters 10 --out runs/digits --preset small
+    scan evaluate runs/digits
+    scan predict runs/digits a.png b.jpg
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="SCAN: learn to classify images without labels.")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key.path=value` pairs; values are JSON when they parse as JSON (numbers, booleans, lists),
+    strings otherwise."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            _fail(f"override {pair!r} is not of the form key.path=value")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _load(source: str, split: str, cache_dir: Optional[Path]):
+    from ml.data import DataError, load_source
+
+    try:
+        return load_source(source, split=split, cache_dir=cache_dir)
+    except DataError as e:
+        _fail(str(e))
+    except FileNotFoundError as e:
+        _fail(f"{source}: {e}")
+
+
+@app.command()
+def train(
+    source: str = typer.Argument(..., help="folder, archive, .npz, IDX, CIFAR/STL folder, or a built-in name (digits, fashion-mnist)"),
+    clusters: int = typer.Option(..., "--clusters", "-k", help="number of clusters"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory"),
+    preset: str = typer.Option("cifar", help="cifar | stl | imagenet | small"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set pretext.epochs=100"),
+    split: str = typer.Option("train", help="split of the source to train on"),
+    cache_dir: Optional[Path] = typer.Option(Path(".cache/scan"), help="decoded-dataset cache"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Train all four SCAN stages; rerunning the same command resumes where it stopped."""
+    from pydantic import ValidationError
+
+    from ml.config import RunConfig
+    from ml.pipeline import STAGES, prepare_run, run_stage
+
+    overrides = parse_overrides(set_)
+    if device:
+        overrides["device"] = device
+    if seed is not None:
+        overrides["seed"] = seed
+    try:
+        cfg = RunConfig.from_preset(preset, clusters, overrides)
+    except (ValidationError, ValueError) as e:
+        _fail(f"invalid configuration: {e}")
+    data = _load(source, split, cache_dir)
+    console.print(f"{data.images.shape[0]} images {tuple(data.images.shape[1:])} from {data.source}"
+                  + (f", {len(data.class_names or [])} labelled classes" if data.labels is not None else ""))
+    prepare_run(out, cfg)
+    timings = {}
+    for stage in STAGES:
+        with Bar(TextColumn(f"[bold]{stage:<10}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                 TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task(stage, total=1.0, info="")
+
+            def report(p, bar=bar, task=task):
+                done = ((p.epoch - 1) + p.step / max(p.steps, 1)) / max(p.epochs, 1)
+                info = f"epoch {p.epoch}/{p.epochs}"
+                if p.loss is not None:
+                    info += f" loss {p.loss:.4f}"
+                if p.images_per_s:
+                    info += f" {p.images_per_s:,.0f} img/s"
+                bar.update(task, completed=min(done, 1.0), info=info)
+
+            t0 = time.perf_counter()
+            run_stage(stage, out, data, progress=report)
+            bar.update(task, completed=1.0)
+            timings[stage] = time.perf_counter() - t0
+    _print_metrics(out, timings)
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    source: Optional[str] = typer.Argument(None, help="labelled data to evaluate on (default: the stored training metrics)"),
+    split: str = typer.Option("test"),
+    cache_dir: Optional[Path] = typer.Option(Path(".cache/scan")),
+) -> None:
+    """Print the run's metrics table, or evaluate the final model on another labelled split."""
+    if source is None:
+        _print_metrics(run_dir, None)
+        return
+    import numpy as np
+
+    from ml.evaluate import cluster_metrics
+    from ml.predictor import Predictor
+
+    data = _load(source, split, cache_dir)
+    if data.labels is None:
+        _fail(f"{source}: has no labels to evaluate against")
+    try:
+        predictor = Predictor.load(run_dir, device="auto")
+    except FileNotFoundError as e:
+        _fail(str(e))
+    probs = predictor.predict(np.asarray(data.images))
+    metrics = cluster_metrics(probs, np.asarray(data.labels))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}, indent=1))
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    images: list[Path] = typer.Argument(..., help="image files"),
+) -> None:
+    """Cluster id, confidence and matched label for each image."""
+    import numpy as np
+
+    from ml.data import DataError, conform_images, decode_image
+    from ml.predictor import Predictor
+
+    try:
+        predictor = Predictor.load(run_dir, device="auto")
+    except FileNotFoundError as e:
+        _fail(str(e))
+    decoded = []
+    for path in images:
+        try:
+            decoded.append(decode_image(path.read_bytes(), str(path)))
+        except (DataError, OSError) as e:
+            _fail(str(e))
+    batch = conform_images(decoded, (predictor.image_size, predictor.image_size), predictor.channels)
+    probs = predictor.predict(batch)
+    clusters = json.loads((run_dir / "clusters.json").read_text()) if (run_dir / "clusters.json").exists() else []
+    table = Table("image", "cluster", "confidence", "label")
+    for path, p in zip(images, probs):
+        c = int(p.argmax())
+        label = clusters[c].get("matched_label") if c < len(clusters) else None
+        table.add_row(str(path), str(c), f"{p[c]:.3f}", label or "")
+    Console().print(table)
+
+
+def _print_metrics(run_dir: Path, timings: Optional[dict[str, float]]) -> None:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        _fail(f"{path} does not exist: train first")
+    metrics = json.loads(path.read_text())
+    table = Table(title=f"SCAN on {run_dir}")
+    for col in ("method", "ACC", "NMI", "ARI", "top-5"):
+        table.add_column(col)
+    rows = [("K-means on pretext features", metrics.get("mining", {}).get("kmeans")),
+            ("SCAN", metrics.get("scan")), ("SCAN + self-label", metrics.get("selflabel"))]
+    for name, m in rows:
+        if m:
+            table.add_row(name, *(f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-"
+                                  for k in ("acc", "nmi", "ari", "top5_acc")))
+    Console().print(table)
+    purity = metrics.get("mining", {}).get("neighbor_purity")
+    if purity is not None:
+        Console().print(f"neighbour purity (K={metrics['mining']['num_neighbors']}): {purity:.3f}")
+    if timings:
+        Console().print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,190 @@
+"""Run configuration: the paper's defaults as presets, validated by pydantic.
+
+Every number in a preset comes from the SCAN paper (section 3.1 and the supplement) or, where the
+paper is silent, from the reference implementation's configs (facts noted in
+`shared/notes/reference-implementation.md`). `small` is ours: a CPU-sized recipe for small images.
+
+    cfg = RunConfig.from_preset("cifar", num_clusters=10, overrides={"pretext": {"epochs": 100}})
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Arch = Literal["resnet18_cifar", "resnet18", "resnet50", "convnet"]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are a user's typo; reject them instead of silently ignoring the override.
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "constant"
+
+
+class PretextConfig(_Strict):
+    method: Literal["simclr", "moco"] = "simclr"
+    epochs: int = Field(500, ge=0)
+    batch_size: int = Field(512, ge=2)
+    optim: OptimConfig = OptimConfig(name="sgd", lr=0.4, momentum=0.9, weight_decay=1e-4,
+                                     schedule="cosine")
+    temperature: float = Field(0.1, gt=0)
+    hidden_dim: int = Field(512, ge=1)
+    feature_dim: int = Field(128, ge=1)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    flip: bool = True
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    gray_p: float = Field(0.2, ge=0, le=1)
+    moco_queue: int = Field(65536, ge=1)
+    moco_momentum: float = Field(0.999, ge=0, lt=1)
+    # A torchvision-style state dict to start from; with epochs=0 pretext training is skipped.
+    backbone_weights: str | None = None
+    # Which features neighbours are mined in. The paper says "pretext features"; the reference
+    # code takes the 128-d head output. On digits the backbone output gives purer neighbours
+    # (K=20: 0.86 vs 0.79 after the same training), so it is our default.
+    feature_space: Literal["backbone", "head"] = "backbone"
+
+
+class MiningConfig(_Strict):
+    num_neighbors: int = Field(20, ge=1, le=1024)
+    # Exact inner-product search up to this many images, IVF beyond (recall measured in bench/).
+    exact_threshold: int = Field(50_000, ge=1)
+
+
+class ClusteringConfig(_Strict):
+    epochs: int = Field(50, ge=0)
+    batch_size: int = Field(128, ge=2)
+    optim: OptimConfig = OptimConfig()
+    entropy_weight: float = Field(5.0, ge=0)
+    num_heads: int = Field(5, ge=1, le=50)
+    freeze_backbone: bool = False
+    cutout: int | None = None  # None: half the image side, the paper's 16 px on 32 px CIFAR
+
+
+class SelfLabelConfig(_Strict):
+    enabled: bool = True
+    epochs: int = Field(200, ge=0)
+    batch_size: int = Field(1000, ge=2)
+    optim: OptimConfig = OptimConfig()
+    threshold: float = Field(0.99, gt=0, lt=1)
+    class_balance: bool = True
+    ema: float | None = Field(None, ge=0, lt=1)
+    # Stop once the number of confident samples has not grown by min_gain for `patience` epochs.
+    patience: int = Field(10, ge=1)
+    min_gain: float = Field(0.001, ge=0)
+
+
+class RunConfig(_Strict):
+    preset: str = "cifar"
+    num_clusters: int = Field(..., ge=2, le=10_000)
+    arch: Arch = "resnet18_cifar"
+    image_size: int | None = Field(None, ge=8, le=512)  # None: the dataset's own size
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    channels_last: bool | None = None  # None: on for CUDA, off for CPU (measured in bench/)
+    eval_every: int = Field(0, ge=0)  # 0: metrics only at the end of a stage
+    pretext: PretextConfig = PretextConfig()
+    mining: MiningConfig = MiningConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    selflabel: SelfLabelConfig = SelfLabelConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.pretext.epochs == 0 and not self.pretext.backbone_weights:
+            raise ValueError("pretext.epochs=0 needs pretext.backbone_weights (a state dict to start from)")
+        lo, hi = self.pretext.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("pretext.crop_scale must satisfy 0 < low <= high <= 1")
+        return self
+
+    @classmethod
+    def from_preset(cls, preset: str, num_clusters: int, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        data = copy.deepcopy(PRESETS[preset])
+        data.update(preset=preset, num_clusters=num_clusters)
+        _deep_merge(data, expand_dotted(overrides or {}))
+        return cls.model_validate(data)
+
+
+def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"pretext.epochs": 5} -> {"pretext": {"epochs": 5}}; nested dicts pass through."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict):
+            _deep_merge(node.setdefault(parts[-1], {}), expand_dotted(value))
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+_ADAM = {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "constant"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CIFAR-10/100-20: ResNet-18 with the CIFAR stem, SimCLR 500 epochs batch 512 SGD 0.4 cosine,
+    # SCAN 50 epochs batch 128 Adam 1e-4, self-label 200 epochs batch 1000.
+    "cifar": {
+        "arch": "resnet18_cifar",
+        "pretext": {"epochs": 500, "batch_size": 512},
+        "clustering": {"epochs": 50, "batch_size": 128, "optim": _ADAM, "num_heads": 5},
+        "selflabel": {"epochs": 200, "batch_size": 1000, "optim": _ADAM},
+    },
+    # STL-10 (96 px): SCAN 100 epochs, Cutout 32, self-label 100 epochs.
+    "stl": {
+        "arch": "resnet18",
+        "pretext": {"epochs": 500, "batch_size": 512},
+        "clustering": {"epochs": 100, "batch_size": 128, "optim": _ADAM, "num_heads": 5, "cutout": 32},
+        "selflabel": {"epochs": 100, "batch_size": 1000, "optim": _ADAM},
+    },
+    # ImageNet subsets: MoCo v2 pretext, ResNet-50, 50 neighbours, 10 heads trained on a frozen
+    # backbone with SGD lr 5.0, self-label 25 epochs SGD 0.03 with EMA 0.999 and no class balancing.
+    "imagenet": {
+        "arch": "resnet50",
+        "image_size": 224,
+        "pretext": {"method": "moco", "epochs": 200, "batch_size": 256, "temperature": 0.2,
+                    "hidden_dim": 2048,
+                    "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4,
+                              "schedule": "cosine"}},
+        "mining": {"num_neighbors": 50},
+        "clustering": {"epochs": 100, "batch_size": 512, "num_heads": 10, "freeze_backbone": True,
+                       "optim": {"name": "sgd", "lr": 5.0, "momentum": 0.9, "weight_decay": 0.0,
+                                 "schedule": "constant"}},
+        "selflabel": {"epochs": 25, "batch_size": 512, "class_balance": False, "ema": 0.999,
+                      "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0,
+                                "schedule": "constant"}},
+    },
+    # Ours: a small ConvNet for small images (digits, MNIST-likes) that trains on a laptop CPU.
+    # Flip is off because mirrored glyphs are different classes; crops are milder on tiny images.
+    "small": {
+        "arch": "convnet",
+        "pretext": {"epochs": 60, "batch_size": 256, "flip": False, "crop_scale": (0.5, 1.0),
+                    "optim": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 5e-4,
+                              "schedule": "cosine"}},
+        "mining": {"num_neighbors": 20},
+        "clustering": {"epochs": 30, "batch_size": 256, "num_heads": 5,
+                       "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant"}},
+        "selflabel": {"epochs": 20, "batch_size": 512, "patience": 5,
+                      "optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "constant"}},
+    },
+}

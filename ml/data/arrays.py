@@ -1,0 +1,47 @@
+"""Sources that are already pixel arrays (npz, IDX, CIFAR, STL-10, digits): numpy reshapes only.
+
+The size rule still applies: such a set is resized only when `image_size` asks for another size or a
+side is above `Limits.max_side`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DataError, Limits
+from .imageset import ImageSet
+from .imaging import choose_size, conform_images
+
+
+def image_set_from_array(images: np.ndarray, labels: np.ndarray | None,
+                         class_names: list[str] | None, source: str, limits: Limits,
+                         image_size: int | None) -> ImageSet:
+    """uint8 (N, C, H, W) -> ImageSet, checking labels and applying the size rule."""
+    n, channels, h, w = images.shape
+    if n == 0:
+        raise DataError(source, "no images")
+    if labels is not None:
+        labels = check_labels(labels, n, class_names, source)
+        if class_names is None:
+            class_names = [str(i) for i in range(int(labels.max()) + 1)]
+    size = choose_size([(h, w)], limits, image_size)
+    if size != (h, w):
+        images = conform_images(images.transpose(0, 2, 3, 1), size, channels)
+    return ImageSet(np.ascontiguousarray(images), labels, class_names, source)
+
+
+def check_labels(labels: np.ndarray, n: int, class_names: list[str] | None,
+                 source: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise DataError(source, f"labels length {labels.shape} does not match {n} images")
+    if labels.dtype.kind not in "iu":
+        if labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):
+            labels = labels.astype(np.int64)
+        else:
+            raise DataError(source, f"labels must be integers, got {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise DataError(source, "negative labels")
+    if class_names is not None and labels.max() >= len(class_names):
+        raise DataError(source, f"label {labels.max()} but only {len(class_names)} class names")
+    return labels

@@ -1,0 +1,60 @@
+"""`.npz` files: ``images`` as NHWC, NCHW or NHW, optional ``labels`` and ``class_names``.
+
+A 4-d array whose last axis is 1, 3 or 4 is read as NHWC, else one whose axis 1 is 1, 3 or 4 as NCHW
+(NHWC wins when both fit); a 4th channel is alpha and dropped. Pixel types follow `imaging.to_uint8`.
+Pickled (object) arrays are refused.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .archive import check_zip_infos
+from .arrays import image_set_from_array
+from .errors import DataError, Limits
+from .imageset import ImageSet
+from .imaging import to_uint8
+
+
+def read_npz(path: Path, limits: Limits, image_size: int | None) -> ImageSet:
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:  # an npz is a zip: same bomb checks before loading
+            check_zip_infos(path, zf.infolist(), limits)
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz.files:
+                raise DataError(path, f"no 'images' array in npz (found: {', '.join(npz.files)})")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz.files else None
+            names = npz["class_names"] if "class_names" in npz.files else None
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise DataError(path, f"not a readable npz file ({e})") from e
+    class_names = None
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise DataError(path, "class_names must be a 1-d string array")
+        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    nchw = to_nchw(images, str(path))
+    return image_set_from_array(nchw, labels, class_names, str(path), limits, image_size)
+
+
+def to_nchw(images: np.ndarray, name: str) -> np.ndarray:
+    """NHW / NHWC / NCHW of any pixel type -> uint8 NCHW with C in {1, 3}."""
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4:
+        if images.shape[3] in (1, 3, 4):
+            images = images.transpose(0, 3, 1, 2)
+        elif images.shape[1] not in (1, 3, 4):
+            raise DataError(name, f"images of shape {images.shape}: no channel axis of 1, 3 or 4")
+        if images.shape[1] == 4:
+            images = images[:, :3]
+    else:
+        raise DataError(name, f"images must be NHW, NHWC or NCHW, got shape {images.shape}")
+    if min(images.shape) < 1:
+        raise DataError(name, f"empty images array {images.shape}")
+    return np.ascontiguousarray(to_uint8(images, name))

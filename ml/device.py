@@ -1,0 +1,53 @@
+"""Device, precision and memory-format choices, made once per stage.
+
+CUDA is picked automatically when present. bf16 autocast is used on CUDA (measured faster on
+Ampere and later, see bench/throughput.py); on CPU it is off by default because without AMX the
+bf16 kernels are slower than fp32. channels_last follows the same rule.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Move a float batch into the memory format the model was put in."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def model(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+
+def select_runtime(device: str = "auto", precision: str = "auto", channels_last: bool | None = None) -> Runtime:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    dev = torch.device(device)
+    if precision == "auto":
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        bf16 = precision == "bf16"
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(dev, bf16, channels_last)

@@ -1,0 +1,221 @@
+"""Backbones and the two models of SCAN: the pretext (contrastive) model and the clustering model.
+
+Models take float images in [0, 1]; the per-channel normalisation is a buffer inside the backbone,
+so an exported model needs only ``uint8 / 255``. A backbone is an ``nn.Sequential`` whose children
+carry torchvision's ResNet names (``conv1``, ``bn1``, ``layer1`` ...), so its state dict is
+torchvision-style and torchvision/MoCo/SimCLR checkpoints load with ``load_backbone_weights``.
+
+    backbone = build_backbone("resnet18_cifar", in_channels=3, mean=(0.49, 0.48, 0.45), std=(0.25,) * 3)
+    pretext = ContrastiveModel(backbone)                 # (N, 128) L2-normalised
+    clusterer = ClusteringModel(backbone, num_clusters=10, num_heads=5)   # (5, N, 10) logits
+"""
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+__all__ = ["ARCHS", "Backbone", "Normalize", "build_backbone", "load_backbone_weights",
+           "ContrastiveModel", "ClusteringModel"]
+
+ARCHS = ("resnet18_cifar", "resnet18", "resnet50", "convnet")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, with mean and std saved as buffers in the state dict."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class Backbone(nn.Sequential):
+    """Normalize followed by a feature extractor ending in a global pool: (N, C, H, W) -> (N, out_dim)."""
+
+    def __init__(self, layers: "OrderedDict[str, nn.Module]", out_dim: int, arch: str, in_channels: int):
+        super().__init__(layers)
+        self.out_dim = int(out_dim)
+        self.arch = arch
+        self.in_channels = int(in_channels)
+
+
+def _resnet_layers(arch: str, in_channels: int) -> tuple["OrderedDict[str, nn.Module]", int]:
+    net = torchvision.models.resnet50(weights=None) if arch == "resnet50" else torchvision.models.resnet18(weights=None)
+    if arch == "resnet18_cifar":
+        # CIFAR stem (SCAN's resnet_cifar): 3x3 stride-1 conv and no max-pool keep 32 px images at
+        # full resolution in layer1.
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    layers = OrderedDict((name, getattr(net, name)) for name in
+                         ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"))
+    layers["flatten"] = nn.Flatten(1)
+    return layers, net.fc.in_features
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+def _convnet_layers(in_channels: int) -> tuple["OrderedDict[str, nn.Module]", int]:
+    # A small VGG-style net for small images (8-32 px): one conv at full resolution, then each
+    # max-pool halves the side (ceil, so 7 -> 4 and 8 px inputs still end at 1 px) before a wider
+    # conv. About 12 M multiply-adds for a 28x28 image, ~45x fewer than resnet18_cifar at 32x32.
+    layers = OrderedDict(
+        stem=_conv_bn_relu(in_channels, 32),
+        pool1=nn.MaxPool2d(2, ceil_mode=True),
+        block1=_conv_bn_relu(32, 64),
+        pool2=nn.MaxPool2d(2, ceil_mode=True),
+        block2=_conv_bn_relu(64, 128),
+        pool3=nn.MaxPool2d(2, ceil_mode=True),
+        block3=_conv_bn_relu(128, 256),
+        avgpool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(1),
+    )
+    return layers, 256
+
+
+def build_backbone(arch: str, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Backbone:
+    """A backbone for float images in [0, 1] with ``in_channels`` channels (1 or 3).
+
+    arch: "resnet18_cifar" (3x3 stride-1 conv1, no max-pool; 512-d), "resnet18" (standard stem;
+    512-d), "resnet50" (2048-d), "convnet" (small and CPU-sized; 256-d). ``mean``/``std`` hold one
+    value per channel (a single value is repeated).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    mean, std = list(mean), list(std)
+    if len(mean) == 1:
+        mean = mean * in_channels
+    if len(std) == 1:
+        std = std * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values, got {len(mean)} and {len(std)}")
+    if arch == "convnet":
+        layers, out_dim = _convnet_layers(in_channels)
+    else:
+        layers, out_dim = _resnet_layers(arch, in_channels)
+    return Backbone(OrderedDict(normalize=Normalize(mean, std), **layers), out_dim, arch, in_channels)
+
+
+# Wrappers that checkpoints put around a backbone's keys (DataParallel, our models, MoCo).
+_PREFIXES = ("module.", "backbone.", "encoder_q.", "encoder.", "model.")
+
+
+def _unwrap_state_dict(obj) -> dict[str, Tensor]:
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise TypeError(f"expected a state dict, got {type(obj).__name__}")
+    out = {}
+    for name, value in obj.items():
+        if not isinstance(value, Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+        out[name] = value
+    return out
+
+
+def load_backbone_weights(backbone: Backbone, path: Path) -> None:
+    """Load a torchvision-style state dict (a bare one, or under "state_dict"/"model") into ``backbone``.
+
+    Prefixes "module.", "backbone.", "encoder_q." are stripped; the classifier (fc.*) and any
+    projection head are ignored, and so is the file's normalisation (the backbone keeps its own).
+    A 3-channel conv1 is folded into a 1-channel one by summing over input channels (a gray image
+    fed as three equal channels gives the same response). Raises ValueError naming the file when
+    nothing matches, a parameter is missing, or a shape differs.
+    """
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        weights = _unwrap_state_dict(raw)
+    except (OSError, RuntimeError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path}: not a readable state dict ({exc})") from exc
+
+    own = backbone.state_dict()
+    wanted = {k for k in own if not k.startswith("normalize.")}
+    matched = {k: v for k, v in weights.items() if k in wanted}
+    if not matched:
+        sample = ", ".join(list(weights)[:5])
+        raise ValueError(f"{path}: no parameter matches a {backbone.arch} backbone (file keys start: {sample})")
+    conv1 = matched.get("conv1.weight")
+    if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3 and own["conv1.weight"].shape[1] == 1:
+        matched["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items()
+                  if v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{path}: shapes differ from a {backbone.arch} backbone: {'; '.join(mismatched[:5])}")
+    # Old checkpoints lack BatchNorm's num_batches_tracked; nothing else may be missing.
+    missing = sorted(k for k in wanted - matched.keys() if not k.endswith("num_batches_tracked"))
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} backbone tensors, e.g. {', '.join(missing[:5])}")
+    state = dict(own)
+    state.update({k: v.to(own[k].dtype) for k, v in matched.items()})
+    backbone.load_state_dict(state)
+
+
+class ContrastiveModel(nn.Module):
+    """Pretext model (SimCLR / MoCo v2): backbone + MLP head Linear-ReLU-Linear, L2-normalised output."""
+
+    def __init__(self, backbone: Backbone, hidden_dim: int = 512, feature_dim: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Linear(backbone.out_dim, hidden_dim), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden_dim, feature_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+
+class ClusteringModel(nn.Module):
+    """SCAN clustering model: backbone + ``num_heads`` independent linear heads over K clusters.
+
+    forward returns logits (num_heads, N, K); after the SCAN step ``keep_head(best)`` keeps one head.
+    """
+
+    def __init__(self, backbone: Backbone, num_clusters: int, num_heads: int = 1):
+        super().__init__()
+        if num_clusters < 1 or num_heads < 1:
+            raise ValueError("num_clusters and num_heads must be positive")
+        self.backbone = backbone
+        self.num_clusters = int(num_clusters)
+        self.heads = nn.ModuleList(nn.Linear(backbone.out_dim, num_clusters) for _ in range(num_heads))
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.backbone(x)
+        return torch.stack([head(features) for head in self.heads])
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def keep_head(self, index: int) -> None:
+        if not 0 <= index < len(self.heads):
+            raise IndexError(f"head {index} out of range (model has {len(self.heads)})")
+        self.heads = nn.ModuleList([self.heads[index]])

@@ -1,0 +1,66 @@
+"""Run SCAN's stages on a dataset: one stage at a time (what a worker task does) or all of them
+(what the CLI does). A stage rerun after a crash resumes from its last checkpoint; a finished stage
+rerun returns at once."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ml.config import RunConfig
+from ml.device import select_runtime
+from ml.rundir import RunDir, atomic_write_text
+from ml.stages.common import Canceled, CancelFn, Progress, ProgressFn, StageContext
+
+STAGES = ("pretext", "mining", "clustering", "selflabel")
+
+__all__ = ["STAGES", "Canceled", "Progress", "prepare_run", "load_config", "run_stage", "run_all"]
+
+
+def _stage_fn(stage: str) -> Callable:
+    # Imported lazily so that `import ml.pipeline` stays cheap for the API process.
+    if stage == "pretext":
+        from ml.stages.pretext import run_pretext as fn
+    elif stage == "mining":
+        from ml.stages.mining import run_mining as fn
+    elif stage == "clustering":
+        from ml.stages.clustering import run_clustering as fn
+    elif stage == "selflabel":
+        from ml.stages.selflabel import run_selflabel as fn
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    return fn
+
+
+def prepare_run(run_dir: str | Path, cfg: RunConfig) -> RunDir:
+    """Create the run directory and write its config (kept if already there: a rerun must not
+    silently change the recipe of a half-finished run)."""
+    run = RunDir(run_dir).ensure()
+    if not run.config_path.exists():
+        atomic_write_text(run.config_path, cfg.model_dump_json(indent=1))
+    return run
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    return RunConfig.model_validate(json.loads(RunDir(run_dir).config_path.read_text()))
+
+
+def run_stage(stage: str, run_dir: str | Path, data, progress: ProgressFn | None = None,
+              should_cancel: CancelFn | None = None) -> dict[str, Any]:
+    fn = _stage_fn(stage)
+    run = RunDir(run_dir).ensure()
+    cfg = load_config(run_dir)
+    rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    ctx = StageContext(stage, run, cfg, rt, progress, should_cancel)
+    t0 = time.perf_counter()
+    summary = fn(ctx, data)
+    summary = {**summary, "seconds": time.perf_counter() - t0, "device": str(rt.device)}
+    run.update_json(run.path / "timings.json", stage, summary)
+    return summary
+
+
+def run_all(data, cfg: RunConfig, run_dir: str | Path, progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    prepare_run(run_dir, cfg)
+    return {stage: run_stage(stage, run_dir, data, progress, should_cancel) for stage in stages}

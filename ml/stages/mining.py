@@ -1,0 +1,52 @@
+"""Stage 2: mine the K nearest neighbours of every image in pretext-feature space (SCAN section
+2.1), build the faiss index the service answers /neighbors from, and, when labels exist, record the
+neighbours' purity and the K-means-on-pretext-features baseline of the paper's Table 1."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ml import evaluate, index as faiss_index
+from ml.rundir import atomic_write
+from ml.stages.common import Progress, StageContext
+
+
+def run_mining(ctx: StageContext, data) -> dict[str, Any]:
+    cfg, run = ctx.cfg, ctx.run
+    if not run.features_path.exists():
+        raise FileNotFoundError(f"{run.features_path} is missing: run the pretext stage first")
+    features = np.load(run.features_path)
+    ctx.report(Progress("mining", 1, 1, 0, 1))
+    summary: dict[str, Any] = {}
+    if not run.neighbors_path.exists():
+        t0 = time.perf_counter()
+        ids, _ = faiss_index.mine_neighbors(features, k=min(cfg.mining.num_neighbors, len(features) - 1),
+                                            exact_threshold=cfg.mining.exact_threshold)
+        summary["mining_s"] = time.perf_counter() - t0
+        atomic_write(run.neighbors_path, lambda f: np.save(f, ids.astype(np.int64)))
+    ctx.check_cancel()
+    if not run.index_path.exists():
+        idx = faiss_index.build_index(features, exact_threshold=cfg.mining.exact_threshold)
+        faiss_index.save_index(idx, run.index_path)
+    neighbors = np.load(run.neighbors_path)
+
+    metrics: dict[str, Any] = {"num_neighbors": int(neighbors.shape[1])}
+    if data.labels is not None:
+        metrics["neighbor_purity"] = float(faiss_index.neighbor_purity(neighbors, np.asarray(data.labels)))
+        metrics["kmeans"] = evaluate.kmeans_baseline(features, np.asarray(data.labels), cfg.num_clusters,
+                                                     seed=cfg.seed)
+    run.update_json(run.metrics_path, "mining", metrics)
+    ctx.report(Progress("mining", 1, 1, 1, 1, epoch_end=True, metrics=_scalars(metrics)))
+    return {**summary, **_scalars(metrics)}
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}_{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+        elif isinstance(v, (int, float)):
+            out[k] = v
+    return out

@@ -1,0 +1,141 @@
+"""The whole SCAN pipeline on real data (scikit-learn's digits), on the CPU, with a fixed seed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.config import RunConfig
+from ml.data import load_source
+from ml.pipeline import STAGES, Canceled, prepare_run, run_all, run_stage
+from ml.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The CPU recipe the test suite trains digits with: the `small` preset, shortened.
+DIGITS = {"seed": 0, "image_size": 16, "pretext.epochs": 40, "clustering.epochs": 20, "selflabel.epochs": 10}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_source("digits")
+
+
+@pytest.fixture(scope="module")
+def digits_run(digits, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("digits-run")
+    cfg = RunConfig.from_preset("small", 10, DIGITS)
+    events = []
+    run_all(digits, cfg, run_dir, progress=events.append)
+    return run_dir, events
+
+
+@pytest.mark.slow
+def test_digits_all_stages_reach_paper_like_accuracy(digits_run):
+    run_dir, _ = digits_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["final"] == "selflabel"
+    assert metrics["selflabel"]["acc"] >= 0.85, metrics["selflabel"]
+    # Self-labeling should not make things worse than the SCAN step on such clean data.
+    assert metrics["selflabel"]["acc"] >= metrics["scan"]["acc"] - 0.02
+    assert metrics["mining"]["neighbor_purity"] > 0.8
+
+
+@pytest.mark.slow
+def test_run_directory_holds_every_artifact(digits_run, digits):
+    run_dir, events = digits_run
+    for name in ("config.json", "pretext.pt", "scan.pt", "model.pt", "features.npy", "neighbors.npy",
+                 "index.faiss", "assignments.npz", "clusters.json", "metrics.json", "history.json"):
+        assert (run_dir / name).exists(), name
+    n = digits.images.shape[0]
+    neighbors = np.load(run_dir / "neighbors.npy")
+    assert neighbors.shape == (n, 20)
+    assert not (neighbors == np.arange(n)[:, None]).any(), "an image must not be its own neighbour"
+    assignments = np.load(run_dir / "assignments.npz")
+    clusters = json.loads((run_dir / "clusters.json").read_text())
+    assert sum(c["size"] for c in clusters) == n
+    assert np.allclose(assignments["probs"].sum(1), 1, atol=1e-4)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history["pretext"]] == list(range(1, DIGITS["pretext.epochs"] + 1))
+    assert all("confident" in h for h in history["selflabel"])
+    # Progress reached the caller from every stage, with losses and throughput.
+    assert {e.stage for e in events} == set(STAGES)
+    assert any(e.loss is not None and e.images_per_s for e in events if e.stage == "pretext")
+
+
+@pytest.mark.slow
+def test_predictor_agrees_with_stored_assignments(digits_run, digits):
+    run_dir, _ = digits_run
+    predictor = Predictor.load(run_dir, device="cpu")
+    probs = predictor.predict(np.asarray(digits.images[:200]))
+    stored = np.load(run_dir / "assignments.npz")
+    assert (probs.argmax(1) == stored["cluster"][:200]).mean() == 1.0
+    feats = predictor.embed(np.asarray(digits.images[:50]))
+    assert np.allclose(feats, np.load(run_dir / "features.npy")[:50], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_stage_is_a_no_op(digits_run, digits):
+    run_dir, _ = digits_run
+    before = (run_dir / "model.pt").stat().st_mtime_ns
+    assert run_stage("selflabel", run_dir, digits) == {**run_stage("selflabel", run_dir, digits)}
+    assert (run_dir / "model.pt").stat().st_mtime_ns == before
+
+
+def test_cancel_stops_at_the_next_step_and_keeps_the_last_checkpoint(digits, tmp_path):
+    cfg = RunConfig.from_preset("small", 10, {"pretext.epochs": 3, "pretext.batch_size": 128})
+    prepare_run(tmp_path, cfg)
+    seen = []
+
+    def should_cancel():
+        return len(seen) >= 20  # a little into the second epoch (14 steps an epoch)
+
+    with pytest.raises(Canceled):
+        run_stage("pretext", tmp_path, digits, progress=seen.append, should_cancel=should_cancel)
+    assert (tmp_path / "checkpoints" / "pretext.pt").exists()
+    assert not (tmp_path / "pretext.pt").exists()
+    # Rerun resumes from the checkpoint of epoch 1: the first report is from epoch 2.
+    resumed = []
+    run_stage("pretext", tmp_path, digits, progress=resumed.append)
+    assert resumed[0].epoch == 2
+    assert (tmp_path / "pretext.pt").exists()
+
+
+def test_killed_training_process_resumes_from_checkpoint(tmp_path):
+    """SIGKILL the CLI mid-pretext, run the same command again: it continues from the last epoch."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ml.cli", "train", "digits", "--clusters", "10", "--out", str(run_dir),
+           "--preset", "small", "--cache-dir", str(tmp_path / "cache"),
+           "--set", "pretext.epochs=30", "--set", "clustering.epochs=1", "--set", "selflabel.epochs=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = run_dir / "checkpoints" / "pretext.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint appeared"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    import torch
+
+    epoch_at_kill = torch.load(ckpt, weights_only=False)["epoch"]
+    assert epoch_at_kill < 29, "the run finished before it could be killed; make it longer"
+
+    restarted_at = time.time()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = json.loads((run_dir / "history.json").read_text())["pretext"]
+    assert [h["epoch"] for h in history] == list(range(1, 31))
+    # Epochs finished before the kill kept their original timestamps: they were not trained again.
+    assert all(h["time"] < restarted_at for h in history[: epoch_at_kill + 1])
+    assert all(h["time"] > restarted_at for h in history[epoch_at_kill + 1:])
+    assert (run_dir / "model.pt").exists()

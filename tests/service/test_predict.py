@@ -1,0 +1,254 @@
+"""POST /v1/runs/{id}/predict over HTTP against the real API process, and the dynamic batcher."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.serving.batcher import DynamicBatcher
+
+ITEMS = list(range(0, 1797, 75))  # 24 items spread over the dataset
+
+
+def item_png(client, dataset_id: str, item: int) -> bytes:
+    r = client.get(f"/v1/datasets/{dataset_id}/items/{item}.png")
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def stored_assignments(client, run_id: str) -> dict[int, int]:
+    r = client.get(f"/v1/runs/{run_id}/assignments", params={"page_size": 1000, "page": 1})
+    first = r.json()
+    rows = first["items"]
+    for page in range(2, -(-first["total"] // first["page_size"]) + 1):
+        rows += client.get(f"/v1/runs/{run_id}/assignments",
+                           params={"page_size": 1000, "page": page}).json()["items"]
+    return {row["item_index"]: row["cluster"] for row in rows}
+
+
+@pytest.fixture(scope="module")
+def item_pngs(client, digits_dataset) -> dict[int, bytes]:
+    return {i: item_png(client, digits_dataset, i) for i in ITEMS}
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(client, small_dataset) -> dict:
+    """A run that never succeeds: created and canceled at once (no training time spent)."""
+    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
+                                      "overrides": {"pretext.epochs": 1}})
+    assert r.status_code == 202, r.text
+    client.post(f"/v1/runs/{r.json()['id']}/cancel")
+    return client.get(f"/v1/runs/{r.json()['id']}").json()
+
+
+def assert_names_unfinished_state(detail: str) -> None:
+    states = ("QUEUED", "PRETEXT", "MINING", "CLUSTERING", "SELFLABEL", "FAILED", "CANCELED")
+    assert "SUCCEEDED" in detail and any(f" is {s}" in detail for s in states), detail
+
+
+def test_predict_on_dataset_items_agrees_with_stored_assignments(client, finished_run, item_pngs):
+    run_id = finished_run["id"]
+    files = [("files", (f"item{i}.png", item_pngs[i], "image/png")) for i in ITEMS]
+    r = client.post(f"/v1/runs/{run_id}/predict", files=files, params={"k": 3})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["file"] for p in preds] == [f"item{i}.png" for i in ITEMS]
+    stored = stored_assignments(client, run_id)
+    assert [p["cluster"] for p in preds] == [stored[i] for i in ITEMS]
+    for p in preds:
+        assert len(p["top_k"]) == 3
+        probs = [t["probability"] for t in p["top_k"]]
+        assert probs == sorted(probs, reverse=True)
+        assert p["top_k"][0]["cluster"] == p["cluster"] and p["top_k"][0]["probability"] == p["confidence"]
+        # digits has labels, so every answer names the class its cluster was matched to
+        assert isinstance(p["label"], str) and p["label"] in [str(d) for d in range(10)]
+    clusters = {c["index"]: c["matched_label"] for c in client.get(f"/v1/runs/{run_id}/clusters").json()}
+    assert all(p["label"] == clusters[p["cluster"]] for p in preds)
+
+
+def test_predict_json_base64_matches_multipart(client, finished_run, item_pngs):
+    run_id = finished_run["id"]
+    some = ITEMS[:4]
+    body = {"images": [base64.b64encode(item_pngs[i]).decode() for i in some]}
+    as_json = client.post(f"/v1/runs/{run_id}/predict", json=body, params={"k": 10}).json()["predictions"]
+    files = [("files", (f"{i}.png", item_pngs[i], "image/png")) for i in some]
+    as_files = client.post(f"/v1/runs/{run_id}/predict", files=files, params={"k": 10}).json()["predictions"]
+    for a, b in zip(as_json, as_files):
+        assert a["cluster"] == b["cluster"]
+        np.testing.assert_allclose([t["probability"] for t in a["top_k"]],
+                                   [t["probability"] for t in b["top_k"]], atol=1e-6)
+        assert abs(sum(t["probability"] for t in a["top_k"]) - 1) < 1e-4  # k = K: all clusters
+
+
+def test_predict_converts_other_sizes_and_channels(client, finished_run, item_pngs):
+    """A 20x20 RGB image for an 8x8 gray run is converted like ingest converts, and still answered;
+    an upscaled RGB copy of an item lands in the item's cluster."""
+    run_id = finished_run["id"]
+    rgb_noise = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    item = np.asarray(Image.open(io.BytesIO(item_pngs[ITEMS[1]])))
+    big_rgb = np.asarray(Image.fromarray(item).convert("RGB").resize((32, 32), Image.Resampling.NEAREST))
+    files = [("files", ("noise.png", png_bytes(rgb_noise), "image/png")),
+             ("files", ("big.png", png_bytes(big_rgb), "image/png"))]
+    r = client.post(f"/v1/runs/{run_id}/predict", files=files)
+    assert r.status_code == 200, r.text
+    noise, big = r.json()["predictions"]
+    assert 0 <= noise["cluster"] < 10 and 0 < noise["confidence"] <= 1
+    assert len(noise["top_k"]) == 5
+    assert big["cluster"] == stored_assignments(client, run_id)[ITEMS[1]]
+
+
+def test_concurrent_predicts_each_get_their_own_answer(client, finished_run, item_pngs):
+    """16 callers at once share model calls (dynamic batching) yet each gets its own image's answer."""
+    run_id = finished_run["id"]
+    single = {i: client.post(f"/v1/runs/{run_id}/predict", files=[("files", ("x.png", item_pngs[i]))]
+                             ).json()["predictions"][0] for i in ITEMS[:16]}
+    before = _batch_histogram(client)
+
+    def call(i):
+        r = client.post(f"/v1/runs/{run_id}/predict", files=[("files", (f"{i}.png", item_pngs[i]))])
+        assert r.status_code == 200, r.text
+        return i, r.json()["predictions"][0]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = dict(pool.map(call, ITEMS[:16]))
+    for i, ans in answers.items():
+        assert ans["cluster"] == single[i]["cluster"]
+        assert abs(ans["confidence"] - single[i]["confidence"]) < 1e-5
+    after = _batch_histogram(client)
+    calls, rows = after[0] - before[0], after[1] - before[1]
+    assert rows == 16  # every image went through the batcher exactly once ...
+    assert 1 <= calls <= 16  # ... in at most one model call per request
+
+
+def _batch_histogram(client) -> tuple[float, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        if fam.name == "scan_predict_batch_size":
+            samples = {s.name: s.value for s in fam.samples}
+            return samples["scan_predict_batch_size_count"], samples["scan_predict_batch_size_sum"]
+    return 0.0, 0.0
+
+
+def test_predict_rejects_non_images_naming_the_file(client, finished_run, item_pngs):
+    files = [("files", ("ok.png", item_pngs[0], "image/png")),
+             ("files", ("notes.txt", b"this is not an image", "text/plain"))]
+    r = client.post(f"/v1/runs/{finished_run['id']}/predict", files=files)
+    assert r.status_code == 422
+    assert "notes.txt" in r.json()["detail"]
+    r = client.post(f"/v1/runs/{finished_run['id']}/predict", json={"images": ["%%% not base64"]})
+    assert r.status_code == 422 and "images[0]" in r.json()["detail"]
+    r = client.post(f"/v1/runs/{finished_run['id']}/predict", json={"pictures": []})
+    assert r.status_code == 422 and "images" in r.json()["detail"]
+
+
+def test_predict_rejects_too_many_images(client, finished_run, item_pngs):
+    files = [("files", (f"{i}.png", item_pngs[0], "image/png")) for i in range(257)]
+    r = client.post(f"/v1/runs/{finished_run['id']}/predict", files=files)
+    assert r.status_code == 413
+    assert "257 images" in r.json()["detail"] and "256" in r.json()["detail"]
+
+
+def test_predict_needs_a_succeeded_run_of_your_own(client, client_b, anon_client, finished_run,
+                                                  unfinished_run, item_pngs):
+    files = [("files", ("a.png", item_pngs[0], "image/png"))]
+    r = client.post(f"/v1/runs/{unfinished_run['id']}/predict", files=files)
+    assert r.status_code == 409
+    assert_names_unfinished_state(r.json()["detail"])
+    r = client_b.post(f"/v1/runs/{finished_run['id']}/predict", files=files)
+    assert r.status_code == 404 and finished_run["id"] in r.json()["detail"]
+    r = anon_client.post(f"/v1/runs/{finished_run['id']}/predict", files=files)
+    assert r.status_code == 401
+    r = client.post("/v1/runs/does-not-exist/predict", files=files)
+    assert r.status_code == 404
+    r = client.post(f"/v1/runs/{finished_run['id']}/predict", files=files, params={"k": 0})
+    assert r.status_code == 422 and "k" in r.json()["detail"]
+
+# -- the dynamic batcher on its own ---------------------------------------------------------------
+
+def _recording_model(calls: list[int], delay_s: float = 0.0):
+    def fn(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        time.sleep(delay_s)
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float64) * 2
+    return fn
+
+
+def test_batcher_merges_concurrent_callers_and_returns_each_its_rows():
+    calls: list[int] = []
+    seen: list[int] = []
+    batcher = DynamicBatcher(_recording_model(calls, 0.02), max_batch_size=8, max_delay_ms=50,
+                             on_batch=seen.append)
+
+    async def main():
+        inputs = [np.full((n, 1, 2, 2), i, dtype=np.uint8) for i, n in enumerate([1, 2, 3, 1, 1])]
+        outs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        return inputs, outs
+
+    inputs, outs = asyncio.run(main())
+    batcher.close()
+    for x, out in zip(inputs, outs):
+        assert out.shape == (len(x), 1)
+        np.testing.assert_array_equal(out[:, 0], x.reshape(len(x), -1).sum(axis=1) * 2)
+    # 8 rows submitted at once within the delay: one model call, not five.
+    assert calls == [8] and seen == [8]
+
+
+def test_batcher_never_exceeds_max_batch_size_and_splits_large_requests():
+    calls: list[int] = []
+    batcher = DynamicBatcher(_recording_model(calls), max_batch_size=4, max_delay_ms=20)
+
+    async def main():
+        big = np.arange(10 * 4, dtype=np.uint8).reshape(10, 1, 2, 2)
+        small = np.ones((3, 1, 2, 2), dtype=np.uint8)
+        return big, await asyncio.gather(batcher.submit(big), batcher.submit(small))
+
+    big, (out_big, out_small) = asyncio.run(main())
+    batcher.close()
+    assert max(calls) <= 4 and sum(calls) == 13
+    np.testing.assert_array_equal(out_big[:, 0], big.reshape(10, -1).sum(axis=1) * 2)
+    np.testing.assert_array_equal(out_small[:, 0], np.full(3, 8))
+
+
+def test_batcher_runs_the_model_off_the_event_loop_and_propagates_errors():
+    loop_threads: list[int] = []
+
+    def failing(x):
+        loop_threads.append(threading.get_ident())
+        raise RuntimeError("model exploded")
+
+    batcher = DynamicBatcher(failing, max_batch_size=4, max_delay_ms=1)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await batcher.submit(np.zeros((2, 1, 2, 2), np.uint8))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    batcher.close()
+    assert loop_threads and loop_threads[0] != loop_thread
+
+
+def test_batcher_alone_does_not_wait_longer_than_its_delay():
+    batcher = DynamicBatcher(_recording_model([]), max_batch_size=64, max_delay_ms=10)
+
+    async def main():
+        t0 = time.perf_counter()
+        await batcher.submit(np.zeros((1, 1, 2, 2), np.uint8))
+        return time.perf_counter() - t0
+
+    elapsed = asyncio.run(main())
+    batcher.close()
+    assert elapsed < 0.5

@@ -1,0 +1,1 @@
+"""Celery glue: thin tasks that call app.services and ml/ (see workers/tasks.py)."""
