@@ -1,8 +1,8 @@
 """`make demo`: from a fresh clone to a trained model behind a running API, in one command.
 
 1. creates ./var/, applies the migrations, creates the first API key (var/api-key.txt);
-2. starts the API (uvicorn) and one Celery worker (queues gpu+cpu) in embedded mode: SQLite and the
-   filesystem broker, no servers;
+2. starts the API (uvicorn) and two Celery workers (queue gpu: training, queue cpu: ingest) in
+   embedded mode: SQLite and the filesystem broker, no servers;
 3. imports `digits` (and `fashion-mnist` when Debian's package put it in /usr/share/datasets, import
    only: training it on a laptop CPU takes far longer than a demo should);
 4. trains a run on digits through the API, with a progress bar fed by GET /v1/runs/{id};
@@ -128,8 +128,8 @@ def _predict_one(client: httpx.Client, dataset: dict, run: dict) -> None:
         console.print(f"/predict answered {r.status_code}: {r.text[:200]}")
 
 
-def main(pretext_epochs: int = typer.Option(30, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
-         clustering_epochs: int = typer.Option(15), selflabel_epochs: int = typer.Option(5),
+def main(pretext_epochs: int = typer.Option(20, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
+         clustering_epochs: int = typer.Option(10), selflabel_epochs: int = typer.Option(3),
          exit_after: bool = typer.Option(False, "--exit", help="stop the servers instead of leaving them up")) -> None:
     t0 = time.monotonic()
     settings = get_settings()
@@ -146,8 +146,9 @@ def main(pretext_epochs: int = typer.Option(30, help="SimCLR epochs (the paper u
     logs = settings.var_dir / "logs"
     procs = [
         _spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)], logs / "api.log"),
-        _spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,cpu", "-c", "1",
-                "--loglevel", "INFO"], logs / "worker.log"),
+        # Two workers, as in production: ingest (cpu) never waits behind a training stage (gpu).
+        *(_spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queue, "-c", "1",
+                  "-n", f"{queue}@%h", "--loglevel", "INFO"], logs / f"worker-{queue}.log") for queue in ("gpu", "cpu")),
     ]
 
     def stop(*_: object) -> None:

@@ -228,13 +228,23 @@ def main() -> None:
         lat_ms = np.array(lat) * 1000
         print(f"1 client, 1 image/request: p50 {np.percentile(lat_ms, 50):.1f} ms, "
               f"p99 {np.percentile(lat_ms, 99):.1f} ms ({len(lat_ms)} requests)")
+        rates = {}
         for per in args.per_request:
             rate, lat = http_throughput(base, key, run_id, pngs, args.clients, per, args.seconds)
             lat_ms = np.array(lat) * 1000
-            ratio = rate / ips[best_bs]
+            rates[per] = rate
             print(f"HTTP /predict, {args.clients} clients x {per} image(s)/request: {rate:,.0f} images/s, "
-                  f"p50 {np.percentile(lat_ms, 50):.1f} ms, p99 {np.percentile(lat_ms, 99):.1f} ms; "
-                  f"ratio to in-process best = {ratio:.2f} (target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})")
+                  f"p50 {np.percentile(lat_ms, 50):.1f} ms, p99 {np.percentile(lat_ms, 99):.1f} ms")
+        # Measure the baseline again after the HTTP runs (server idle) and keep the better figure:
+        # on a shared machine load drifts, and the ratio must not flatter the server.
+        again = in_process(run_dir, device, images, args.batch_sizes, seconds=max(1.0, args.seconds / 5))
+        ips = {bs: max(ips[bs], again[bs]) for bs in ips}
+        best_bs = max(ips, key=ips.get)
+        print(f"in-process best (max of two measurements): {ips[best_bs]:,.0f} images/s at batch {best_bs}")
+        for per, rate in rates.items():
+            ratio = rate / ips[best_bs]
+            print(f"RATIO HTTP ({args.clients} clients x {per} image(s)/request) / in-process best = {ratio:.2f} "
+                  f"(target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})")
         metrics = __import__("httpx").get(base + "/metrics").text
         count = _sample(metrics, "scan_predict_batch_size_count")
         total = _sample(metrics, "scan_predict_batch_size_sum")

@@ -21,11 +21,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, SettingsDep
-from app.services import datasets as dataset_service
 from app.models import (Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState,
                         StageState, StageStatus, Tenant)
 from app.serving.charts import line_chart
 from app.serving.runs import served_run, succeeded_run_dir, tenant_run
+from app.services import datasets as dataset_service
 from app.services.auth import tenant_for_key
 from ml.rundir import RunDir
 

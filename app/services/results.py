@@ -1,8 +1,6 @@
 """Results in the database: written once by the finalize task (bulk), read by the API."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select

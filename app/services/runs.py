@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.settings import Settings
-from app.models import Dataset, DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
+from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
 from app.services.errors import Conflict, Invalid, NotFound
 
