@@ -254,6 +254,8 @@ def main() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sample(text: str, name: str) -> float:
