@@ -66,6 +66,10 @@ class ClusteringConfig(_Strict):
     entropy_weight: float = Field(5.0, ge=0)
     num_heads: int = Field(5, ge=1, le=50)
     freeze_backbone: bool = False
+    # The paper augments anchor and neighbour strongly. With a frozen backbone, augment=False trains
+    # the heads on features computed once, which costs seconds instead of a backbone pass per step:
+    # how the CPU recipes fit their budget.
+    augment: bool = True
     cutout: int | None = None  # None: half the image side, the paper's 16 px on 32 px CIFAR
 
 
@@ -86,11 +90,12 @@ class RunConfig(_Strict):
     preset: str = "cifar"
     num_clusters: int = Field(..., ge=2, le=10_000)
     arch: Arch = "resnet18_cifar"
+    width: int = Field(32, ge=4, le=512)  # convnet only: channels of the first block (doubling after)
     image_size: int | None = Field(None, ge=8, le=512)  # None: the dataset's own size
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    channels_last: bool | None = None  # None: on for CUDA, off for CPU (measured in bench/)
+    channels_last: bool | None = None  # None: on (measured faster on CPU and GPU, see ml/device.py)
     eval_every: int = Field(0, ge=0)  # 0: metrics only at the end of a stage
     pretext: PretextConfig = PretextConfig()
     mining: MiningConfig = MiningConfig()
@@ -101,6 +106,9 @@ class RunConfig(_Strict):
     def _check(self) -> "RunConfig":
         if self.pretext.epochs == 0 and not self.pretext.backbone_weights:
             raise ValueError("pretext.epochs=0 needs pretext.backbone_weights (a state dict to start from)")
+        if not self.clustering.augment and not self.clustering.freeze_backbone:
+            raise ValueError("clustering.augment=false needs clustering.freeze_backbone=true "
+                             "(features are computed once from the frozen backbone)")
         lo, hi = self.pretext.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("pretext.crop_scale must satisfy 0 < low <= high <= 1")

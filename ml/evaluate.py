@@ -1,7 +1,7 @@
 """Clustering evaluation: accuracy under the best cluster -> class matching, NMI, ARI and friends.
 
 Unsupervised clusters carry arbitrary ids, so accuracy is measured after mapping clusters to classes.
-The SCAN paper (section 3.1, "Evaluation") reports ACC under the Hungarian matching, NMI and ARI;
+The SCAN paper (section 3.3, Table 3) reports ACC under the Hungarian matching, NMI and ARI;
 its reference code also reports top-5 ACC and, for overclustering, the maintainers suggest majority
 voting (many-to-one). Every function takes numpy arrays (or torch tensors) and, except for the two
 documented as arrays, returns plain Python values that serialise to JSON unchanged.
@@ -171,7 +171,7 @@ def kmeans_assign(features: Any, k: int, seed: int = 0) -> np.ndarray:
 
 
 def kmeans_baseline(features: Any, labels: Any, k: int, seed: int = 0) -> dict:
-    """The paper's K-means baseline (Table 3): K-means on L2-normalised pretext features.
+    """The paper's "Pretext + K-means" baseline (Tables 1 and 3): K-means on L2-normalised features.
 
     Returns acc (Hungarian), nmi, ari and many_to_one_acc, as plain floats.
     """

@@ -69,25 +69,26 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-def _convnet_layers(in_channels: int) -> tuple["OrderedDict[str, nn.Module]", int]:
+def _convnet_layers(in_channels: int, width: int = 32) -> tuple["OrderedDict[str, nn.Module]", int]:
     # A small VGG-style net for small images (8-32 px): one conv at full resolution, then each
     # max-pool halves the side (ceil, so 7 -> 4 and 8 px inputs still end at 1 px) before a wider
     # conv. About 12 M multiply-adds for a 28x28 image, ~45x fewer than resnet18_cifar at 32x32.
     layers = OrderedDict(
-        stem=_conv_bn_relu(in_channels, 32),
+        stem=_conv_bn_relu(in_channels, width),
         pool1=nn.MaxPool2d(2, ceil_mode=True),
-        block1=_conv_bn_relu(32, 64),
+        block1=_conv_bn_relu(width, 2 * width),
         pool2=nn.MaxPool2d(2, ceil_mode=True),
-        block2=_conv_bn_relu(64, 128),
+        block2=_conv_bn_relu(2 * width, 4 * width),
         pool3=nn.MaxPool2d(2, ceil_mode=True),
-        block3=_conv_bn_relu(128, 256),
+        block3=_conv_bn_relu(4 * width, 8 * width),
         avgpool=nn.AdaptiveAvgPool2d(1),
         flatten=nn.Flatten(1),
     )
-    return layers, 256
+    return layers, 8 * width
 
 
-def build_backbone(arch: str, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Backbone:
+def build_backbone(arch: str, in_channels: int, mean: Sequence[float], std: Sequence[float],
+                   width: int = 32) -> Backbone:
     """A backbone for float images in [0, 1] with ``in_channels`` channels (1 or 3).
 
     arch: "resnet18_cifar" (3x3 stride-1 conv1, no max-pool; 512-d), "resnet18" (standard stem;
@@ -106,7 +107,7 @@ def build_backbone(arch: str, in_channels: int, mean: Sequence[float], std: Sequ
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean/std need {in_channels} values, got {len(mean)} and {len(std)}")
     if arch == "convnet":
-        layers, out_dim = _convnet_layers(in_channels)
+        layers, out_dim = _convnet_layers(in_channels, width)
     else:
         layers, out_dim = _resnet_layers(arch, in_channels)
     return Backbone(OrderedDict(normalize=Normalize(mean, std), **layers), out_dim, arch, in_channels)

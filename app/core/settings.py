@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,17 @@ class Settings(BaseSettings):
     recover_interval_s: float = Field(30.0, gt=0, description="How often each worker looks for dead stages.")
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress rows.")
     cancel_check_interval_s: float = Field(0.5, ge=0, description="Least time between two cancel-flag reads.")
+    predict_max_batch_size: int = Field(64, ge=1, description="Dynamic batcher: most images one model call "
+                                        "takes from concurrent /predict requests (Triton's max_batch_size).")
+    predict_max_delay_ms: float = Field(5.0, ge=0, description="Dynamic batcher: longest a request waits "
+                                        "for others to share its batch (Triton's max_queue_delay).")
+    model_cache_size: int = Field(4, ge=1, description="Finished runs kept loaded (model + faiss index) per "
+                                  "API process; least recently used is evicted.")
+    max_predict_images: int = Field(256, ge=1, description="Most images one /predict request may carry (413).")
+    neighbors_max_k: int = Field(1024, ge=1, le=2048, description="Largest k for /neighbors (faiss GPU "
+                                 "indexes stop at 2048); larger k answers 422.")
+    serving_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the API process runs "
+                                                           "models for /predict and /neighbors.")
     default_page_size: int = Field(50, ge=1)
     max_page_size: int = Field(1000, ge=1)
     api_host: str = Field("127.0.0.1", description="Where `make demo` binds the API.")

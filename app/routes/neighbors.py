@@ -29,7 +29,7 @@ FAISS_MAX_K = 2048  # faiss GPU indexes answer at most k = 2048
 
 def max_k() -> int:
     from app.core.settings import get_settings
-    return min(int(getattr(get_settings(), "neighbors_max_k", 1024)), FAISS_MAX_K)
+    return min(int(get_settings().neighbors_max_k), FAISS_MAX_K)
 
 
 class NeighborQuery(BaseModel):

@@ -16,7 +16,7 @@ from ml.data import DataError, decode_image, conform_images
 
 def max_images() -> int:
     from app.core.settings import get_settings
-    return int(getattr(get_settings(), "max_predict_images", 256))
+    return int(get_settings().max_predict_images)
 
 
 async def read_upload_form(request: Request, limit: int) -> tuple[list[tuple[str, bytes]], dict[str, str]]:

@@ -30,7 +30,7 @@ def _settings():
 
 
 def serving_device() -> str:
-    configured = getattr(_settings(), "serving_device", "auto")
+    configured = _settings().serving_device
     if configured != "auto":
         return configured
     import torch
@@ -184,7 +184,7 @@ def model_cache() -> ModelCache:
     with _cache_lock:
         if _cache is None:
             s = _settings()
-            _cache = ModelCache(capacity=getattr(s, "model_cache_size", 4),
-                                max_batch_size=getattr(s, "predict_max_batch_size", 64),
-                                max_delay_ms=getattr(s, "predict_max_delay_ms", 5.0))
+            _cache = ModelCache(capacity=s.model_cache_size,
+                                max_batch_size=s.predict_max_batch_size,
+                                max_delay_ms=s.predict_max_delay_ms)
         return _cache

@@ -53,6 +53,19 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
             feats = model.features(x)
         return torch.stack([head(feats) for head in model.heads])
 
+    features = None
+    if cc.freeze_backbone and not cc.augment:
+        model.eval()
+        features = predict_all(model.features, images, rt).to(rt.device)
+
+    def logits_for(all_idx: torch.Tensor) -> torch.Tensor:
+        if features is not None:
+            f = features[all_idx]
+            return torch.stack([head(f) for head in model.heads]).float()
+        v = rt.prepare(aug(take(images, all_idx, rt), g))
+        with rt.autocast():
+            return forward_heads(v).float()
+
     def train_epoch(epoch: int):
         model.eval() if cc.freeze_backbone else model.train()
         for i, idx in enumerate(batches(n, cc.batch_size, g, drop_last=True)):
@@ -61,10 +74,7 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
             # One neighbour per anchor, drawn uniformly from its K mined neighbours (self excluded).
             pick = torch.randint(neighbors.shape[1], (b,), generator=g, device=rt.device)
             nidx = neighbors[idx.to(rt.device), pick]
-            x = take(images, torch.cat([idx.to(rt.device), nidx]), rt)
-            v = rt.prepare(aug(x, g))
-            with rt.autocast():
-                logits = forward_heads(v).float()
+            logits = logits_for(torch.cat([idx.to(rt.device), nidx]))
             total, _, _ = scan_loss_per_head(logits[:, :b], logits[:, b:], cc.entropy_weight)
             loss = total.sum()
             opt.zero_grad(set_to_none=True)

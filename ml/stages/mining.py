@@ -20,16 +20,19 @@ def run_mining(ctx: StageContext, data) -> dict[str, Any]:
     features = np.load(run.features_path)
     ctx.report(Progress("mining", 1, 1, 0, 1))
     summary: dict[str, Any] = {}
+    # One index serves both: mining now, /neighbors later (persisted with the run).
+    if run.index_path.exists():
+        idx = faiss_index.load_index(run.index_path)
+    else:
+        idx = faiss_index.build_index(features, exact_threshold=cfg.mining.exact_threshold)
+        faiss_index.save_index(idx, run.index_path)
+    ctx.check_cancel()
     if not run.neighbors_path.exists():
         t0 = time.perf_counter()
         ids, _ = faiss_index.mine_neighbors(features, k=min(cfg.mining.num_neighbors, len(features) - 1),
-                                            exact_threshold=cfg.mining.exact_threshold)
+                                            index=idx)
         summary["mining_s"] = time.perf_counter() - t0
         atomic_write(run.neighbors_path, lambda f: np.save(f, ids.astype(np.int64)))
-    ctx.check_cancel()
-    if not run.index_path.exists():
-        idx = faiss_index.build_index(features, exact_threshold=cfg.mining.exact_threshold)
-        faiss_index.save_index(idx, run.index_path)
     neighbors = np.load(run.neighbors_path)
 
     metrics: dict[str, Any] = {"num_neighbors": int(neighbors.shape[1])}

@@ -30,7 +30,7 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     mean, std = channel_stats(data.images, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.arch, channels, mean, std)
+    backbone = build_backbone(cfg.arch, channels, mean, std, cfg.width)
     if pc.backbone_weights:
         load_backbone_weights(backbone, Path(pc.backbone_weights))
     model = rt.model(ContrastiveModel(backbone, hidden_dim=pc.hidden_dim, feature_dim=pc.feature_dim))
@@ -103,7 +103,7 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     forward = model if feature_space == "head" else (lambda x: F.normalize(model.features(x), dim=1))
     features = predict_all(forward, images, rt).numpy().astype(np.float32)
     atomic_write(run.features_path, lambda f: np.save(f, features))
-    meta = model_meta(cfg.arch, channels, size, mean, std, hidden_dim=pc.hidden_dim,
+    meta = model_meta(cfg.arch, channels, size, mean, std, width=cfg.width, hidden_dim=pc.hidden_dim,
                       feature_dim=pc.feature_dim, feature_space=feature_space)
     save_contrastive(run.pretext_path, model, meta)
     run.update_json(run.history_path, "pretext", history)
