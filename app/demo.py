@@ -128,8 +128,9 @@ def _predict_one(client: httpx.Client, dataset: dict, run: dict) -> None:
         console.print(f"/predict answered {r.status_code}: {r.text[:200]}")
 
 
-def main(pretext_epochs: int = typer.Option(20, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
-         clustering_epochs: int = typer.Option(10), selflabel_epochs: int = typer.Option(3),
+# The digits recipe of tests/ml/test_pipeline.py: ACC >= 0.85 in about 1.5 minutes on 2 CPU cores.
+def main(pretext_epochs: int = typer.Option(60, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
+         clustering_epochs: int = typer.Option(40), selflabel_epochs: int = typer.Option(5),
          exit_after: bool = typer.Option(False, "--exit", help="stop the servers instead of leaving them up")) -> None:
     t0 = time.monotonic()
     settings = get_settings()
@@ -172,7 +173,8 @@ def main(pretext_epochs: int = typer.Option(20, help="SimCLR epochs (the paper u
             console.print(f"fashion-mnist: {fm.get('count')} images imported (train it with POST /v1/runs)")
         t1 = time.monotonic()
         run = _train(client, digits, {"pretext.epochs": pretext_epochs, "clustering.epochs": clustering_epochs,
-                                      "selflabel.epochs": selflabel_epochs})
+                                      "clustering.batch_size": 128, "selflabel.epochs": selflabel_epochs,
+                                      "selflabel.batch_size": 256})
         if run["state"] != "SUCCEEDED":
             raise SystemExit(f"run {run['id']} ended {run['state']}: {run['error']}")
         console.print(f"run {run['id']} SUCCEEDED in {time.monotonic() - t1:.0f}s")

@@ -355,19 +355,22 @@ def apply_op(x: Tensor, name: str, magnitude: float | Tensor = 0.0) -> Tensor:
 
 
 def cutout(x: Tensor, side: int, generator=None, fill: float = CUTOUT_FILL) -> Tensor:
-    """Cutout (DeVries & Taylor 2017): one side x side square per sample at a uniformly random
-    centre, clipped at the image border, filled with ``fill``."""
+    """Cutout (DeVries & Taylor 2017): one square per sample at a uniformly random centre,
+    clipped at the image border, filled with ``fill``. Its side is drawn per sample from
+    1..``side``, as in SCAN's recipe; always the full side erased too much of small images
+    (self-labeling on Fashion-MNIST at 14 px lost accuracy with it)."""
     n, _, height, width = x.shape
     if side <= 0:
         return x
     dev = x.device
     cy = torch.randint(0, height, (n,), generator=generator, device=dev)
     cx = torch.randint(0, width, (n,), generator=generator, device=dev)
-    y0, x0 = cy - side // 2, cx - side // 2
+    sides = torch.randint(1, side + 1, (n,), generator=generator, device=dev)
+    y0, x0 = cy - sides // 2, cx - sides // 2
     rows = torch.arange(height, device=dev).view(1, height, 1)
     cols = torch.arange(width, device=dev).view(1, 1, width)
-    hole = ((rows >= y0.view(-1, 1, 1)) & (rows < (y0 + side).view(-1, 1, 1))
-            & (cols >= x0.view(-1, 1, 1)) & (cols < (x0 + side).view(-1, 1, 1)))
+    hole = ((rows >= y0.view(-1, 1, 1)) & (rows < (y0 + sides).view(-1, 1, 1))
+            & (cols >= x0.view(-1, 1, 1)) & (cols < (x0 + sides).view(-1, 1, 1)))
     return torch.where(hole.unsqueeze(1), torch.full_like(x, fill), x)
 
 

@@ -45,7 +45,7 @@ class Predictor:
         return int(self.meta["num_clusters"])
 
     def _batch(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.ascontiguousarray(images))
+        x = torch.as_tensor(np.array(images))  # a writable copy: callers may pass read-only mmaps
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected uint8 images (N, {self.channels}, H, W), got {tuple(x.shape)} {x.dtype}")
         x = x.to(self.rt.device).float().div_(255)
