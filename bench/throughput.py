@@ -3,6 +3,7 @@ it: per-sample PIL transforms in a DataLoader, fp32. Same model, same batch, sam
 process; prints the ratio.
 
     python bench/throughput.py                       # Fashion-MNIST 28x28, convnet, batch 512
+    python bench/throughput.py --size 14 --width 16     # the Fashion-MNIST CPU recipe
     python bench/throughput.py --arch resnet18_cifar --size 32 --batch 256 --steps 10
 
 "Ours" is the real pretext stage (ml.pipeline.run_stage) for one short epoch; its images/s is the
@@ -54,10 +55,11 @@ class TwoViews(Dataset):
         return self.tf(img), self.tf(img)
 
 
-def baseline(images: np.ndarray, arch: str, size: int, batch: int, steps: int, workers: int, device) -> float:
+def baseline(images: np.ndarray, arch: str, size: int, batch: int, steps: int, workers: int, device,
+             width: int) -> float:
     torch.manual_seed(0)
     c = images.shape[1]
-    model = ContrastiveModel(build_backbone(arch, c, [0.5] * c, [0.25] * c)).to(device).train()
+    model = ContrastiveModel(build_backbone(arch, c, [0.5] * c, [0.25] * c, width)).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loader = DataLoader(TwoViews(images, size), batch_size=batch, shuffle=True, drop_last=True,
                         num_workers=workers, persistent_workers=workers > 0)
@@ -82,11 +84,12 @@ def baseline(images: np.ndarray, arch: str, size: int, batch: int, steps: int, w
     return done / (time.perf_counter() - t0)
 
 
-def ours(data: ImageSet, arch: str, batch: int, steps: int, device: str) -> float:
+def ours(data: ImageSet, arch: str, size: int, batch: int, steps: int, device: str, width: int) -> float:
     n = batch * (steps + 1)
     subset = ImageSet(images=np.ascontiguousarray(data.images[:n]), labels=None, class_names=None,
                       source="bench")
-    cfg = RunConfig.from_preset("small", 10, {"arch": arch, "device": device, "pretext.epochs": 1,
+    cfg = RunConfig.from_preset("small", 10, {"arch": arch, "width": width, "image_size": size,
+                                              "device": device, "pretext.epochs": 1,
                                               "pretext.batch_size": batch, "pretext.flip": True,
                                               "pretext.crop_scale": [0.2, 1.0]})
     rates = []
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--arch", default="convnet")
     ap.add_argument("--size", type=int, default=None, help="default: the data's own size")
+    ap.add_argument("--width", type=int, default=32, help="convnet width")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4))
@@ -116,10 +120,10 @@ def main() -> None:
     rt = select_runtime(args.device)
     need = args.batch * (args.steps + 1)
     images = np.ascontiguousarray(data.images[:need])
-    r_ours = ours(data, args.arch, args.batch, args.steps, args.device)
-    r_base = baseline(images, args.arch, size, args.batch, args.steps, args.workers, rt.device)
+    r_ours = ours(data, args.arch, size, args.batch, args.steps, args.device, args.width)
+    r_base = baseline(images, args.arch, size, args.batch, args.steps, args.workers, rt.device, args.width)
     name = torch.cuda.get_device_name() if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"pretext throughput, {args.arch} {size}px batch {args.batch}, {args.steps} steps, {name}")
+    print(f"pretext throughput, {args.arch} (width {args.width}) {size}px batch {args.batch}, {args.steps} steps, {name}")
     print(f"  baseline (PIL transforms, DataLoader x{args.workers}, fp32): {r_base:10,.0f} img/s")
     print(f"  this pipeline (resident data, batched aug{', bf16' if rt.bf16 else ''}):  {r_ours:10,.0f} img/s")
     print(f"  ratio: {r_ours / r_base:.2f}x")
