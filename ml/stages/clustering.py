@@ -13,8 +13,8 @@ from ml.artifacts import load_contrastive, save_clustering
 from ml.augment import StrongAugment
 from ml.losses import scan_loss_per_head
 from ml.models import ClusteringModel
-from ml.stages.common import (StageContext, batches, load_checkpoint, make_optimizer, predict_all,
-                              resident_images, run_epochs, save_checkpoint, set_lr, take)
+from ml.stages.common import (StageContext, batches, make_optimizer, predict_all,
+                              resident_images, resume, run_epochs, save_checkpoint, set_lr, take)
 from ml.stages.results import write_results
 
 
@@ -35,13 +35,7 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     aug = StrongAugment(size, cutout=cc.cutout, flip=cfg.pretext.flip)
     g = ctx.generator(2)
 
-    start, history = 0, []
-    ck = load_checkpoint(ctx)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        g.set_state(ck["rng"])
-        start, history = ck["epoch"] + 1, ck["history"]
+    start, history, _ = resume(ctx, model, opt, g)
 
     steps = max(n // cc.batch_size, 1)
     total_steps = max(cc.epochs * steps, 1)
@@ -84,8 +78,7 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
 
     def end_epoch(epoch: int, loss: float):
         history.append({"epoch": epoch + 1, "loss": loss})
-        save_checkpoint(ctx, {"model": model.state_dict(), "optim": opt.state_dict(), "rng": g.get_state(),
-                              "epoch": epoch, "history": history})
+        save_checkpoint(ctx, model, opt, g, epoch, history)
         return {}
 
     run_epochs(ctx, epochs=cc.epochs, start_epoch=start, steps_per_epoch=steps,

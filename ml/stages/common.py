@@ -162,8 +162,24 @@ def set_lr(opt: torch.optim.Optimizer, cfg: OptimConfig, progress: float) -> flo
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(ctx: StageContext, state: dict[str, Any]) -> None:
+def save_checkpoint(ctx: StageContext, model, opt, g: torch.Generator, epoch: int,
+                    history: list[dict[str, Any]], **extra: Any) -> None:
+    """The training state after `epoch`; `extra` holds what only one stage has (EMA, MoCo queue)."""
+    state = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": g.get_state(),
+             "epoch": epoch, "history": history, **extra}
     save_torch(ctx.run.checkpoint(ctx.stage), state)
+
+
+def resume(ctx: StageContext, model, opt, g: torch.Generator) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    """Restore the last checkpoint of this stage into model, optimiser and generator. Returns the
+    epoch to start from, the history so far and the raw checkpoint (for stage-specific extras)."""
+    ck = load_checkpoint(ctx)
+    if ck is None:
+        return 0, [], {}
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optim"])
+    g.set_state(ck["rng"])
+    return ck["epoch"] + 1, ck["history"], ck
 
 
 def load_checkpoint(ctx: StageContext) -> dict[str, Any] | None:

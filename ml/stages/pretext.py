@@ -17,8 +17,8 @@ from ml.augment import SimCLRAugment
 from ml.losses import moco_loss, nt_xent_loss
 from ml.models import ContrastiveModel, build_backbone, load_backbone_weights
 from ml.rundir import atomic_write
-from ml.stages.common import (StageContext, batches, channel_stats, load_checkpoint, make_optimizer,
-                              predict_all, resident_images, run_epochs, save_checkpoint, set_lr, take)
+from ml.stages.common import (StageContext, batches, channel_stats, make_optimizer,
+                              predict_all, resident_images, resume, run_epochs, save_checkpoint, set_lr, take)
 
 
 def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
@@ -47,17 +47,11 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
                                         device=rt.device), dim=1)
         queue_ptr = [0]
 
-    start, history = 0, []
-    ck = load_checkpoint(ctx)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        g.set_state(ck["rng"])
-        start, history = ck["epoch"] + 1, ck["history"]
-        if moco:
-            key_model.load_state_dict(ck["key_model"])
-            queue.copy_(ck["queue"].to(rt.device))
-            queue_ptr[0] = ck["queue_ptr"]
+    start, history, ck = resume(ctx, model, opt, g)
+    if ck and moco:
+        key_model.load_state_dict(ck["key_model"])
+        queue.copy_(ck["queue"].to(rt.device))
+        queue_ptr[0] = ck["queue_ptr"]
 
     steps = max(n // pc.batch_size, 1) if n >= pc.batch_size else 1
     total_steps = max(pc.epochs * steps, 1)
@@ -87,11 +81,9 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
 
     def end_epoch(epoch: int, loss: float):
         history.append({"epoch": epoch + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "time": time.time()})
-        state = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": g.get_state(),
-                 "epoch": epoch, "history": history}
-        if moco:
-            state.update(key_model=key_model.state_dict(), queue=queue.cpu(), queue_ptr=queue_ptr[0])
-        save_checkpoint(ctx, state)
+        extra = ({"key_model": key_model.state_dict(), "queue": queue.cpu(), "queue_ptr": queue_ptr[0]}
+                 if moco else {})
+        save_checkpoint(ctx, model, opt, g, epoch, history, **extra)
         return {}
 
     run_epochs(ctx, epochs=pc.epochs, start_epoch=start, steps_per_epoch=steps,

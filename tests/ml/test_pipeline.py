@@ -67,6 +67,10 @@ def test_run_directory_holds_every_artifact(digits_run, digits):
     history = json.loads((run_dir / "history.json").read_text())
     assert [h["epoch"] for h in history["pretext"]] == list(range(1, DIGITS["pretext.epochs"] + 1))
     assert all("confident" in h for h in history["selflabel"])
+    # The kept self-label weights are those with the most confident samples, the SCAN model included.
+    kept = history["selflabel_kept"]
+    assert kept["confident"] >= max(h["confident"] for h in history["selflabel"])
+    assert 0 <= kept["epoch"] <= len(history["selflabel"])
     # Progress reached the caller from every stage, with losses and throughput.
     assert {e.stage for e in events} == set(STAGES)
     assert any(e.loss is not None and e.images_per_s for e in events if e.stage == "pretext")
@@ -142,3 +146,30 @@ def test_killed_training_process_resumes_from_checkpoint(tmp_path):
     assert all(h["time"] < restarted_at for h in history[: epoch_at_kill + 1])
     assert all(h["time"] > restarted_at for h in history[epoch_at_kill + 1:])
     assert (run_dir / "model.pt").exists()
+
+
+def test_moco_pretext_and_ema_selflabel_train_and_resume(digits, tmp_path):
+    """The ImageNet-style options: MoCo v2 (queue + momentum encoder) and self-labeling with EMA,
+    each checkpointed with its extra state and resumed."""
+    cfg = RunConfig.from_preset("small", 10, {
+        "pretext.method": "moco", "pretext.epochs": 2, "pretext.batch_size": 256, "pretext.moco_queue": 512,
+        "pretext.temperature": 0.2, "clustering.epochs": 1, "selflabel.epochs": 2, "selflabel.ema": 0.99,
+        "selflabel.threshold": 0.5})
+    prepare_run(tmp_path, cfg)
+    run_stage("pretext", tmp_path, digits)
+    ck = __import__("torch").load(tmp_path / "checkpoints" / "pretext.pt", weights_only=False)
+    assert ck["queue"].shape == (512, 128) and 0 <= ck["queue_ptr"] < 512
+    assert "key_model" in ck
+    for stage in ("mining", "clustering"):
+        run_stage(stage, tmp_path, digits)
+    # Stop self-labeling after its first epoch, then resume: the EMA state comes back too.
+    seen = []
+    with pytest.raises(Canceled):
+        run_stage("selflabel", tmp_path, digits, progress=seen.append,
+                  should_cancel=lambda: any(p.epoch_end for p in seen))
+    assert "ema" in __import__("torch").load(tmp_path / "checkpoints" / "selflabel.pt", weights_only=False)
+    resumed = []
+    run_stage("selflabel", tmp_path, digits, progress=resumed.append)
+    assert resumed[0].epoch == 2
+    history = json.loads((tmp_path / "history.json").read_text())["selflabel"]
+    assert [h["epoch"] for h in history] == [1, 2]
