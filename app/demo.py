@@ -186,6 +186,7 @@ def main(pretext_epochs: int = typer.Option(60, help="SimCLR epochs (the paper u
         if exit_after:
             stop()
         console.print("The server keeps running; Ctrl-C stops it.")
+        console.print(f"[bold]Cluster browser:[/] {base}/ui")
         while all(p.poll() is None for p in procs):
             time.sleep(1)
         raise SystemExit("the API or the worker exited; see var/logs/")
