@@ -15,7 +15,7 @@ def model_meta(arch: str, channels: int, size: int, mean, std, **extra: Any) -> 
 
 
 def save_contrastive(path: Path, model: ContrastiveModel, meta: dict[str, Any]) -> None:
-    save_torch(path, {"meta": meta, "state_dict": _cpu_state(model)})
+    save_torch(path, {"meta": meta, "state_dict": cpu_state(model)})
 
 
 def load_contrastive(path: Path, device: str | torch.device = "cpu") -> tuple[ContrastiveModel, dict[str, Any]]:
@@ -28,7 +28,7 @@ def load_contrastive(path: Path, device: str | torch.device = "cpu") -> tuple[Co
 
 
 def save_clustering(path: Path, model: ClusteringModel, meta: dict[str, Any]) -> None:
-    save_torch(path, {"meta": meta, "state_dict": _cpu_state(model)})
+    save_torch(path, {"meta": meta, "state_dict": cpu_state(model)})
 
 
 def load_clustering(path: Path, device: str | torch.device = "cpu") -> tuple[ClusteringModel, dict[str, Any]]:
@@ -40,5 +40,6 @@ def load_clustering(path: Path, device: str | torch.device = "cpu") -> tuple[Clu
     return model.to(device).eval(), meta
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a module's state dict (for saving, or keeping the best weights)."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ml.artifacts import load_clustering, save_clustering
+from ml.artifacts import cpu_state, load_clustering, save_clustering
 from ml.augment import StrongAugment, WeakAugment
 from ml.losses import selflabel_loss
 from ml.stages.common import (StageContext, batches, make_optimizer, predict_all,
@@ -81,7 +81,7 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     # (seen on 14 px Fashion-MNIST), the SCAN model stays the final one.
     best = ck.get("best") if ck else None
     if best is None:
-        best = {"epoch": 0, "confident": count_confident(), "state": _cpu_state(current())}
+        best = {"epoch": 0, "confident": count_confident(), "state": cpu_state(current())}
 
     def end_epoch(epoch: int, loss: float):
         nonlocal best
@@ -90,7 +90,7 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
                         "confident_fraction": confident / n, "skipped_batches": skipped[0]})
         skipped[0] = 0
         if confident > best["confident"]:
-            best = {"epoch": epoch + 1, "confident": confident, "state": _cpu_state(current())}
+            best = {"epoch": epoch + 1, "confident": confident, "state": cpu_state(current())}
         save_checkpoint(ctx, model, opt, g, epoch, history, best=best,
                         **({"ema": ema.state_dict()} if ema is not None else {}))
         return {"confident": confident, "stop": _plateaued(history, sl.patience, sl.min_gain * n)}
@@ -106,10 +106,6 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
                     {"epoch": best["epoch"], "confident": best["confident"]})
     results = write_results(ctx, final, images, data, "selflabel", final=True)
     return {"epochs": len(history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _plateaued(history: list[dict[str, Any]], patience: int, min_gain: float) -> bool:
