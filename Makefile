@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-embedded test-services demo fashion-mnist chromium compose bench clean
+.PHONY: venv test test-deps test-embedded test-services demo fashion-mnist chromium compose bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,21 +14,30 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# What the tests use beyond the venv, installed through apt where this user may (root, or sudo without
+# a password); otherwise one line says what is missing and the tests that need it skip, saying so.
+APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || (sudo -n true 2>/dev/null && echo "sudo -n apt-get"))
+define apt_install
+	$(if $(APT),($(APT) update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq $(1) >/dev/null) || echo "make: could not apt-get install $(1): $(2) will skip",echo "make: not root: sudo apt-get install $(1) for $(2) (they skip without it)")
+endef
+
 # Debian's Fashion-MNIST package; optional for tests, needed for bench/accuracy.py.
 fashion-mnist:
-	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "fashion-mnist not installed (no apt access?)"
+	@test -d /usr/share/datasets/fashion-mnist || $(call apt_install,dataset-fashion-mnist,the Fashion-MNIST reader test)
 
 # Debian's Chromium drives the browser tests of the cluster UI.
 chromium:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium not installed"
+	@test -x /usr/bin/chromium || $(call apt_install,chromium,the browser tests of the cluster UI)
 
 # `docker compose config` is tested; Debian bookworm ships Compose as `docker-compose` (v1.29).
 compose:
-	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || ! command -v docker >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose) || echo "docker-compose not installed"
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || $(call apt_install,docker-compose,the compose file test)
+
+test-deps: chromium fashion-mnist compose
 
 # The suite runs twice: embedded (SQLite + a serverless broker) and against PostgreSQL + Redis
 # with a real `celery worker` process.
-test: venv
+test: venv test-deps
 	$(MAKE) test-embedded
 	$(MAKE) test-services
 

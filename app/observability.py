@@ -48,17 +48,13 @@ class _PrometheusMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {"code": 500}
+        status = {"code": 500, "recorded": False}
         start = time.perf_counter()
 
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
+        def record() -> None:
+            if status["recorded"]:
+                return
+            status["recorded"] = True
             route = scope.get("route")
             # Unmatched paths share one label: scanners probing random URLs must not create series.
             template = getattr(route, "path", None) or "<unmatched>"
@@ -66,6 +62,20 @@ class _PrometheusMiddleware:
                 method = scope.get("method", "GET")
                 REQUESTS.labels(method, template, str(status["code"])).inc()
                 LATENCY.labels(method, template).observe(time.perf_counter() - start)
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte leaves: a client that scrapes /metrics right after its
+                # response must see its own request (counting after send raced with that scrape).
+                record()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            record()  # no complete response (an exception, a client gone): still counted, as a 500
 
 
 class _DatabaseCollector(Collector):

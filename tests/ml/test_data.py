@@ -355,7 +355,7 @@ def test_digits_builtin():
     assert load_source("digits", split="test").n == 1797
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian dataset-fashion-mnist is not installed (`make fashion-mnist`, or apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_builtin():
     s = load_source("fashion-mnist", split="test")
     assert s.images.shape == (10000, 1, 28, 28) and s.class_names[9] == "Ankle boot"

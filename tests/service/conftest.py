@@ -17,7 +17,8 @@ Reusable fixtures (all session-scoped unless noted):
 - ``small_dataset``    -> id of a 360-image digits subset uploaded as .npz (fast training).
 - ``finished_run``     -> dict (GET /v1/runs/{id}) of a run on digits that SUCCEEDED with TINY.
 - ``TINY`` (module constant) -> overrides that train in well under a minute on 2 CPU cores.
-- ``wait_for_run(client, run_id, states, timeout)`` -> the run dict once its state is in ``states``.
+- ``wait_for_run(client, run_id, states, timeout)`` -> the run dict once its state is in ``states``;
+                          ``timeout`` bounds a stall (no progress), never a slow run.
 - ``db_session()``     -> a SQLAlchemy Session on the test database (context manager).
 """
 from __future__ import annotations
@@ -272,18 +273,31 @@ def small_dataset(client: httpx.Client) -> str:
     return r.json()["id"]
 
 
+def _progress_mark(run: dict) -> tuple:
+    return (run["state"], tuple((s.get("stage"), s.get("state"), s.get("epoch"), s.get("step"))
+                                for s in run.get("stages") or []))
+
+
 def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: float = 600,  # noqa: ANN001
                  until=None) -> dict:  # noqa: ANN001
-    """Poll GET /v1/runs/{id} until its state is in `states` (or `until(run)` is true)."""
+    """Poll GET /v1/runs/{id} until its state is in `states` (or `until(run)` is true).
+
+    `timeout` bounds a *stall*, not the run: it fails only after `timeout` seconds without any
+    progress (state, stage, epoch or step unchanged), so a slow, busy machine that keeps training
+    is never failed for being slow, while a hung run still is."""
     deadline = time.monotonic() + timeout
+    mark = None
     while True:
         run = client.get(f"/v1/runs/{run_id}").json()
         if (until(run) if until else run["state"] in states):
             return run
         if run["state"] in TERMINAL and not (until and until(run)):
             return run
+        # Waiting behind another run for the one worker is not a stall either.
+        if _progress_mark(run) != mark or run["state"] == "QUEUED":
+            mark, deadline = _progress_mark(run), time.monotonic() + timeout
         if time.monotonic() > deadline:
-            raise AssertionError(f"run {run_id} still {run['state']} after {timeout}s: {run}")
+            raise AssertionError(f"run {run_id} made no progress in {timeout}s (still {run['state']}): {run}")
         time.sleep(0.3)
 
 

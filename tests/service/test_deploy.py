@@ -11,15 +11,16 @@ from tests.service.conftest import ROOT
 
 
 def _compose() -> list[str]:
-    plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
-    if plugin.returncode == 0:
-        return ["docker", "compose"]
+    """The Compose command line here, or a skip naming how to get one (a bare docker CLI is not enough)."""
+    if shutil.which("docker"):
+        plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if plugin.returncode == 0:
+            return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    pytest.fail("the docker CLI is here but neither `docker compose` nor `docker-compose`: run `make compose`")
+    pytest.skip("Docker Compose is not installed (`make compose` installs Debian's docker-compose)")
 
 
-@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
 def test_compose_config_is_valid():
     out = subprocess.run([*_compose(), "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
