@@ -6,10 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-deps test-embedded test-services demo fashion-mnist chromium compose bench clean
 
+# A machine with no NVIDIA driver gets torch's CPU build (~0.2 GB, not the ~6 GB CUDA one) when its
+# index is reachable: `==2.14.1` also matches `2.14.1+cpu`, which pip then prefers.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+CPU_TORCH = $(shell command -v nvidia-smi >/dev/null || ! curl -sfI -m 5 $(TORCH_CPU_INDEX)/torch/ >/dev/null 2>&1 || echo "--extra-index-url $(TORCH_CPU_INDEX)")
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(CPU_TORCH) -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -7,13 +7,15 @@ from sqlalchemy import func, select
 
 from app.core.settings import Settings
 
-ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
-
-
 def alembic_config(settings: Settings):  # noqa: ANN201
+    """Built from the installed `migrations` package, not from alembic.ini (a wheel has no repo top
+    level to hold one): `scan db upgrade` works from `pip install scan-service` as from a checkout.
+    alembic.ini stays for the `alembic` command line in a checkout and in the image."""
+    import migrations
     from alembic.config import Config
 
-    config = Config(str(ALEMBIC_INI))
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))
     config.attributes["settings"] = settings
     config.attributes["configure_logging"] = False
     return config

@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 from app import errors, observability
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
-from app.routes import datasets, health, model, neighbors, predict, results, runs, ui
+from app.routes import datasets, docs, health, model, neighbors, predict, results, runs, ui
 
 log = logging.getLogger("scan")
 
@@ -39,8 +39,9 @@ def _operation_id(route: APIRoute) -> str:
 def create_app() -> FastAPI:
     app = FastAPI(title="SCAN service", version="1.0.0", lifespan=lifespan,
                   summary="Learn to classify images without labels (SCAN, ECCV 2020) over HTTP.",
-                  generate_unique_id_function=_operation_id)
+                  generate_unique_id_function=_operation_id, docs_url=None, redoc_url=None)
     errors.install(app)
+    docs.install(app)  # Swagger UI / ReDoc from local assets: no CDN
     for module in (health, datasets, runs, results, predict, neighbors, model, ui):
         app.include_router(module.router)
     observability.install(app)
