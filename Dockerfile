@@ -1,12 +1,12 @@
-# The SCAN service image: API, GPU worker and CPU worker run the same image with different commands.
-#   docker build -t scan .                          # CPU torch (small image, runs anywhere)
-#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t scan:gpu .
-# The GPU build pulls CUDA wheels of torch; faiss stays the CPU build unless EXTRAS=gpu is added
-# (faiss-gpu-cu12). docker-compose.yml builds both variants.
+# The SCAN service image, in two variants; API and workers run it with different commands.
+#   docker build -t scan-service:cpu .             # API and CPU worker: CPU torch, faiss-cpu
+#   docker build --build-arg VARIANT=gpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
+#                -t scan-service:gpu .             # GPU worker: CUDA torch, faiss-gpu-cu12 (no faiss-cpu)
+# docker/requirements.py derives each variant's list from pyproject.toml; docker-compose.yml builds both.
 FROM python:3.11-slim
 
+ARG VARIANT=cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     SCAN_VAR_DIR=/data
 
@@ -15,9 +15,9 @@ WORKDIR /srv/scan
 
 # Dependencies first (cached layer), then the code.
 COPY pyproject.toml README.md ./
-RUN mkdir -p ml app workers && touch ml/__init__.py app/__init__.py workers/__init__.py \
-    && pip install --extra-index-url "$TORCH_INDEX" ".${EXTRAS:+[$EXTRAS]}" \
-    && pip uninstall -y scan-service
+COPY docker/requirements.py ./docker/
+RUN python docker/requirements.py "$VARIANT" > /tmp/requirements.txt \
+    && pip install --extra-index-url "$TORCH_INDEX" -r /tmp/requirements.txt
 COPY ml ./ml
 COPY app ./app
 COPY workers ./workers

@@ -76,8 +76,23 @@ def _start_recovery(sender=None, **_: object) -> None:  # noqa: ANN001
         from app.services.execution import stale_runs
         from app.services.queue import enqueue_stage
 
+        schema_seen = said_waiting = False
         while not stop.is_set():
             try:
+                if not schema_seen:
+                    # Workers may start before the API (or `scan db upgrade`) made the schema: wait for
+                    # it quietly instead of logging "no such table" tracebacks every interval.
+                    from sqlalchemy import inspect
+
+                    from app.core.db import get_engine
+
+                    schema_seen = inspect(get_engine()).has_table("runs")
+                    if not schema_seen:
+                        if not said_waiting:
+                            log.info("database schema not there yet; waiting for migrations")
+                            said_waiting = True
+                        stop.wait(settings.recover_interval_s)
+                        continue
                 with new_session() as session:
                     for run_id, stage in stale_runs(session, settings):
                         log.warning("run %s: %s has no live worker; re-enqueued to resume", run_id, stage)
