@@ -56,7 +56,7 @@ test-services: venv
 	$(BIN)/pytest -m service  # ml/ tests touch no database or broker: once (embedded) is enough
 
 demo: venv
-	$(BIN)/python -m app.demo
+	$(BIN)/python -m cli.demo
 
 clean:
 	rm -rf var .pytest_cache

@@ -10,10 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app import errors, observability
+from app import error_handlers, observability
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
-from app.routes import datasets, docs, health, model, neighbors, predict, results, runs, ui
+from app.routes import datasets, docs, health, model, neighbors, predict, results, runs
+from app.ui import routes as ui
 
 log = logging.getLogger("scan")
 
@@ -40,7 +41,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="SCAN service", version="1.0.0", lifespan=lifespan,
                   summary="Learn to classify images without labels (SCAN, ECCV 2020) over HTTP.",
                   generate_unique_id_function=_operation_id, docs_url=None, redoc_url=None)
-    errors.install(app)
+    error_handlers.install(app)
     docs.install(app)  # Swagger UI / ReDoc from local assets: no CDN
     for module in (health, datasets, runs, results, predict, neighbors, model, ui):
         app.include_router(module.router)

@@ -111,13 +111,8 @@ class _DatabaseCollector(Collector):
 
 
 def _database_snapshot() -> dict[str, Any]:
-    from app.serving.run_stats import run_statistics  # imported late: needs the data layer
+    from app.services.stats import run_statistics  # imported late: needs the data layer
     return run_statistics()
-
-
-def _batcher_queue_rows() -> float:
-    from app.serving.model_cache import model_cache
-    return float(model_cache().queue_rows())
 
 
 _db_collector: _DatabaseCollector | None = None
@@ -129,7 +124,6 @@ def install(app: FastAPI, registry: CollectorRegistry = REGISTRY) -> None:
     if _db_collector is None:
         _db_collector = _DatabaseCollector(_database_snapshot)
         registry.register(_db_collector)
-        PREDICT_QUEUE.set_function(_batcher_queue_rows)
     app.add_middleware(_PrometheusMiddleware)
 
     @app.get("/metrics", include_in_schema=False)

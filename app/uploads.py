@@ -14,7 +14,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.services.datasets import safe_filename
-from app.services.errors import Invalid, TooLarge
+from app.core.errors import Invalid, TooLarge
 
 MAX_FIELD_BYTES = 4096
 

@@ -29,9 +29,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-# faiss GPU indexes answer at most k = 2048 (faiss/gpu/utils/DeviceDefs.cuh); the CPU indexes follow
-# the same limit so that an index behaves the same wherever it runs.
-MAX_K = 2048
+from ml.limits import MAX_K
+
 # Queries per faiss call while mining: bounds the (batch, k) result buffers and, for the exact
 # index, faiss's internal (batch x N) similarity blocks.
 MINE_BATCH = 16_384

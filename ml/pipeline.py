@@ -11,9 +11,8 @@ from typing import Any, Callable
 from ml.config import RunConfig
 from ml.device import select_runtime
 from ml.rundir import RunDir, atomic_write_text
+from ml.stages import STAGES
 from ml.stages.common import Canceled, CancelFn, Progress, ProgressFn, StageContext
-
-STAGES = ("pretext", "mining", "clustering", "selflabel")
 
 __all__ = ["STAGES", "Canceled", "Progress", "prepare_run", "load_config", "run_stage", "run_all"]
 

@@ -16,19 +16,18 @@ from app.core.settings import get_settings
 from app.models import Dataset, Run
 from app.services import datasets as dataset_service
 from app.services import execution, results
-from app.services.queue import enqueue_stage
-from workers.celery_app import celery_app
+from app.core.queue import INGEST_TASK, STAGE_TASK, celery_app, enqueue_stage
 
 log = logging.getLogger("scan.worker")
 
 
-@celery_app.task(name="workers.tasks.ingest_dataset")
+@celery_app().task(name=INGEST_TASK)
 def ingest_dataset(dataset_id: str) -> None:
     with new_session() as session:
         dataset_service.ingest(session, get_settings(), dataset_id)
 
 
-@celery_app.task(name="workers.tasks.run_stage")
+@celery_app().task(name=STAGE_TASK)
 def run_stage(run_id: str, stage: str) -> str:
     settings = get_settings()
     with new_session() as session:

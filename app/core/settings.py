@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ml.limits import MAX_K
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCAN_", populate_by_name=True, extra="ignore")
@@ -50,7 +52,7 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(4, ge=1, description="Finished runs kept loaded (model + faiss index) per "
                                   "API process; least recently used is evicted.")
     max_predict_images: int = Field(256, ge=1, description="Most images one /predict request may carry (413).")
-    neighbors_max_k: int = Field(1024, ge=1, le=2048, description="Largest k for /neighbors (faiss GPU "
+    neighbors_max_k: int = Field(1024, ge=1, le=MAX_K, description="Largest k for /neighbors (faiss GPU "
                                  "indexes stop at 2048); larger k answers 422.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the API process runs "
                                                            "models for /predict and /neighbors.")

@@ -7,21 +7,17 @@ message, files already removed) on GET.
 """
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app.core.db import new_session
 from app.deps import SessionDep, SettingsDep, TenantDep
-from app.models import Dataset, DatasetState, Tenant, new_id
+from app.models import Dataset, DatasetState, new_id
 from app.schemas.common import ERRORS, ErrorBody, Page
 from app.schemas.datasets import DatasetImport, DatasetOut
 from app.services import datasets as service
-from app.services.queue import enqueue_ingest
 from app.uploads import receive
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERRORS)
@@ -32,45 +28,9 @@ _ingest_responses = {201: {"model": DatasetOut, "description": "ingested, READY"
                      413: {"model": ErrorBody, "description": "upload larger than SCAN_MAX_UPLOAD_BYTES"}}
 
 
-def _create_row(tenant: Tenant, dataset_id: str, *, name: str, source: str, split: str,
-                upload_path: str | None) -> None:
-    with new_session() as session:
-        session.add(Dataset(id=dataset_id, tenant_id=tenant.id, name=name[:200], source=source[:500],
-                            split=split, upload_path=upload_path))
-        session.commit()
-
-
-def _read(dataset_id: str) -> Dataset | None:
-    with new_session() as session:
-        return session.get(Dataset, dataset_id)
-
-
-def _discard(settings, dataset_id: str) -> None:  # noqa: ANN001
-    with new_session() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is not None:
-            service.remove_files(settings, dataset)
-            session.delete(dataset)
-            session.commit()
-
-
-async def _ingest_and_answer(settings, dataset_id: str, wait: bool) -> JSONResponse:  # noqa: ANN001
-    try:
-        await run_in_threadpool(enqueue_ingest, dataset_id)
-    except Exception as exc:  # noqa: BLE001 - the broker is down: nothing must stay behind
-        await run_in_threadpool(_discard, settings, dataset_id)
-        return JSONResponse({"detail": f"could not queue the ingest task, is the broker up? ({exc})"}, 503)
-    deadline = time.monotonic() + (settings.ingest_wait_s if wait else 0)
-    while True:
-        dataset = await run_in_threadpool(_read, dataset_id)
-        if dataset.state == DatasetState.FAILED:
-            await run_in_threadpool(_discard, settings, dataset_id)
-            return JSONResponse({"detail": dataset.error or "ingest failed"}, 422)
-        if dataset.state == DatasetState.READY:
-            return JSONResponse(DatasetOut.model_validate(dataset).model_dump(mode="json"), 201)
-        if time.monotonic() >= deadline:
-            return JSONResponse(DatasetOut.model_validate(dataset).model_dump(mode="json"), 202)
-        await asyncio.sleep(0.1)
+def _answer(dataset: Dataset) -> JSONResponse:
+    body = DatasetOut.model_validate(dataset).model_dump(mode="json")
+    return JSONResponse(body, 201 if dataset.state == DatasetState.READY else 202)
 
 
 @router.post("", summary="Upload a dataset (zip, tar.gz, npz, IDX) as multipart field 'file'",
@@ -84,9 +44,9 @@ async def upload_dataset(request: Request, tenant: TenantDep, settings: Settings
     dataset_id = new_id()
     upload = await receive(request, service.upload_dir(settings, dataset_id), settings.max_upload_bytes)
     name = upload.fields.get("name") or upload.filename or "upload"
-    await run_in_threadpool(_create_row, tenant, dataset_id, name=name, source=upload.filename or "upload",
-                            split=split, upload_path=str(upload.path))
-    return await _ingest_and_answer(settings, dataset_id, wait)
+    await run_in_threadpool(service.create, settings, tenant, dataset_id, name=name,
+                            source=upload.filename or "upload", split=split, upload_path=str(upload.path))
+    return _answer(await service.wait_for_ingest(settings, dataset_id, settings.ingest_wait_s if wait else 0))
 
 
 @router.post("/import", summary="Import a built-in dataset by name", status_code=201, response_model=DatasetOut,
@@ -94,9 +54,10 @@ async def upload_dataset(request: Request, tenant: TenantDep, settings: Settings
 async def import_dataset(body: DatasetImport, tenant: TenantDep, settings: SettingsDep,
                          wait: bool = WAIT) -> JSONResponse:
     dataset_id = new_id()
-    await run_in_threadpool(_create_row, tenant, dataset_id, name=body.name or f"{body.source} ({body.split})",
-                            source=body.source, split=body.split, upload_path=None)
-    return await _ingest_and_answer(settings, dataset_id, wait)
+    await run_in_threadpool(service.create, settings, tenant, dataset_id,
+                            name=body.name or f"{body.source} ({body.split})", source=body.source,
+                            split=body.split, upload_path=None)
+    return _answer(await service.wait_for_ingest(settings, dataset_id, settings.ingest_wait_s if wait else 0))
 
 
 @router.get("", summary="List your datasets", response_model=Page[DatasetOut])

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.core.db import get_engine
+from app.core.queue import celery_app
 from app.core.settings import get_settings
 
 router = APIRouter(tags=["health"])
@@ -27,9 +28,7 @@ def _check_db() -> str:
 
 
 def _check_broker() -> str:
-    from workers.celery_app import celery_app
-
-    with celery_app.connection_for_write() as conn:
+    with celery_app().connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=3)
     return "ok"
 

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
-from app.serving.runs import succeeded_run_dir, tenant_run
+from app.services import runs as run_service
 
 router = APIRouter(tags=["serving"])
 
@@ -26,8 +26,8 @@ async def download_model(run_id: str, session: SessionDep, tenant: TenantDep,
                              description="onnx (onnxruntime, TensorRT, ...) or torchscript (torch.jit.load)")] = "onnx"):
     from ml.export import export_archive
 
-    run = tenant_run(session, tenant.id, run_id)
-    run_dir = succeeded_run_dir(run)
+    run = run_service.get(session, tenant, run_id)
+    run_dir = run_service.servable_run_dir(run)
     session.close()
     # Exporting traces the model: seconds of CPU, so off the event loop.
     archive = await run_in_threadpool(export_archive, run_dir, format)

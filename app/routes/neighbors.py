@@ -12,24 +12,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
-from app.errors import describe
-from app.serving.images import check_count, max_images, read_json_body, read_upload_form, to_model_input
-from app.serving.runs import served_run, succeeded_run_dir, tenant_run
+from app.error_handlers import describe
+from app.serving.images import check_count, max_images, read_json_body, read_upload_form
+from app.serving.model_cache import served_run
+from app.serving.neighbors import find_neighbors
+from app.services import runs as run_service
+from ml.limits import MAX_K
 
 router = APIRouter(tags=["serving"])
 
-FAISS_MAX_K = 2048  # faiss GPU indexes answer at most k = 2048
-
-
 def max_k() -> int:
     from app.core.settings import get_settings
-    return min(int(get_settings().neighbors_max_k), FAISS_MAX_K)
+    return min(int(get_settings().neighbors_max_k), MAX_K)
 
 
 class NeighborQuery(BaseModel):
@@ -98,84 +96,9 @@ async def _parse(request: Request) -> tuple[int, str, list[int] | None, list[lis
 @router.post("/v1/runs/{run_id}/neighbors", openapi_extra=_BODY_DOC,
              summary="Nearest dataset items to items, vectors or uploaded images")
 async def neighbors(run_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    run = tenant_run(session, tenant.id, run_id)
-    run_dir = succeeded_run_dir(run)
+    run = run_service.get(session, tenant, run_id)
+    run_dir = run_service.servable_run_dir(run)
     session.close()
     k, combine, items, vectors, named = await _parse(request)
     served = await served_run(run_dir)
-    features = served.features
-    n_items, dim = features.shape
-
-    if items is not None:
-        bad = [i for i in items if not 0 <= i < n_items]
-        if bad:
-            raise HTTPException(422, f"item index {bad[0]} is out of range: the dataset has {n_items} "
-                                     f"items (0..{n_items - 1})")
-        queries = np.asarray(features[np.asarray(items)], dtype=np.float32)
-    elif vectors is not None:
-        wrong = next((i for i, v in enumerate(vectors) if len(v) != dim), None)
-        if wrong is not None:
-            raise HTTPException(422, f"vectors[{wrong}] has dimension {len(vectors[wrong])}; this run's "
-                                     f"index holds {dim}-dimensional vectors")
-        queries = np.asarray(vectors, dtype=np.float32)
-        if not np.isfinite(queries).all():
-            raise HTTPException(422, "vectors contain NaN or infinite values")
-    else:
-        p = served.predictor
-        images = await run_in_threadpool(to_model_input, named, p.image_size, p.channels)
-        queries = await run_in_threadpool(p.embed, images)
-
-    # L2-normalise before averaging, so each query weighs the same whatever its norm.
-    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    if not np.any(queries):
-        raise HTTPException(422, "query vectors are all zero")
-    if combine == "mean":
-        queries = queries.mean(axis=0, keepdims=True)
-    k_eff = min(k, n_items)
-    scores, ids = await run_in_threadpool(served.search, queries, k_eff)
-
-    cluster = served.assignments["cluster"]
-    results = []
-    for q in range(len(queries)):
-        hits = [(int(i), float(s)) for i, s in zip(ids[q], scores[q]) if i >= 0]
-        own = _own_item(items, combine, q)
-        if own is not None:
-            hits = _self_first(hits, own)
-        results.append({
-            "query": _describe_query(items, vectors, named, combine, q),
-            "neighbors": [{"item": i, "score": s, "cluster": int(cluster[i])} for i, s in hits],
-        })
-    return {"run_id": run_id, "k": k_eff, "combine": combine, "results": results}
-
-
-def _own_item(items: list[int] | None, combine: str, q: int) -> int | None:
-    if items is None:
-        return None
-    if combine == "separate":
-        return items[q]
-    return items[0] if len(set(items)) == 1 else None
-
-
-def _self_first(hits: list[tuple[int, float]], own: int) -> list[tuple[int, float]]:
-    """An item is its own best match; exact duplicates tie with it at score 1 and faiss may list a
-    twin first, so the queried item is moved to the front when its score ties the best."""
-    for pos, (i, s) in enumerate(hits):
-        if i == own:
-            if pos and s >= hits[0][1] - 1e-5:
-                hits = [hits[pos]] + hits[:pos] + hits[pos + 1:]
-            break
-    return hits
-
-
-def _describe_query(items, vectors, named, combine: str, q: int) -> dict[str, Any]:
-    if combine == "mean":
-        if items is not None:
-            return {"items": items}
-        if vectors is not None:
-            return {"vectors": len(vectors)}
-        return {"files": [n for n, _ in named]}
-    if items is not None:
-        return {"item": items[q]}
-    if vectors is not None:
-        return {"vector": q}
-    return {"file": named[q][0]}
+    return await find_neighbors(served, k, combine, items=items, vectors=vectors, named=named, run_id=run_id)

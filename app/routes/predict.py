@@ -16,7 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import SessionDep, TenantDep
 from app.serving.images import (check_count, decode_base64_images, max_images, read_json_body,
                                 read_upload_form, to_model_input)
-from app.serving.runs import served_run, succeeded_run_dir, tenant_run
+from app.serving.model_cache import served_run
+from app.services import runs as run_service
 
 router = APIRouter(tags=["serving"])
 
@@ -57,8 +58,8 @@ async def predict(run_id: str, request: Request, session: SessionDep, tenant: Te
                   k: Annotated[int, Query(ge=1, le=1000, description="how many clusters to list per "
                                           "image; capped at the run's number of clusters")] = 5
                   ) -> dict[str, Any]:
-    run = tenant_run(session, tenant.id, run_id)
-    run_dir = succeeded_run_dir(run)
+    run = run_service.get(session, tenant, run_id)
+    run_dir = run_service.servable_run_dir(run)
     session.close()  # nothing more to read; do not hold a connection while the model runs
     named = await read_request_images(request)
     served = await served_run(run_dir)

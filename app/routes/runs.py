@@ -14,9 +14,7 @@ from app.deps import SessionDep, SettingsDep, TenantDep
 from app.models import Run, RunEvent, RunState
 from app.schemas.common import ERRORS, ErrorBody, Page
 from app.schemas.runs import EventPage, RunCreate, RunEventOut, RunOut, RunStateName, StageOut
-from app.services import execution
 from app.services import runs as service
-from app.services.queue import enqueue_stage
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
 
@@ -35,13 +33,7 @@ def run_out(session, run: Run) -> RunOut:  # noqa: ANN001
 def create_run(body: RunCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=200, description=
                                           "same key and body give back the same run")] = None) -> JSONResponse:
-    run, created = service.create(session, settings, tenant, body.model_dump(mode="json"), idempotency_key)
-    if created:
-        try:
-            enqueue_stage(run.id, run.stage)
-        except Exception as exc:  # noqa: BLE001
-            execution.mark_failed(session, run.id, None, f"could not queue the run, is the broker up? ({exc})")
-            return JSONResponse({"detail": f"could not queue the run, is the broker up? ({exc})"}, 503)
+    run, created = service.submit(session, settings, tenant, body.model_dump(mode="json"), idempotency_key)
     return JSONResponse(run_out(session, run).model_dump(mode="json"), 202 if created else 200)
 
 

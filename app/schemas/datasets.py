@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from app.schemas.common import ORMModel
+from ml.data.builtin import BUILTINS
 
 
 class DatasetOut(ORMModel):
@@ -26,6 +27,6 @@ class DatasetOut(ORMModel):
 
 
 class DatasetImport(BaseModel):
-    source: Literal["digits", "fashion-mnist"] = Field(description="a built-in source")
+    source: Literal[BUILTINS] = Field(description="a built-in source")
     split: Literal["train", "test"] = "train"
     name: str | None = Field(None, max_length=200)

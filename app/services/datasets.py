@@ -1,4 +1,4 @@
-"""Datasets: create, ingest (in a worker), wait for ingest, list, delete, read one item.
+"""Datasets: create and queue, ingest (in a worker), wait for ingest, list, delete, read one item.
 
 Bad input never leaves anything behind: an upload lives under ``uploads/<id>/`` until ingest has
 written the decoded cache atomically to ``datasets/<id>/``; a failed ingest removes both folders and
@@ -6,6 +6,7 @@ the API, which waits for the ingest task, deletes the row and answers 4xx with t
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import shutil
@@ -15,12 +16,11 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.core.db import new_session
+from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
 from app.models import Dataset, DatasetState, Run, RunState, Tenant, utcnow
-from app.services.errors import Conflict, NotFound
-
-BUILTIN_SOURCES = ("digits", "fashion-mnist")
-
+from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 
 def safe_filename(name: str | None) -> str:
     """The client's file name reduced to a harmless basename that keeps its extension (the format)."""
@@ -29,11 +29,47 @@ def safe_filename(name: str | None) -> str:
     return base[:120] or "upload"
 
 
-def create(session: Session, tenant: Tenant, *, name: str, source: str, split: str = "train") -> Dataset:
-    dataset = Dataset(tenant_id=tenant.id, name=name[:200], source=source[:500], split=split)
-    session.add(dataset)
-    session.flush()
-    return dataset
+def create(settings: Settings, tenant: Tenant, dataset_id: str, *, name: str, source: str, split: str,
+           upload_path: str | None) -> None:
+    """Commit the PENDING row and queue its ingest; if the broker is down, nothing stays behind."""
+    with new_session() as session:
+        session.add(Dataset(id=dataset_id, tenant_id=tenant.id, name=name[:200], source=source[:500],
+                            split=split, upload_path=upload_path))
+        session.commit()
+    try:
+        enqueue_ingest(dataset_id)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: undo the row and the upload
+        discard(settings, dataset_id)
+        raise Unavailable(f"could not queue the ingest task, is the broker up? ({exc})") from exc
+
+
+async def wait_for_ingest(settings: Settings, dataset_id: str, wait_s: float) -> Dataset:
+    """The dataset once READY, or as it is after ``wait_s`` (still ingesting). A FAILED ingest is
+    discarded (row and files) and raised as Invalid with the reader's message."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dataset = await asyncio.to_thread(_read, dataset_id)
+        if dataset.state == DatasetState.FAILED:
+            await asyncio.to_thread(discard, settings, dataset_id)
+            raise Invalid(dataset.error or "ingest failed")
+        if dataset.state == DatasetState.READY or time.monotonic() >= deadline:
+            return dataset
+        await asyncio.sleep(0.1)
+
+
+def _read(dataset_id: str) -> Dataset:
+    with new_session() as session:
+        return session.get(Dataset, dataset_id)
+
+
+def discard(settings: Settings, dataset_id: str) -> None:
+    """Remove a dataset that never became READY: its row and every file."""
+    with new_session() as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is not None:
+            remove_files(settings, dataset)
+            session.delete(dataset)
+            session.commit()
 
 
 def get(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
@@ -100,19 +136,6 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
     dataset.upload_path = None
     dataset.ready_at = utcnow()
     session.commit()
-
-
-def wait_until_settled(session: Session, dataset_id: str, timeout_s: float) -> Dataset | None:
-    """Poll until ingest finished (READY/FAILED) or the timeout passed; returns the fresh row."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        session.expire_all()
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None or dataset.state in (DatasetState.READY, DatasetState.FAILED):
-            return dataset
-        if time.monotonic() >= deadline:
-            return dataset
-        time.sleep(0.1)
 
 
 def delete(session: Session, settings: Settings, tenant: Tenant, dataset_id: str) -> None:

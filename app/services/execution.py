@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.core.settings import Settings
 from app.models import Run, RunEvent, RunState, StageState, StageStatus, utcnow
-from app.services.runs import STAGES
+from ml.stages import STAGES
 
 FINALIZE = "finalize"
 RUNNING_STATES = {stage: stage.upper() for stage in STAGES}

@@ -7,7 +7,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.models import Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState, utcnow
-from app.services.errors import Conflict, NotFound
+from app.core.errors import Conflict, NotFound
 
 
 def write_results(session: Session, run: Run) -> int:

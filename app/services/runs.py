@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.errors import Conflict, Invalid, NotFound, Unavailable
+from app.core.queue import enqueue_stage
 from app.core.settings import Settings
 from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
-from app.services.errors import Conflict, Invalid, NotFound
-
-STAGES = ("pretext", "mining", "clustering", "selflabel")
+from app.services import execution
+from ml.stages import STAGES
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -33,6 +35,21 @@ def validate_config(preset: str, num_clusters: int, overrides: dict[str, Any]) -
         raise
     except (ValueError, TypeError, AttributeError) as exc:  # unknown preset, overrides of the wrong shape
         raise Invalid(f"invalid run configuration: {exc}") from exc
+
+
+def submit(session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any],
+           idempotency_key: str | None) -> tuple[Run, bool]:
+    """Create the run and queue its first stage. Returns (run, created); a replay (same
+    Idempotency-Key and body) returns the first run, created=False. Broker down: Unavailable."""
+    run, created = create(session, settings, tenant, body, idempotency_key)
+    if created:
+        try:
+            enqueue_stage(run.id, run.stage)
+        except Exception as exc:  # noqa: BLE001 - any broker failure
+            message = f"could not queue the run, is the broker up? ({exc})"
+            execution.mark_failed(session, run.id, None, message)
+            raise Unavailable(message) from exc
+    return run, created
 
 
 def create(session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any],
@@ -83,6 +100,15 @@ def get(session: Session, tenant: Tenant, run_id: str) -> Run:
     if run is None or run.tenant_id != tenant.id:
         raise NotFound(f"run {run_id} not found (list yours with GET /v1/runs)")
     return run
+
+
+def servable_run_dir(run: Run) -> Path:
+    """The run directory that /predict, /neighbors, /model and the UI serve from."""
+    if run.state != RunState.SUCCEEDED:
+        raise Conflict(f"run {run.id} is {run.state}; serving needs a run in state SUCCEEDED")
+    if not run.run_dir or not Path(run.run_dir).is_dir():
+        raise Conflict(f"run {run.id} has no model files on this server")
+    return Path(run.run_dir)
 
 
 def list_(session: Session, tenant: Tenant, *, state: str | None, dataset_id: str | None,

@@ -11,6 +11,7 @@ import numpy as np
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from app.core.errors import BadRequest, Invalid, TooLarge
 from ml.data import DataError, decode_image, conform_images
 
 
@@ -26,13 +27,13 @@ async def read_upload_form(request: Request, limit: int) -> tuple[list[tuple[str
     except HTTPException:
         raise
     except Exception as exc:  # malformed multipart, or more parts than allowed
-        raise HTTPException(400, f"could not read the multipart body: {exc}") from exc
+        raise BadRequest(f"could not read the multipart body: {exc}") from exc
     files: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key not in ("files", "file", "image", "images"):
-                raise HTTPException(422, f"unexpected file field {key!r}; send images as `files`")
+                raise Invalid(f"unexpected file field {key!r}; send images as `files`")
             files.append((value.filename or f"files[{len(files)}]", await value.read()))
         else:
             fields[key] = value
@@ -41,18 +42,18 @@ async def read_upload_form(request: Request, limit: int) -> tuple[list[tuple[str
 
 def decode_base64_images(items: Any, field: str = "images") -> list[tuple[str, bytes]]:
     if not isinstance(items, list) or not items:
-        raise HTTPException(422, f"`{field}` must be a non-empty list of base64-encoded images")
+        raise Invalid(f"`{field}` must be a non-empty list of base64-encoded images")
     out = []
     for i, item in enumerate(items):
         name = f"{field}[{i}]"
         if not isinstance(item, str):
-            raise HTTPException(422, f"{name}: expected a base64 string, got {type(item).__name__}")
+            raise Invalid(f"{name}: expected a base64 string, got {type(item).__name__}")
         if item.startswith("data:") and "," in item:  # data:image/png;base64,....
             item = item.split(",", 1)[1]
         try:
             out.append((name, base64.b64decode(item, validate=True)))
         except (binascii.Error, ValueError) as exc:
-            raise HTTPException(422, f"{name}: not valid base64 ({exc})") from exc
+            raise Invalid(f"{name}: not valid base64 ({exc})") from exc
     return out
 
 
@@ -60,14 +61,14 @@ async def read_json_body(request: Request) -> Any:
     try:
         return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"the body is not valid JSON: {exc}") from exc
+        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
 
 
 def check_count(n: int, limit: int) -> None:
     if n == 0:
-        raise HTTPException(422, "no images: send multipart `files` or JSON {\"images\": [base64, ...]}")
+        raise Invalid("no images: send multipart `files` or JSON {\"images\": [base64, ...]}")
     if n > limit:
-        raise HTTPException(413, f"{n} images in one request; at most {limit} are accepted "
+        raise TooLarge(f"{n} images in one request; at most {limit} are accepted "
                                  f"(split the request)")
 
 
@@ -79,9 +80,9 @@ def to_model_input(named: list[tuple[str, bytes]], size: int, channels: int) -> 
     decoded = []
     for name, data in named:
         if not data:
-            raise HTTPException(422, f"{name}: empty file")
+            raise Invalid(f"{name}: empty file")
         try:
             decoded.append(decode_image(data, name))
         except DataError as exc:
-            raise HTTPException(422, str(exc)) from exc
+            raise Invalid(str(exc)) from exc
     return conform_images(decoded, (size, size), channels)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from app.observability import PREDICT_QUEUE, observe_batch
 from app.serving.batcher import DynamicBatcher
 from ml.rundir import RunDir
 
@@ -150,7 +151,6 @@ class ModelCache:
             return served
 
     def _load(self, run_dir: Path) -> ServedRun:
-        from app.observability import observe_batch
         from ml.predictor import Predictor
         predictor = Predictor.load(run_dir, device=serving_device())
         batcher = DynamicBatcher(predictor.predict, max_batch_size=self.max_batch_size,
@@ -174,6 +174,18 @@ class ModelCache:
             e.close()
 
 
+def load_served(run_dir: Path) -> ServedRun:
+    """Blocking (reads model and arrays on first use): call from a worker thread."""
+    return model_cache().get(run_dir)
+
+
+async def served_run(run_dir: Path) -> ServedRun:
+    """The loaded run: straight from the cache when it is there, else loaded in a worker thread
+    (a thread hop costs more than the lookup itself on a busy machine)."""
+    from starlette.concurrency import run_in_threadpool
+    return model_cache().peek(run_dir) or await run_in_threadpool(load_served, run_dir)
+
+
 _cache: ModelCache | None = None
 _cache_lock = threading.Lock()
 
@@ -187,4 +199,6 @@ def model_cache() -> ModelCache:
             _cache = ModelCache(capacity=s.model_cache_size,
                                 max_batch_size=s.predict_max_batch_size,
                                 max_delay_ms=s.predict_max_delay_ms)
+            cache = _cache
+            PREDICT_QUEUE.set_function(lambda: float(cache.queue_rows()))
         return _cache

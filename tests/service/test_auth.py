@@ -26,7 +26,7 @@ def test_health_needs_no_key(anon_client):
 
 
 def test_cli_creates_a_working_key_stored_hashed(stack, api_server):
-    out = subprocess.run([PY, "-m", "app.cli", "admin", "create-key", "--tenant", "cli-tenant"], cwd=ROOT,
+    out = subprocess.run([PY, "-m", "cli.main", "admin", "create-key", "--tenant", "cli-tenant"], cwd=ROOT,
                          env=stack.env, capture_output=True, text=True, timeout=120, check=True)
     key = out.stdout.strip().splitlines()[-1]
     r = httpx.get(api_server + "/v1/datasets", headers={"Authorization": f"Bearer {key}"})

@@ -11,7 +11,7 @@ import pytest
 
 from app.models import Dataset, Run, RunEvent, StageStatus, Tenant, utcnow
 from app.services import execution
-from app.services.runs import STAGES
+from ml.stages import STAGES
 from tests.service.conftest import db_session
 
 

@@ -1,4 +1,4 @@
-"""Domain errors; app/errors.py maps them to HTTP status codes with the message as ``detail``."""
+"""Domain errors, raised by services and serving; app/error_handlers.py maps them to HTTP status codes with the message as ``detail``."""
 
 
 class ServiceError(Exception):
@@ -7,6 +7,10 @@ class ServiceError(Exception):
     def __init__(self, detail: str):
         super().__init__(detail)
         self.detail = detail
+
+
+class BadRequest(ServiceError):
+    status_code = 400
 
 
 class NotFound(ServiceError):
@@ -23,3 +27,11 @@ class Invalid(ServiceError):
 
 class TooLarge(ServiceError):
     status_code = 413
+
+
+class Unavailable(ServiceError):
+    status_code = 503
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415

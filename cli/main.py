@@ -1,14 +1,25 @@
-"""`scan`: the ml pipeline's commands (train, evaluate, predict ...) plus the service's own.
+"""`scan`: one command for the researcher's pipeline (ml/cli.py) and the service's administration.
 
-    scan admin create-key --tenant acme     # prints a new API key for tenant acme
-    scan db upgrade                         # alembic upgrade head against SCAN_DATABASE_URL
+    scan train digits --clusters 10 --out runs/digits     # ml/: no server needed
+    scan evaluate runs/digits
+    scan predict runs/digits a.png
+    scan admin create-key --tenant acme                   # prints a new API key for tenant acme
+    scan db upgrade                                       # alembic upgrade head (SCAN_DATABASE_URL)
+
+The service commands import the app lazily, so `scan train` starts without loading SQLAlchemy.
 """
 from __future__ import annotations
 
 import typer
 
+from ml.cli import evaluate, predict, train
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="SCAN: learn to classify images without labels (CLI and service admin).")
+app.command()(train)
+app.command()(evaluate)
+app.command()(predict)
+
 admin = typer.Typer(no_args_is_help=True, help="Service administration: API keys.")
 db = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
 app.add_typer(admin, name="admin")
@@ -34,20 +45,6 @@ def upgrade() -> None:
 
     migrate(get_settings())
     typer.echo("database is at the latest schema")
-
-
-def _mount_ml_commands() -> None:
-    # The researcher's CLI (ml/cli.py) lives in ml/, which knows nothing of the service; its commands
-    # join ours so there is one `scan` entry point.
-    try:
-        from ml.cli import app as ml_app
-    except ImportError:
-        return
-    app.registered_commands.extend(ml_app.registered_commands)
-    app.registered_groups.extend(ml_app.registered_groups)
-
-
-_mount_ml_commands()
 
 
 def main() -> None:

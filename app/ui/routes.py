@@ -23,14 +23,15 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import SessionDep, SettingsDep
 from app.models import (Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState,
                         StageState, StageStatus, Tenant)
-from app.serving.charts import line_chart
-from app.serving.runs import served_run, succeeded_run_dir, tenant_run
+from app.ui.charts import line_chart
+from app.serving.model_cache import served_run
+from app.services import runs as run_service
 from app.services import datasets as dataset_service
 from app.services.auth import tenant_for_key
 from ml.rundir import RunDir
+from ml.stages import STAGES
 
 COOKIE = "scan_key"
-STAGES = ("pretext", "mining", "clustering", "selflabel")
 MEMBERS_PER_PAGE = 96
 NEIGHBORS_SHOWN = 24
 TOP_ITEMS_SHOWN = 8
@@ -144,7 +145,7 @@ def runs_page(request: Request, session: SessionDep, tenant: UiTenant):
 
 @router.get("/runs/{run_id}/progress", name="ui_run_progress")
 def run_progress(run_id: str, session: SessionDep, tenant: UiTenant) -> dict[str, Any]:
-    run = tenant_run(session, tenant.id, run_id)
+    run = run_service.get(session, tenant, run_id)
     progress, label = _progress(run, _stage_rows(session, run.id))
     return {"id": run.id, "state": run.state, "stage": run.stage, "progress": progress,
             "label": label, "terminal": run.state in RunState.TERMINAL}
@@ -245,7 +246,7 @@ def _confusion(matrix, class_names: list[str] | None) -> dict | None:
 
 @router.get("/runs/{run_id}", name="ui_run", response_class=HTMLResponse)
 def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenant):
-    run = tenant_run(session, tenant.id, run_id)
+    run = run_service.get(session, tenant, run_id)
     dataset = session.get(Dataset, run.dataset_id)
     stages = _stage_rows(session, run.id)
     table, confusion = _metrics(run, session)
@@ -264,7 +265,7 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
 @router.get("/runs/{run_id}/clusters/{cluster}", name="ui_cluster", response_class=HTMLResponse)
 def cluster_page(request: Request, run_id: str, cluster: int, session: SessionDep, tenant: UiTenant,
                  order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1)):
-    run = tenant_run(session, tenant.id, run_id)
+    run = run_service.get(session, tenant, run_id)
     row = session.get(Cluster, (run.id, cluster))
     if row is None:
         raise HTTPException(404, f"run {run_id} has no cluster {cluster}")
@@ -282,8 +283,8 @@ def cluster_page(request: Request, run_id: str, cluster: int, session: SessionDe
 
 @router.get("/runs/{run_id}/items/{item}/neighbors", name="ui_neighbors", response_class=HTMLResponse)
 async def neighbors_page(request: Request, run_id: str, item: int, session: SessionDep, tenant: UiTenant):
-    run = tenant_run(session, tenant.id, run_id)
-    served = await served_run(succeeded_run_dir(run))
+    run = run_service.get(session, tenant, run_id)
+    served = await served_run(run_service.servable_run_dir(run))
     n_items = len(served.assignments["cluster"])
     if not 0 <= item < n_items:
         raise HTTPException(404, f"item {item} is out of range: the dataset has {n_items} items")

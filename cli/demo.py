@@ -28,11 +28,11 @@ from rich.table import Table
 
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
+from ml.stages import STAGES
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-STAGES = ("pretext", "mining", "clustering", "selflabel")
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -1,0 +1,188 @@
+"""The import rules of docs/architecture.md, checked on the source: no cycle, nothing imports upward.
+
+The graph counts every import statement, also those inside functions (a lazy import is still a
+dependency: `app.services.queue` <-> `workers.celery_app` was a cycle made only of lazy imports).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("ml", "app", "workers", "cli")
+
+# Each module belongs to the layer of its longest matching prefix; a layer may import itself and
+# the layers listed for it, nothing else (docs/architecture.md explains why each line is so).
+LAYER_OF = {
+    "ml": "ml",
+    "app.core": "core",
+    "app.models": "data",
+    "app.services": "domain",
+    "app.bootstrap": "domain",
+    "app.serving": "domain",
+    "app.observability": "domain",
+    "app.schemas": "http",
+    "app.routes": "http",
+    "app.ui": "http",
+    "app.deps": "http",
+    "app.error_handlers": "http",
+    "app.uploads": "http",
+    "app.main": "http",
+    "app": "http",
+    "workers": "workers",
+    "cli": "cli",
+}
+MAY_IMPORT = {
+    "ml": set(),
+    "core": {"ml"},  # constants only (ml.limits): core must stay cheap to import
+    "data": {"core", "ml"},
+    "domain": {"core", "data", "ml"},
+    "http": {"domain", "core", "data", "ml"},
+    "workers": {"domain", "core", "data", "ml"},
+    "cli": {"http", "workers", "domain", "core", "data", "ml"},
+}
+# Third-party web frameworks stay in the HTTP layer (serving still reads requests: app/serving/images.py).
+WEB = ("fastapi", "starlette")
+NO_WEB = ("ml", "app.core", "app.models", "app.services", "app.bootstrap", "workers")
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Absolute names of everything `name` imports (from-imports name `package.member`)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _owner(target: str, modules: dict[str, Path]) -> str | None:
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def _layer(module: str) -> str:
+    best = max((p for p in LAYER_OF if module == p or module.startswith(p + ".")), key=len)
+    return LAYER_OF[best]
+
+
+def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(module -> project modules it imports, module -> all names it imports)."""
+    modules = _modules(root)
+    raw = {name: _imports(name, path) for name, path in modules.items()}
+    graph = {name: {t for t in (_owner(n, modules) for n in names) if t and t != name}
+             for name, names in raw.items()}
+    return graph, raw
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]], raw: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, targets in sorted(graph.items()):
+        layer = _layer(module)
+        for target in sorted(targets):
+            other = _layer(target)
+            if other != layer and other not in MAY_IMPORT[layer]:
+                bad.append(f"{module} ({layer}) imports {target} ({other})")
+        if any(module == p or module.startswith(p + ".") for p in NO_WEB):
+            bad += [f"{module} ({layer}) imports {n}" for n in sorted(raw[module])
+                    if n.split(".")[0] in WEB]
+    return bad
+
+
+def test_no_import_cycles() -> None:
+    graph, _ = import_graph()
+    assert cycles(graph) == []
+
+
+def test_no_upward_imports() -> None:
+    graph, raw = import_graph()
+    assert upward_imports(graph, raw) == []
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
+    # The same checks on a small tree that breaks both rules: they must not pass vacuously.
+    for package in PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "app" / "services").mkdir()
+    (tmp_path / "app" / "services" / "__init__.py").write_text("")
+    (tmp_path / "app" / "services" / "queue.py").write_text(
+        "def enqueue():\n    from workers.celery_app import app\n")
+    (tmp_path / "workers" / "celery_app.py").write_text("from app.services import queue\n")
+    (tmp_path / "ml" / "stages.py").write_text("from app.core import settings\nimport fastapi\n")
+    graph, raw = import_graph(tmp_path)
+    assert cycles(graph) == [["app.services.queue", "workers.celery_app"]]
+    assert upward_imports(graph, raw) == [
+        "app.services.queue (domain) imports workers.celery_app (workers)",
+        "ml.stages (ml) imports app (http)",
+        "ml.stages (ml) imports fastapi",
+    ]
+
+
+@pytest.mark.parametrize("module", ["app.main", "cli.main", "workers.tasks", "ml.cli"])
+def test_entry_points_are_in_the_graph(module: str) -> None:
+    graph, _ = import_graph()
+    assert module in graph
