@@ -21,6 +21,7 @@ RUN python docker/requirements.py "$VARIANT" > /tmp/requirements.txt \
 COPY ml ./ml
 COPY app ./app
 COPY workers ./workers
+COPY cli ./cli
 COPY migrations ./migrations
 COPY alembic.ini ./
 RUN pip install --no-deps . && useradd --create-home --uid 1000 scan && mkdir -p /data && chown scan /data
