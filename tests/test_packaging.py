@@ -18,7 +18,7 @@ def test_scan_db_upgrade_works_from_an_installed_wheel(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for name in ("app", "ml", "workers", "migrations"):
+    for name in ("app", "ml", "workers", "cli", "migrations"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -36,7 +36,7 @@ def test_scan_db_upgrade_works_from_an_installed_wheel(tmp_path):
            "SCAN_DATABASE_URL": f"sqlite:///{db}"}
     code = ("import app, migrations, sys; assert app.__file__.startswith(sys.argv[1]), app.__file__; "
             "assert migrations.__file__.startswith(sys.argv[1]), migrations.__file__; "
-            "from app.cli import main; sys.argv = ['scan', 'db', 'upgrade']; main()")
+            "from cli.main import main; sys.argv = ['scan', 'db', 'upgrade']; main()")
     done = subprocess.run([sys.executable, "-c", code, str(site)], cwd=work, env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
