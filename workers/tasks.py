@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from app.core.artifacts import Synced, open_store
 from app.core.db import new_session
 from app.core.settings import get_settings
 from app.models import Dataset, Run
@@ -43,7 +44,8 @@ def run_stage(run_id: str, stage: str) -> str:
         with _Heartbeat(run_id, claim.token, settings.heartbeat_s):
             try:
                 if stage == execution.FINALIZE:
-                    results.write_results(session, session.get(Run, run_id))
+                    run = session.get(Run, run_id)
+                    results.write_results(session, run, _pull_run(settings, run))
                     return "succeeded"
                 summary = _run_ml_stage(session, run_id, stage, claim)
             except Exception as exc:  # noqa: BLE001
@@ -74,8 +76,14 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
     settings = get_settings()
     run = session.get(Run, run_id)
     dataset = session.get(Dataset, run.dataset_id)
-    rd = prepare_run(run.run_dir, RunConfig.model_validate(run.config))
-    data = ImageSet.load(dataset.storage_path)
+    sync = _sync(settings)
+    run_dir = _pull_run(settings, run, sync)
+    if sync.store is not None:
+        sync.pull(f"datasets/{dataset.id}")
+        data = ImageSet.load(settings.datasets_dir / dataset.id)
+    else:
+        data = ImageSet.load(dataset.storage_path)
+    rd = prepare_run(run_dir, RunConfig.model_validate(run.config))
 
     last_write, last_epoch = 0.0, None
 
@@ -84,6 +92,10 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
         epoch, step, steps = getattr(p, "epoch", None), getattr(p, "step", None), getattr(p, "steps", None)
         epoch_end = getattr(p, "epoch_end", False) or (bool(steps) and step == steps)
         now = time.monotonic()
+        if getattr(p, "epoch_end", False):
+            # The epoch's checkpoint reaches the store before the progress says the epoch is done:
+            # a worker that takes the stage over from here resumes from it.
+            sync.push(f"runs/{run_id}")
         if epoch_end or epoch != last_epoch or now - last_write >= settings.progress_interval_s:
             execution.record_progress(session, run_id, stage, claim.attempt, p, claim.token)
             last_write, last_epoch = now, epoch
@@ -97,7 +109,23 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
             canceled, last_check = execution.cancel_requested(session, run_id), now
         return canceled
 
-    return ml_run_stage(stage, rd.path, data, progress=progress, should_cancel=should_cancel) or {}
+    summary = ml_run_stage(stage, rd.path, data, progress=progress, should_cancel=should_cancel) or {}
+    sync.push(f"runs/{run_id}")
+    return summary
+
+
+def _sync(settings) -> Synced:  # noqa: ANN001
+    return Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts)
+
+
+def _pull_run(settings, run: Run, sync: Synced | None = None) -> str:  # noqa: ANN001
+    """The run's folder on this machine: with an artifact store, this worker's own copy (under its
+    artifacts folder, brought up to date from the store); without one, the shared folder."""
+    sync = sync or _sync(settings)
+    if sync.store is None:
+        return run.run_dir
+    sync.pull(f"runs/{run.id}")
+    return str(settings.runs_dir / run.id)
 
 
 class _Heartbeat:

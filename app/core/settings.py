@@ -31,7 +31,12 @@ class Settings(BaseSettings):
         description="Celery broker; empty means the filesystem transport under <var_dir>/broker "
         "(no server). redis://host:6379/0 in production.")
     artifacts_dir: Path | None = Field(None, description="Datasets and run directories; default <var_dir>. "
-                                       "Must be shared by the API and every worker.")
+                                       "Shared by the API and every worker unless SCAN_ARTIFACT_STORE is set.")
+    artifact_store: str = Field("", description="Where artifacts outlive a machine: empty = the artifacts "
+                                "folder itself (shared by every process); file:///shared/folder or "
+                                "s3://bucket/prefix = a store that workers pull from and push to, the "
+                                "artifacts folder a local cache (app/core/artifacts.py).")
+    s3_endpoint: str = Field("", description="S3 endpoint URL for a non-AWS server (MinIO: http://minio:9000).")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload; larger ones get 413.")
     ingest_wait_s: float = Field(120.0, ge=0, description="How long POST /v1/datasets waits for the ingest "
                                  "task before answering 202 instead of 201/4xx.")

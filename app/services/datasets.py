@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.core.artifacts import Synced, open_store
 from app.core.db import new_session
 from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
@@ -126,6 +127,9 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
         dataset.error = message.replace(str(upload_dir(settings, dataset.id)) + "/", "")
         session.commit()
         return
+    # With an artifact store, training workers on other machines fetch the dataset from there.
+    Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts).push(
+        f"datasets/{dataset.id}")
     shutil.rmtree(upload_dir(settings, dataset.id), ignore_errors=True)
     dataset.state = DatasetState.READY
     dataset.count, dataset.channels = int(data.n), int(data.channels)
@@ -145,11 +149,14 @@ def delete(session: Session, settings: Settings, tenant: Tenant, dataset_id: str
     if active:
         raise Conflict(f"dataset {dataset_id} has {active} run(s) in progress; cancel them first "
                        "(POST /v1/runs/{id}/cancel)")
-    run_dirs = session.scalars(select(Run.run_dir).where(Run.dataset_id == dataset.id)).all()
+    runs = session.execute(select(Run.id, Run.run_dir).where(Run.dataset_id == dataset.id)).all()
     session.delete(dataset)  # runs and their results follow by ON DELETE CASCADE
     session.commit()
     remove_files(settings, dataset)
-    for run_dir in run_dirs:
+    store = Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts)
+    store.delete(f"datasets/{dataset.id}")
+    for run_id, run_dir in runs:
+        store.delete(f"runs/{run_id}")
         if run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -10,8 +10,9 @@ from app.models import Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, 
 from app.core.errors import Conflict, NotFound
 
 
-def write_results(session: Session, run: Run) -> int:
-    """Load assignments.npz, clusters.json and metrics.json from the run dir into the tables.
+def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
+    """Load assignments.npz, clusters.json and metrics.json from the run dir (`run_dir`, the worker's
+    local copy, or the run's own folder) into the tables.
 
     Idempotent (a redelivered finalize replaces what is there). Assignments go in bulk: COPY on
     PostgreSQL, one executemany INSERT elsewhere; never one ORM object per row.
@@ -19,7 +20,7 @@ def write_results(session: Session, run: Run) -> int:
     import numpy as np
     from ml.rundir import RunDir
 
-    rd = RunDir(run.run_dir)
+    rd = RunDir(run_dir or run.run_dir)
     with np.load(rd.assignments_path) as npz:
         cluster = np.asarray(npz["cluster"], dtype=np.int64)
         confidence = np.asarray(npz["confidence"], dtype=np.float64)
