@@ -1,4 +1,4 @@
-"""`make demo` (python -m app.demo) as a user meets it: a rerun reuses the demo's own dataset and run
+"""`make demo` (python -m cli.demo) as a user meets it: a rerun reuses the demo's own dataset and run
 even after the user imported digits themselves, and SIGTERM stops everything with exit status 0 and
 no traceback. Embedded mode in a private var/ folder; training sized to one epoch a stage."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _processes_of(var: Path) -> list[str]:
 
 
 def _demo_once(var: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "app.demo", *TINY, "--exit"], cwd=ROOT, env=_env(var),
+    done = subprocess.run([sys.executable, "-m", "cli.demo", *TINY, "--exit"], cwd=ROOT, env=_env(var),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stdout + done.stderr
@@ -47,7 +47,7 @@ def test_demo_reruns_reuse_its_own_run_and_sigterm_exits_cleanly(tmp_path):
     first = _demo_once(var)
 
     # Second start, left running: it reuses the run; the user imports digits through its API; SIGTERM.
-    proc = subprocess.Popen([sys.executable, "-m", "app.demo", *TINY], cwd=ROOT, env=_env(var), text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.demo", *TINY], cwd=ROOT, env=_env(var), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out = ""
