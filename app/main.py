@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app import error_handlers, observability
+from app import error_handlers, observability, security
+
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
 from app.routes import datasets, docs, health, model, neighbors, predict, results, runs
@@ -46,7 +47,47 @@ def create_app() -> FastAPI:
     for module in (health, datasets, runs, results, predict, neighbors, model, ui):
         app.include_router(module.router)
     observability.install(app)
+    app.add_middleware(security.SecurityHeadersMiddleware)
+    security.install_log_redaction()
+    _register_body_schemas(app)
     return app
 
 
+def _register_body_schemas(app: FastAPI) -> None:
+    """Request bodies documented by hand (routes that take JSON or multipart) refer to their models
+    as #/components/schemas/<name>; add those models there so every reference resolves."""
+    from app.routes.neighbors import NeighborsRequest
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            defs = NeighborsRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.pop("$defs", {}))
+            components.setdefault("NeighborsRequest", defs)
+            _errors_are_detail_strings(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 app = create_app()
+
+
+def _errors_are_detail_strings(schema: dict) -> None:
+    """Every error body is {"detail": "<message>"} (app/error_handlers.py), validation errors included: the
+    document must not promise FastAPI's default array of error objects for 422."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault("ErrorBody", {"title": "ErrorBody", "type": "object", "required": ["detail"],
+                                        "properties": {"detail": {"type": "string", "title": "Detail"}}})
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            if "422" in operation["responses"]:
+                operation["responses"]["422"] = {
+                    "description": "invalid request (detail names the field and the limit)",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)

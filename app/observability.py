@@ -13,11 +13,13 @@ Exposed (text format, prometheus_client):
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import Any, Callable, Iterable
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
@@ -127,5 +129,29 @@ def install(app: FastAPI, registry: CollectorRegistry = REGISTRY) -> None:
     app.add_middleware(_PrometheusMiddleware)
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        denied = _metrics_denied(request)
+        if denied is not None:
+            return denied
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _metrics_denied(request: Request) -> Response | None:
+    """Metrics show every tenant's run counts: with SCAN_METRICS_TOKEN set they need that bearer
+    token; without it only a scraper on the loopback interface (a sidecar) may read them."""
+    from app.core.settings import get_settings
+
+    token = get_settings().metrics_token
+    if token:
+        sent = request.headers.get("authorization", "")
+        if hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return None
+        return JSONResponse({"detail": "GET /metrics needs `Authorization: Bearer <SCAN_METRICS_TOKEN>`"}, 401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    if request.client is not None and request.client.host in _LOOPBACK:
+        return None
+    return JSONResponse({"detail": "/metrics answers only local scrapers; set SCAN_METRICS_TOKEN to scrape "
+                                   "it from elsewhere"}, 403)

@@ -18,32 +18,42 @@ Arch = Literal["resnet18_cifar", "resnet18", "resnet50", "convnet"]
 
 class _Strict(BaseModel):
     # Unknown keys are a user's typo; reject them instead of silently ignoring the override.
-    model_config = ConfigDict(extra="forbid")
+    # NaN/Infinity are never a meaningful hyper-parameter (JSON would store them as null).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Upper bounds: far above any recipe in the paper (500 epochs, batch 1000, queue 65,536, 2048-d MLP),
+# low enough that a typo cannot ask for a terabyte or a run that never ends. Documented in README.
+MAX_EPOCHS = 5_000
+MAX_BATCH = 8_192
+MAX_DIM = 8_192
+MAX_QUEUE = 1 << 20
+MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "adam"] = "adam"
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
     schedule: Literal["cosine", "constant"] = "constant"
 
 
 class PretextConfig(_Strict):
     method: Literal["simclr", "moco"] = "simclr"
-    epochs: int = Field(500, ge=0)
-    batch_size: int = Field(512, ge=2)
+    epochs: int = Field(500, ge=0, le=MAX_EPOCHS)
+    batch_size: int = Field(512, ge=2, le=MAX_BATCH)
     optim: OptimConfig = OptimConfig(name="sgd", lr=0.4, momentum=0.9, weight_decay=1e-4,
                                      schedule="cosine")
-    temperature: float = Field(0.1, gt=0)
-    hidden_dim: int = Field(512, ge=1)
-    feature_dim: int = Field(128, ge=1)
+    temperature: float = Field(0.1, gt=0, le=100)
+    hidden_dim: int = Field(512, ge=1, le=MAX_DIM)
+    feature_dim: int = Field(128, ge=1, le=MAX_DIM)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     flip: bool = True
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = Field(0.8, ge=0, le=1)
     gray_p: float = Field(0.2, ge=0, le=1)
-    moco_queue: int = Field(65536, ge=1)
+    moco_queue: int = Field(65536, ge=1, le=MAX_QUEUE)
     moco_momentum: float = Field(0.999, ge=0, lt=1)
     # A torchvision-style state dict to start from; with epochs=0 pretext training is skipped.
     backbone_weights: str | None = None
@@ -56,34 +66,34 @@ class PretextConfig(_Strict):
 class MiningConfig(_Strict):
     num_neighbors: int = Field(20, ge=1, le=1024)
     # Exact inner-product search up to this many images, IVF beyond (recall measured in bench/).
-    exact_threshold: int = Field(50_000, ge=1)
+    exact_threshold: int = Field(50_000, ge=1, le=1 << 31)
 
 
 class ClusteringConfig(_Strict):
-    epochs: int = Field(50, ge=0)
-    batch_size: int = Field(128, ge=2)
+    epochs: int = Field(50, ge=0, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=2, le=MAX_BATCH)
     optim: OptimConfig = OptimConfig()
-    entropy_weight: float = Field(5.0, ge=0)
+    entropy_weight: float = Field(5.0, ge=0, le=1000)
     num_heads: int = Field(5, ge=1, le=50)
     freeze_backbone: bool = False
     # The paper augments anchor and neighbour strongly. With a frozen backbone, augment=False trains
     # the heads on features computed once, which costs seconds instead of a backbone pass per step:
     # how the CPU recipes fit their budget.
     augment: bool = True
-    cutout: int | None = None  # None: half the image side, the paper's 16 px on 32 px CIFAR
+    cutout: int | None = Field(None, ge=0, le=512)  # None: half the image side, the paper's 16 px on 32 px CIFAR
 
 
 class SelfLabelConfig(_Strict):
     enabled: bool = True
-    epochs: int = Field(200, ge=0)
-    batch_size: int = Field(1000, ge=2)
+    epochs: int = Field(200, ge=0, le=MAX_EPOCHS)
+    batch_size: int = Field(1000, ge=2, le=MAX_BATCH)
     optim: OptimConfig = OptimConfig()
     threshold: float = Field(0.99, gt=0, lt=1)
     class_balance: bool = True
     ema: float | None = Field(None, ge=0, lt=1)
     # Stop once the number of confident samples has not grown by min_gain for `patience` epochs.
-    patience: int = Field(10, ge=1)
-    min_gain: float = Field(0.001, ge=0)
+    patience: int = Field(10, ge=1, le=MAX_EPOCHS)
+    min_gain: float = Field(0.001, ge=0, le=1)
 
 
 class RunConfig(_Strict):
@@ -92,11 +102,11 @@ class RunConfig(_Strict):
     arch: Arch = "resnet18_cifar"
     width: int = Field(32, ge=4, le=512)  # convnet only: channels of the first block (doubling after)
     image_size: int | None = Field(None, ge=8, le=512)  # None: the dataset's own size
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool | None = None  # None: on (measured faster on CPU and GPU, see ml/device.py)
-    eval_every: int = Field(0, ge=0)  # 0: metrics only at the end of a stage
+    eval_every: int = Field(0, ge=0, le=MAX_EPOCHS)  # 0: metrics only at the end of a stage
     pretext: PretextConfig = PretextConfig()
     mining: MiningConfig = MiningConfig()
     clustering: ClusteringConfig = ClusteringConfig()

@@ -13,3 +13,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     import os
 
     return f"SCAN_TEST_MODE={os.environ.get('SCAN_TEST_MODE', 'embedded')}"
+
+
+# The API/worker stack's fixtures, shared by tests/service and tests/security (defined once here, so
+# one session never starts two stacks).
+from tests.stack import *  # noqa: E402,F401,F403

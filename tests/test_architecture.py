@@ -30,6 +30,7 @@ LAYER_OF = {
     "app.error_handlers": "http",
     "app.uploads": "http",
     "app.main": "http",
+    "app.security": "http",
     "app": "http",
     "workers": "workers",
     "cli": "cli",

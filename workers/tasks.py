@@ -16,8 +16,9 @@ from app.core.db import new_session
 from app.core.settings import get_settings
 from app.models import Dataset, Run
 from app.services import datasets as dataset_service
-from app.services import execution, results
 from app.core.queue import INGEST_TASK, STAGE_TASK, celery_app, enqueue_stage
+from app.services import execution, results, weights
+from app.services.failures import public_message
 
 log = logging.getLogger("scan.worker")
 
@@ -63,7 +64,7 @@ def _stage_failed(session, run_id: str, stage: str, exc: Exception) -> str:  # n
         execution.mark_canceled(session, run_id, stage, f"canceled during {stage}")
         return "canceled"
     log.exception("run %s: %s failed", run_id, stage)
-    execution.mark_failed(session, run_id, stage, f"{stage} failed: {type(exc).__name__}: {exc}")
+    execution.mark_failed(session, run_id, stage, f"{stage} failed: {public_message(exc)}")
     return "failed"
 
 
@@ -83,7 +84,9 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
         data = ImageSet.load(settings.datasets_dir / dataset.id)
     else:
         data = ImageSet.load(dataset.storage_path)
-    rd = prepare_run(run_dir, RunConfig.model_validate(run.config))
+    # A "run:<id>" weights reference becomes that run's file on this machine (pulled if need be).
+    config = weights.resolve(session, run, run.config, lambda source: _pull_run(settings, source, sync))
+    rd = prepare_run(run_dir, RunConfig.model_validate(config))
 
     last_write, last_epoch = 0.0, None
 

@@ -57,6 +57,24 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(4, ge=1, description="Finished runs kept loaded (model + faiss index) per "
                                   "API process; least recently used is evicted.")
     max_predict_images: int = Field(256, ge=1, description="Most images one /predict request may carry (413).")
+    neighbors_max_queries: int = Field(256, ge=1, le=100_000, description="Most query items, vectors or "
+                                       "images in one /neighbors request; more answer 422.")
+    neighbors_max_results: int = Field(65_536, ge=1, le=10_000_000, description="Most neighbours one "
+                                       "/neighbors answer may list (queries x k with combine=separate); "
+                                       "more answer 422 before any search runs.")
+    max_serving_body_bytes: int = Field(64 << 20, ge=1024, description="Largest /predict or /neighbors "
+                                        "request body; larger ones get 413 as soon as the limit is passed "
+                                        "(the body is read as a stream, never buffered whole first).")
+    predict_max_image_pixels: int = Field(4096 * 4096, ge=64, description="Largest image (width x height) "
+                                          "/predict and /neighbors decode; JPEGs are decoded at a reduced "
+                                          "scale when far larger than the model's input.")
+    session_secret: str = Field("", description="Signs the cluster browser's session cookie. Empty: a random "
+                                "secret generated once into <var_dir>/session-secret (set it when several "
+                                "API hosts share one database).")
+    secure_cookies: bool = Field(False, description="Mark the session cookie Secure even when the API sees "
+                                 "plain http (TLS ends at a proxy in front of it). Over https it always is.")
+    metrics_token: str = Field("", description="Bearer token that GET /metrics requires. Empty: /metrics "
+                               "answers only clients on the loopback interface (a local scraper or sidecar).")
     neighbors_max_k: int = Field(1024, ge=1, le=MAX_K, description="Largest k for /neighbors (faiss GPU "
                                  "indexes stop at 2048); larger k answers 422.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the API process runs "

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from app.deps import SessionDep, SettingsDep, TenantDep
 from app.models import Dataset, DatasetState, new_id
-from app.schemas.common import ERRORS, ErrorBody, Page
+from app.schemas.common import ERRORS, ErrorBody, ItemIndex, Limit, Offset, Page
 from app.schemas.datasets import DatasetImport, DatasetOut
 from app.services import datasets as service
 from app.uploads import receive
@@ -63,8 +63,7 @@ async def import_dataset(body: DatasetImport, tenant: TenantDep, settings: Setti
 @router.get("", summary="List your datasets", response_model=Page[DatasetOut])
 def list_datasets(session: SessionDep, tenant: TenantDep, settings: SettingsDep,
                   state: Annotated[Literal["PENDING", "INGESTING", "READY", "FAILED"] | None, Query()] = None,
-                  limit: Annotated[int | None, Query(ge=1)] = None,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> Page[DatasetOut]:
+                  limit: Limit = None, offset: Offset = 0) -> Page[DatasetOut]:
     limit = min(limit or settings.default_page_size, settings.max_page_size)
     rows, total = service.list_(session, tenant, state=state, limit=limit, offset=offset)
     return Page[DatasetOut](items=[DatasetOut.model_validate(r) for r in rows], total=total, limit=limit,
@@ -86,7 +85,7 @@ def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, sett
 
 @router.get("/{dataset_id}/items/{index}.png", summary="One image of the dataset as PNG",
             response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def read_item(dataset_id: str, index: int, session: SessionDep, tenant: TenantDep,
+def read_item(dataset_id: str, index: ItemIndex, session: SessionDep, tenant: TenantDep,
               settings: SettingsDep) -> Response:
     dataset = service.get(session, tenant, dataset_id)
     return Response(service.item_png(settings, dataset, index), media_type="image/png",

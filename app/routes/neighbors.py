@@ -10,20 +10,26 @@ multipart: files=<image>..., k=10, combine=separate
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
 from app.error_handlers import describe
-from app.serving.images import check_count, max_images, read_json_body, read_upload_form
+from app.schemas.common import ERRORS, MAX_INT, ErrorBody
+from app.serving.images import check_count, max_images, read_limited_body, read_upload_form
 from app.serving.model_cache import served_run
 from app.serving.neighbors import find_neighbors
 from app.services import runs as run_service
 from ml.limits import MAX_K
 
 router = APIRouter(tags=["serving"])
+# Schema bounds (SCAN_NEIGHBORS_MAX_QUERIES below them is the operator's real cap).
+SCHEMA_MAX_QUERIES = 100_000
+SCHEMA_MAX_DIM = 8_192
+
 
 def max_k() -> int:
     from app.core.settings import get_settings
@@ -32,9 +38,13 @@ def max_k() -> int:
 
 class NeighborQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    items: list[int] | None = Field(None, min_length=1, description="dataset item indices")
-    vectors: list[list[float]] | None = Field(None, min_length=1,
-                                             description="vectors in the index's space (any norm)")
+    # Bounds in the schema; the checks themselves answer with the dataset's real range.
+    items: list[Annotated[int, Field(json_schema_extra={"minimum": 0, "maximum": MAX_INT})]] | None = Field(
+        None, min_length=1, max_length=SCHEMA_MAX_QUERIES,
+        description="dataset item indices (at most SCAN_NEIGHBORS_MAX_QUERIES)")
+    vectors: list[Annotated[list[float], Field(min_length=1, max_length=SCHEMA_MAX_DIM)]] | None = Field(
+        None, min_length=1, max_length=SCHEMA_MAX_QUERIES,
+        description="vectors in the index's space (any norm; at most SCAN_NEIGHBORS_MAX_QUERIES)")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "NeighborQuery":
@@ -45,16 +55,16 @@ class NeighborQuery(BaseModel):
 
 class NeighborsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    k: int = Field(10, ge=1, description="neighbours per query; at most `neighbors_max_k` (<= 2048)")
+    k: int = Field(10, ge=1, json_schema_extra={"maximum": MAX_K}, description="neighbours per query; at most `neighbors_max_k` (<= 2048)")
     query: NeighborQuery
     combine: Literal["mean", "separate"] = "mean"
 
 
 _BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": NeighborsRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "application/json": {"schema": {"$ref": "#/components/schemas/NeighborsRequest"}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "k": {"type": "integer"}, "combine": {"type": "string", "enum": ["mean", "separate"]}}}}}}}
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K}, "combine": {"type": "string", "enum": ["mean", "separate"]}}}}}}}
 
 
 def _check_k(k: int) -> int:
@@ -75,7 +85,7 @@ async def _parse(request: Request) -> tuple[int, str, list[int] | None, list[lis
         if unknown:
             raise HTTPException(422, f"unexpected form fields {sorted(unknown)}; use k, combine and files")
         try:
-            k = int(fields.get("k", 10))
+            k = int(fields.get("k", "10")[:12])  # a 10,000-digit k is not worth parsing
         except ValueError:
             raise HTTPException(422, f"k must be an integer, got {fields['k']!r}") from None
         if k < 1:
@@ -86,19 +96,32 @@ async def _parse(request: Request) -> tuple[int, str, list[int] | None, list[lis
         return _check_k(k), combine, None, None, named
     if not ctype.startswith("application/json"):
         raise HTTPException(415, "send JSON {k, query: {items|vectors}, combine} or multipart `files`")
-    try:
-        body = NeighborsRequest.model_validate(await read_json_body(request))
-    except ValidationError as exc:
-        raise HTTPException(422, "invalid request: " + describe(exc.errors())) from exc
+    raw = await read_limited_body(request)
+    body = await run_in_threadpool(_validate_json, raw)  # 64 MB of JSON is CPU work: off the loop
     return _check_k(body.k), body.combine, body.query.items, body.query.vectors, None
 
 
+def _validate_json(raw: bytes) -> NeighborsRequest:
+    try:
+        return NeighborsRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise HTTPException(400, "the body is not valid JSON") from exc
+        raise HTTPException(422, "invalid request: " + describe(exc.errors())) from exc
+
+
 @router.post("/v1/runs/{run_id}/neighbors", openapi_extra=_BODY_DOC,
-             summary="Nearest dataset items to items, vectors or uploaded images")
-async def neighbors(run_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+             summary="Nearest dataset items to items, vectors or uploaded images",
+             responses={**ERRORS, 200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+                        400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
+                        413: {"model": ErrorBody, "description": "body over SCAN_MAX_SERVING_BODY_BYTES, or "
+                                                                "more images than SCAN_MAX_PREDICT_IMAGES"},
+                        415: {"model": ErrorBody, "description": "neither JSON nor multipart"}})
+async def neighbors(run_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
     run = run_service.get(session, tenant, run_id)
     run_dir = run_service.servable_run_dir(run)
     session.close()
     k, combine, items, vectors, named = await _parse(request)
     served = await served_run(run_dir)
-    return await find_neighbors(served, k, combine, items=items, vectors=vectors, named=named, run_id=run_id)
+    body = await find_neighbors(served, k, combine, items=items, vectors=vectors, named=named, run_id=run_id)
+    return Response(body, media_type="application/json")

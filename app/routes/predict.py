@@ -7,13 +7,15 @@ images of concurrent requests, and run through the model in a worker thread.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
+from app.schemas.common import ERRORS, ErrorBody
 from app.serving.images import (check_count, decode_base64_images, max_images, read_json_body,
                                 read_upload_form, to_model_input)
 from app.serving.model_cache import served_run
@@ -53,11 +55,16 @@ async def read_request_images(request: Request) -> list[tuple[str, bytes]]:
 
 
 @router.post("/v1/runs/{run_id}/predict", openapi_extra=_BODY_DOC,
-             summary="Cluster of each image, its confidence and the top-k clusters")
+             summary="Cluster of each image, its confidence and the top-k clusters",
+             responses={**ERRORS, 200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+                        400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
+                        413: {"model": ErrorBody, "description": "more images than SCAN_MAX_PREDICT_IMAGES, or a "
+                                                                "body over SCAN_MAX_SERVING_BODY_BYTES"},
+                        415: {"model": ErrorBody, "description": "neither multipart nor JSON"}})
 async def predict(run_id: str, request: Request, session: SessionDep, tenant: TenantDep,
                   k: Annotated[int, Query(ge=1, le=1000, description="how many clusters to list per "
                                           "image; capped at the run's number of clusters")] = 5
-                  ) -> dict[str, Any]:
+                  ) -> Response:
     run = run_service.get(session, tenant, run_id)
     run_dir = run_service.servable_run_dir(run)
     session.close()  # nothing more to read; do not hold a connection while the model runs
@@ -66,7 +73,10 @@ async def predict(run_id: str, request: Request, session: SessionDep, tenant: Te
     p = served.predictor
     images = await run_in_threadpool(to_model_input, named, p.image_size, p.channels)
     probs = await served.batcher.submit(images)
-    return {"run_id": run_id, "predictions": format_predictions(named, probs, k, served.cluster_labels)}
+    # Up to 256 images x 1,000 clusters of JSON: built in a worker thread, not on the event loop.
+    body = await run_in_threadpool(lambda: json.dumps({"run_id": run_id, "predictions": format_predictions(
+        named, probs, k, served.cluster_labels)}).encode())
+    return Response(body, media_type="application/json")
 
 
 def format_predictions(named: list[tuple[str, bytes]], probs: np.ndarray, k: int,

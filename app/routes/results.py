@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.deps import SessionDep, SettingsDep, TenantDep
-from app.schemas.common import ERRORS
+from app.schemas.common import ERRORS, MAX_INT
 from app.schemas.results import AssignmentOut, AssignmentPage, ClusterOut, MetricsOut
 from app.services import results as service
 from app.services import runs as run_service
@@ -24,10 +24,10 @@ def list_clusters(run_id: str, session: SessionDep, tenant: TenantDep) -> list[C
 @router.get("/{run_id}/assignments", summary="Per-item cluster and confidence, filtered and paginated",
             response_model=AssignmentPage)
 def list_assignments(run_id: str, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
-                     cluster: Annotated[int | None, Query(ge=0)] = None,
+                     cluster: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
                      min_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
-                     page: Annotated[int, Query(ge=1)] = 1,
-                     page_size: Annotated[int | None, Query(ge=1)] = None) -> AssignmentPage:
+                     page: Annotated[int, Query(ge=1, le=MAX_INT)] = 1,
+                     page_size: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None) -> AssignmentPage:
     run = run_service.get(session, tenant, run_id)
     page_size = min(page_size or settings.default_page_size, settings.max_page_size)
     rows, total = service.assignments(session, run, cluster=cluster, min_confidence=min_confidence,

@@ -38,11 +38,17 @@ def create_key(session: Session, tenant_name: str) -> str:
     return key
 
 
-def tenant_for_key(session: Session, key: str) -> Tenant | None:
+def key_row(session: Session, key: str) -> ApiKey | None:
+    """The live key row for ``key``, or None (unknown, malformed or revoked)."""
     parts = key.split("_")
     if len(parts) < 3 or parts[0] != "scan":
         return None
     row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1], ApiKey.revoked_at.is_(None)))
     if row is None or not hmac.compare_digest(row.key_hash, _hash(key)):
         return None
-    return session.get(Tenant, row.tenant_id)
+    return row
+
+
+def tenant_for_key(session: Session, key: str) -> Tenant | None:
+    row = key_row(session, key)
+    return None if row is None else session.get(Tenant, row.tenant_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 import shutil
 import time
@@ -22,6 +23,10 @@ from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
 from app.models import Dataset, DatasetState, Run, RunState, Tenant, utcnow
 from app.core.errors import Conflict, Invalid, NotFound, Unavailable
+from app.services.failures import public_message, strip_paths
+
+log = logging.getLogger("scan.ingest")
+
 
 def safe_filename(name: str | None) -> str:
     """The client's file name reduced to a harmless basename that keeps its extension (the format)."""
@@ -122,9 +127,12 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
         dataset = session.get(Dataset, dataset_id)
         remove_files(settings, dataset)
         dataset.state = DatasetState.FAILED
-        message = str(exc) if isinstance(exc, DataError) else f"could not ingest: {type(exc).__name__}: {exc}"
-        # Name the user's file, not the server's temporary path.
-        dataset.error = message.replace(str(upload_dir(settings, dataset.id)) + "/", "")
+        if isinstance(exc, DataError):
+            # Name the user's file (and the member in it), not the server's temporary path.
+            dataset.error = strip_paths(str(exc).replace(str(upload_dir(settings, dataset.id)) + "/", ""))
+        else:
+            log.exception("ingest of dataset %s failed", dataset_id)
+            dataset.error = "could not ingest: " + public_message(exc)
         session.commit()
         return
     # With an artifact store, training workers on other machines fetch the dataset from there.

@@ -15,7 +15,7 @@ from app.core.queue import enqueue_stage
 from app.core.settings import Settings
 from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
-from app.services import execution
+from app.services import execution, weights
 from ml.stages import STAGES
 
 
@@ -64,6 +64,10 @@ def create(session: Session, settings: Settings, tenant: Tenant, body: dict[str,
     if dataset.state != DatasetState.READY:
         raise Conflict(f"dataset {dataset.id} is {dataset.state}; runs need a READY dataset")
     config = validate_config(body["preset"], body["num_clusters"], body.get("overrides") or {})
+    weights.check_reference(session, tenant, config)
+    if dataset.count is not None and body["num_clusters"] >= dataset.count:
+        raise Invalid(f"num_clusters: {body['num_clusters']} must be below the dataset's "
+                      f"{dataset.count} images")
     run = Run(tenant_id=tenant.id, dataset_id=dataset.id, num_clusters=body["num_clusters"],
               preset=body["preset"], overrides=body.get("overrides") or {}, config=config,
               idempotency_key=idempotency_key, request_hash=digest, stage=STAGES[0])

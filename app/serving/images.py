@@ -12,16 +12,38 @@ from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
 from app.core.errors import BadRequest, Invalid, TooLarge
-from ml.data import DataError, decode_image, conform_images
+from app.core.settings import get_settings
+from ml.data import DataError, Limits, decode_conformed
 
 
 def max_images() -> int:
-    from app.core.settings import get_settings
     return int(get_settings().max_predict_images)
 
 
+async def read_limited_body(request: Request) -> bytes:
+    """The body, read as a stream and refused (413) at the first chunk past max_serving_body_bytes:
+    a 200 MB part is never buffered before its answer. A declared Content-Length over the limit is
+    refused before anything is read."""
+    limit = int(get_settings().max_serving_body_bytes)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes "
+                       "(SCAN_MAX_SERVING_BODY_BYTES); send fewer or smaller images")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes "
+                           "(SCAN_MAX_SERVING_BODY_BYTES); send fewer or smaller images")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's form parser then reads this bounded copy, not the socket
+    return body
+
+
 async def read_upload_form(request: Request, limit: int) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
-    """(files as (name, bytes), other form fields) from a multipart body."""
+    """(files as (name, bytes), other form fields) from a multipart body of bounded size."""
+    await read_limited_body(request)
     try:
         form = await request.form(max_files=limit + 1, max_fields=32)
     except HTTPException:
@@ -59,7 +81,7 @@ def decode_base64_images(items: Any, field: str = "images") -> list[tuple[str, b
 
 async def read_json_body(request: Request) -> Any:
     try:
-        return json.loads(await request.body())
+        return json.loads(await read_limited_body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from exc
 
@@ -73,16 +95,16 @@ def check_count(n: int, limit: int) -> None:
 
 
 def to_model_input(named: list[tuple[str, bytes]], size: int, channels: int) -> np.ndarray:
-    """Decode each image (naming the file in the error) and conform to (N, channels, size, size).
-
-    Blocking CPU work: call from a worker thread.
-    """
-    decoded = []
-    for name, data in named:
+    """Decode each image (naming the file in the error) straight into its row of the (N, channels,
+    size, size) batch, one at a time: at most one decoded image exists besides the batch, and a JPEG
+    far larger than `size` is decoded at a reduced scale. Blocking CPU work: call from a thread."""
+    limits = Limits(max_image_pixels=int(get_settings().predict_max_image_pixels))
+    out = np.empty((len(named), channels, size, size), np.uint8)
+    for i, (name, data) in enumerate(named):
         if not data:
             raise Invalid(f"{name}: empty file")
         try:
-            decoded.append(decode_image(data, name))
+            out[i] = decode_conformed(data, name, (size, size), channels, limits)
         except DataError as exc:
             raise Invalid(str(exc)) from exc
-    return conform_images(decoded, (size, size), channels)
+    return out

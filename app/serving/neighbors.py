@@ -6,19 +6,42 @@ same whatever its norm.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Invalid
+from app.core.settings import get_settings
 from app.serving.images import to_model_input
 from app.serving.model_cache import ServedRun
 
 
+def check_size(n_queries: int, k: int, combine: str) -> None:
+    """Before any work: a 30 KB request once asked for 10,000 x 1,024 neighbours (539 MB of JSON)."""
+    settings = get_settings()
+    if n_queries > settings.neighbors_max_queries:
+        raise Invalid(f"query: {n_queries} queries in one request; at most "
+                      f"{settings.neighbors_max_queries} (SCAN_NEIGHBORS_MAX_QUERIES)")
+    lists = n_queries if combine == "separate" else 1
+    if lists * k > settings.neighbors_max_results:
+        raise Invalid(f"k: {lists} queries x k={k} = {lists * k} neighbours; at most "
+                      f"{settings.neighbors_max_results} per request (SCAN_NEIGHBORS_MAX_RESULTS): "
+                      "lower k or send fewer queries")
+
+
 async def find_neighbors(served: ServedRun, k: int, combine: str, *, items: list[int] | None,
                          vectors: list[list[float]] | None, named: list[tuple[str, bytes]] | None,
-                         run_id: str) -> dict[str, Any]:
+                         run_id: str) -> bytes:
+    """The answer as JSON bytes. Decoding, embedding, the faiss search and the JSON of the answer
+    all run in one worker thread: the event loop keeps answering /livez and other requests."""
+    check_size(len(items or vectors or named or ()), k, combine)
+    return await run_in_threadpool(_find, served, k, combine, items, vectors, named, run_id)
+
+
+def _find(served: ServedRun, k: int, combine: str, items: list[int] | None,
+          vectors: list[list[float]] | None, named: list[tuple[str, bytes]] | None, run_id: str) -> bytes:
     features = served.features
     n_items, dim = features.shape
 
@@ -38,8 +61,7 @@ async def find_neighbors(served: ServedRun, k: int, combine: str, *, items: list
             raise Invalid("vectors contain NaN or infinite values")
     else:
         p = served.predictor
-        images = await run_in_threadpool(to_model_input, named, p.image_size, p.channels)
-        queries = await run_in_threadpool(p.embed, images)
+        queries = p.embed(to_model_input(named, p.image_size, p.channels))
 
     queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
     if not np.any(queries):
@@ -47,7 +69,7 @@ async def find_neighbors(served: ServedRun, k: int, combine: str, *, items: list
     if combine == "mean":
         queries = queries.mean(axis=0, keepdims=True)
     k_eff = min(k, n_items)
-    scores, ids = await run_in_threadpool(served.search, queries, k_eff)
+    scores, ids = served.search(queries, k_eff)
 
     cluster = served.assignments["cluster"]
     results = []
@@ -60,7 +82,7 @@ async def find_neighbors(served: ServedRun, k: int, combine: str, *, items: list
             "query": _describe_query(items, vectors, named, combine, q),
             "neighbors": [{"item": i, "score": s, "cluster": int(cluster[i])} for i, s in hits],
         })
-    return {"run_id": run_id, "k": k_eff, "combine": combine, "results": results}
+    return json.dumps({"run_id": run_id, "k": k_eff, "combine": combine, "results": results}).encode()
 
 
 def _own_item(items: list[int] | None, combine: str, q: int) -> int | None:

@@ -1,13 +1,17 @@
 """The cluster browser: server-rendered Jinja2 pages under /ui (plain HTML + CSS + a little JS).
 
 Authentication is the API's: the key entered once on /ui/login is checked with the same
-`tenant_for_key` as the `Authorization: Bearer` header and then kept in an HttpOnly cookie, which
-every page, image and progress poll below reads. Images come from `/ui/datasets/{id}/items/{i}.png`
+`key_row` as the `Authorization: Bearer` header and opens a server-side session
+(app/services/ui_sessions.py); the browser keeps only its signed id in an HttpOnly, SameSite=Strict
+cookie (Secure over https or with SCAN_SECURE_COOKIES), which every page, image and progress poll
+below reads. Every form carries a CSRF token and every POST must come from this origin. Images come from `/ui/datasets/{id}/items/{i}.png`
 (cookie-authenticated, so `<img>` tags load without scripts setting headers).
 """
 from __future__ import annotations
 
+import hmac
 import math
+import secrets
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -23,27 +27,34 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import SessionDep, SettingsDep
 from app.models import (Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState,
                         StageState, StageStatus, Tenant)
+from app.schemas.common import MAX_INT, ClusterIndex, ItemIndex
 from app.ui.charts import line_chart
 from app.serving.model_cache import served_run
 from app.services import runs as run_service
 from app.services import datasets as dataset_service
-from app.services.auth import tenant_for_key
+from app.services import ui_sessions
 from ml.rundir import RunDir
 from ml.stages import STAGES
 
-COOKIE = "scan_key"
+COOKIE = "scan_session"
+LOGIN_CSRF_COOKIE = "scan_login_csrf"
 MEMBERS_PER_PAGE = 96
 NEIGHBORS_SHOWN = 24
 TOP_ITEMS_SHOWN = 8
 
 _APP_DIR = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=str(_APP_DIR / "templates"))
+# Every page's logout form echoes its session's CSRF token (set by the UiTenant dependency).
+templates.env.globals["csrf_token"] = lambda request: getattr(getattr(request.state, "ui_session", None),
+                                                               "csrf_token", "")
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def _cookie_tenant(request: Request, session: SessionDep) -> Tenant:
-    key = request.cookies.get(COOKIE)
-    tenant = tenant_for_key(session, key) if key else None
+def _cookie_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
+    found = ui_sessions.find(session, settings, request.cookies.get(COOKIE))
+    tenant = found[0] if found else None
+    if found:
+        request.state.ui_session = found[1]
     if tenant is None:
         if request.url.path.endswith((".png", "/progress")):
             raise HTTPException(401, "log in at /ui/login first")
@@ -67,29 +78,67 @@ def static_file(path: str):
                         headers={"Cache-Control": "public, max-age=300"})
 
 
+def _secure(request: Request, settings) -> bool:  # noqa: ANN001
+    return request.url.scheme == "https" or settings.secure_cookies
+
+
+def _same_origin(request: Request) -> None:
+    """A state-changing request must come from a page of this site: a browser always sends Origin
+    (or at least Referer) on a cross-site POST, so a foreign or missing one is refused."""
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    origin = request.headers.get("origin") or ""
+    referer = request.headers.get("referer") or ""
+    if origin and origin != "null":
+        if origin != own:
+            raise HTTPException(403, "cross-site request refused (Origin does not match this site)")
+    elif not (referer == own or referer.startswith(own + "/")):
+        raise HTTPException(403, "cross-site request refused (no Origin or Referer from this site)")
+
+
+def _login_page(request: Request, settings, next: str, error: str | None, status: int = 200):  # noqa: ANN001
+    token = secrets.token_urlsafe(32)
+    response = templates.TemplateResponse(request, "login.html", {
+        "tenant": None, "next": next, "error": error, "login_csrf": token}, status_code=status)
+    # Double-submit: the form's hidden token must equal this cookie, which another site cannot read.
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
+                        secure=_secure(request, settings), max_age=3600, path="/ui/login")
+    return response
+
+
 @router.get("/login", name="ui_login_form", response_class=HTMLResponse)
-def login_form(request: Request, next: str = ""):
-    return templates.TemplateResponse(request, "login.html", {"tenant": None, "next": next, "error": None})
+def login_form(request: Request, settings: SettingsDep, next: Annotated[str, Query(max_length=500)] = ""):
+    return _login_page(request, settings, next, None)
 
 
 @router.post("/login", name="ui_login")
-def login(request: Request, session: SessionDep, api_key: Annotated[str, Form()] = "",
-          next: Annotated[str, Form()] = ""):
-    tenant = tenant_for_key(session, api_key.strip()) if api_key.strip() else None
-    if tenant is None:
-        return templates.TemplateResponse(request, "login.html", {
-            "tenant": None, "next": next, "error": "That API key is not valid (or has been revoked)."},
-            status_code=401)
+def login(request: Request, session: SessionDep, settings: SettingsDep,
+          api_key: Annotated[str, Form(max_length=200)] = "", next: Annotated[str, Form(max_length=500)] = "",
+          csrf_token: Annotated[str, Form(max_length=100)] = ""):
+    _same_origin(request)
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not expected or not hmac.compare_digest(expected, csrf_token):
+        return _login_page(request, settings, next, "The form expired; please log in again.", 403)
+    opened = ui_sessions.open_session(session, settings, api_key.strip()) if api_key.strip() else None
+    if opened is None:
+        return _login_page(request, settings, next, "That API key is not valid (or has been revoked).", 401)
     # Only local paths: an attacker-supplied next=https://evil must not turn login into a redirector.
     target = next if next.startswith("/ui") and not next.startswith("//") else "/ui"
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, api_key.strip(), httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", max_age=30 * 24 * 3600, path="/")
+    response.set_cookie(COOKIE, opened[0], httponly=True, samesite="strict", secure=_secure(request, settings),
+                        max_age=int(ui_sessions.LIFETIME.total_seconds()), path="/")
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/ui/login")
     return response
 
 
 @router.post("/logout", name="ui_logout")
-def logout():
+def logout(request: Request, session: SessionDep, settings: SettingsDep,
+           csrf_token: Annotated[str, Form(max_length=100)] = ""):
+    _same_origin(request)
+    found = ui_sessions.find(session, settings, request.cookies.get(COOKIE))
+    if found is not None:
+        if not hmac.compare_digest(found[1].csrf_token, csrf_token):
+            raise HTTPException(403, "missing or wrong CSRF token; log out from the page's button")
+        ui_sessions.close(session, found[1])
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/")
     return response
@@ -263,8 +312,8 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
 
 
 @router.get("/runs/{run_id}/clusters/{cluster}", name="ui_cluster", response_class=HTMLResponse)
-def cluster_page(request: Request, run_id: str, cluster: int, session: SessionDep, tenant: UiTenant,
-                 order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1)):
+def cluster_page(request: Request, run_id: str, cluster: ClusterIndex, session: SessionDep, tenant: UiTenant,
+                 order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1, le=MAX_INT)):
     run = run_service.get(session, tenant, run_id)
     row = session.get(Cluster, (run.id, cluster))
     if row is None:
@@ -282,7 +331,7 @@ def cluster_page(request: Request, run_id: str, cluster: int, session: SessionDe
 
 
 @router.get("/runs/{run_id}/items/{item}/neighbors", name="ui_neighbors", response_class=HTMLResponse)
-async def neighbors_page(request: Request, run_id: str, item: int, session: SessionDep, tenant: UiTenant):
+async def neighbors_page(request: Request, run_id: str, item: ItemIndex, session: SessionDep, tenant: UiTenant):
     run = run_service.get(session, tenant, run_id)
     served = await served_run(run_service.servable_run_dir(run))
     n_items = len(served.assignments["cluster"])
@@ -304,7 +353,7 @@ async def neighbors_page(request: Request, run_id: str, item: int, session: Sess
 # -- images ---------------------------------------------------------------------------------
 
 @router.get("/datasets/{dataset_id}/items/{item}.png", name="ui_item_png")
-def item_image(dataset_id: str, item: int, session: SessionDep, tenant: UiTenant, settings: SettingsDep):
+def item_image(dataset_id: str, item: ItemIndex, session: SessionDep, tenant: UiTenant, settings: SettingsDep):
     """The API's `/v1/datasets/{id}/items/{i}.png`, authenticated by the cookie so `<img>` works."""
     dataset = dataset_service.get(session, tenant, dataset_id)
     return Response(dataset_service.item_png(settings, dataset, item), media_type="image/png",

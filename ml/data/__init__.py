@@ -30,7 +30,7 @@ checked before reading) or ``Limits.max_files``, empty sources, malformed npz/ID
 """
 from .errors import DataError, Limits
 from .imageset import ImageSet
-from .imaging import conform_images, decode_image
+from .imaging import conform_images, decode_conformed, decode_image
 from .load import load_source
 
-__all__ = ["DataError", "ImageSet", "Limits", "conform_images", "decode_image", "load_source"]
+__all__ = ["DataError", "ImageSet", "Limits", "conform_images", "decode_conformed", "decode_image", "load_source"]

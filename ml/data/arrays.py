@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DataError, Limits
+from .errors import MAX_CLASSES, DataError, Limits, check_class_count
 from .imageset import ImageSet
 from .imaging import choose_size, conform_images
 
@@ -20,9 +20,7 @@ def image_set_from_array(images: np.ndarray, labels: np.ndarray | None,
     if n == 0:
         raise DataError(source, "no images")
     if labels is not None:
-        labels = check_labels(labels, n, class_names, source)
-        if class_names is None:
-            class_names = [str(i) for i in range(int(labels.max()) + 1)]
+        labels, class_names = check_labels(labels, n, class_names, source)
     size = choose_size([(h, w)], limits, image_size)
     if size != (h, w):
         images = conform_images(images.transpose(0, 2, 3, 1), size, channels)
@@ -30,7 +28,10 @@ def image_set_from_array(images: np.ndarray, labels: np.ndarray | None,
 
 
 def check_labels(labels: np.ndarray, n: int, class_names: list[str] | None,
-                 source: str) -> np.ndarray:
+                 source: str) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and their class names. Without names, ids below MAX_CLASSES are kept as they
+    are (so the train and test splits of a set agree); larger ones are remapped to dense ids 0..C-1
+    named by their value, so [0, 1, 2, 10_000_000] is four classes, not ten million."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != n:
         raise DataError(source, f"labels length {labels.shape} does not match {n} images")
@@ -42,6 +43,13 @@ def check_labels(labels: np.ndarray, n: int, class_names: list[str] | None,
     labels = labels.astype(np.int64)
     if labels.min() < 0:
         raise DataError(source, "negative labels")
-    if class_names is not None and labels.max() >= len(class_names):
+    if class_names is None and labels.max() < MAX_CLASSES:
+        return labels, [str(i) for i in range(int(labels.max()) + 1)]
+    if class_names is None:
+        values, labels = np.unique(labels, return_inverse=True)
+        check_class_count(len(values), source)
+        return labels.astype(np.int64).reshape(-1), [str(v) for v in values.tolist()]
+    check_class_count(len(class_names), source)
+    if labels.max() >= len(class_names):
         raise DataError(source, f"label {labels.max()} but only {len(class_names)} class names")
-    return labels
+    return labels, class_names

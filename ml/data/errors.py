@@ -20,6 +20,16 @@ class DataError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
+# A labelled dataset with more classes than this is a mistake or an attack (a few bytes of npz with
+# labels [0, 10_000_000] once meant ten million class names stored and sent back on every read).
+MAX_CLASSES = 10_000
+
+
+def check_class_count(count: int, where: object) -> None:
+    if count > MAX_CLASSES:
+        raise DataError(where, f"{count:,} classes; at most {MAX_CLASSES:,} are accepted")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Defensive bounds for archives and images; checked before anything large is read."""

@@ -6,6 +6,7 @@ like the training images were. The rules themselves are documented in `ml/data/_
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,11 +77,24 @@ def is_gray(img: Image.Image) -> bool:
     return img.mode in _GRAY_MODES
 
 
-def decode_pil(data: bytes | Path, name: str, limits: Limits = Limits()) -> Image.Image:
-    """Decode fully into mode "L" (gray modes) or "RGB" (everything else)."""
+def decode_pil(data: bytes | Path, name: str, limits: Limits = Limits(),
+               at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Decode into mode "L" (gray modes) or "RGB" (everything else).
+
+    With ``at_least=(H, W)``, a JPEG much larger than that is decoded at a reduced scale (libjpeg's
+    DCT scaling via PIL's draft), still covering (H, W) in either orientation: a 6000 px photo sent
+    to /predict never becomes a full-size array. Other formats have no such step and are bounded by
+    ``limits.max_image_pixels`` instead.
+    """
     img = open_image(data, name, limits)
     try:
         with img:
+            if at_least is not None and img.format == "JPEG":
+                scale = max(at_least[0] / img.height, at_least[1] / img.width,
+                            at_least[0] / img.width, at_least[1] / img.height)
+                if scale < 0.5:
+                    img.draft(img.mode if img.mode in ("L", "RGB") else None,
+                              (math.ceil(img.width * scale), math.ceil(img.height * scale)))
             img.load()
             if orientation(img) != 1:  # photos are stored sideways with an EXIF flag
                 img = ImageOps.exif_transpose(img)
@@ -177,6 +191,13 @@ def array_to_pil(image: np.ndarray, name: str = "image") -> Image.Image:
     if a.shape[2] <= 2:  # gray (+ alpha, dropped)
         return Image.fromarray(np.ascontiguousarray(a[:, :, 0]), "L")
     return Image.fromarray(np.ascontiguousarray(a[:, :, :3]), "RGB")
+
+
+def decode_conformed(data: bytes, name: str, size: tuple[int, int], channels: int,
+                     limits: Limits = Limits()) -> np.ndarray:
+    """One encoded image straight to uint8 (channels, H, W) by the ingest rule, decoding a large
+    JPEG at a reduced scale first (see `decode_pil`). Raises DataError naming `name`."""
+    return conform_pil(decode_pil(data, name, limits, at_least=size), size, channels).transpose(2, 0, 1)
 
 
 def conform_images(images: Sequence[np.ndarray], size: tuple[int, int], channels: int) -> np.ndarray:

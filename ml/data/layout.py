@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .errors import DataError
+from .errors import DataError, check_class_count
 from .imaging import IMAGE_SUFFIXES
 
 _JUNK_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "$recycle.bin"})
@@ -67,6 +67,7 @@ def arrange(relpaths: Sequence[str], split: str, where: str) -> Layout:
 
 
 def _labelled(files: list[str], parts: list[list[str]], class_names: list[str]) -> Layout:
+    check_class_count(len(class_names), "the archive's class folders")
     index = {c: i for i, c in enumerate(class_names)}
     order = sorted(range(len(files)), key=lambda i: parts[i])
     return Layout([files[i] for i in order], [index[parts[i][0]] for i in order], class_names)

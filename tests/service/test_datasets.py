@@ -52,9 +52,10 @@ def test_item_png_is_the_stored_image(client, stack, digits_dataset):
     image = np.asarray(Image.open(io.BytesIO(r.content)))
     stored = np.load(stack.settings.datasets_dir / digits_dataset / "images.npy")[5, 0]
     assert np.array_equal(image, stored)
-    for bad in (1797, 100000, -1):
+    for bad in (1797, 100000):
         r = client.get(f"/v1/datasets/{digits_dataset}/items/{bad}.png")
         assert r.status_code == 404 and "out of range" in r.json()["detail"]
+    assert client.get(f"/v1/datasets/{digits_dataset}/items/-1.png").status_code == 422  # not an index
 
 
 def test_upload_npz_then_delete(client, stack):

@@ -21,12 +21,25 @@ needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img" / "cluster-grid.png"
 
 
+def login(c: httpx.Client, key: str, next: str = "/ui") -> httpx.Response:
+    """POST /ui/login as the login page's form does: with its CSRF token, from this origin."""
+    page = c.get("/ui/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    return c.post("/ui/login", data={"api_key": key, "next": next, "csrf_token": token},
+                  headers={"Origin": str(c.base_url).rstrip("/")})
+
+
+def logout(c: httpx.Client) -> httpx.Response:
+    token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/ui").text).group(1)
+    return c.post("/ui/logout", data={"csrf_token": token}, headers={"Origin": str(c.base_url).rstrip("/")})
+
+
 @contextmanager
 def ui_client(base: str, key: str | None = None) -> Iterator[httpx.Client]:
     """A cookie-holding client, logged in through POST /ui/login when given a key."""
     with httpx.Client(base_url=base, follow_redirects=False, timeout=120) as c:
         if key:
-            r = c.post("/ui/login", data={"api_key": key, "next": "/ui"})
+            r = login(c, key)
             assert r.status_code == 303, r.text
         yield c
 
@@ -37,16 +50,17 @@ def test_ui_login_sets_an_httponly_cookie_checked_like_the_api(api_server, keys)
     with ui_client(api_server) as c:
         r = c.get("/ui")
         assert r.status_code == 303 and r.headers["location"].startswith("/ui/login")
-        r = c.post("/ui/login", data={"api_key": "scan_nope_wrong"})
+        r = login(c, "scan_nope_wrong")
         assert r.status_code == 401 and "not valid" in r.text
-        assert "scan_key" not in r.headers.get("set-cookie", "")
-        r = c.post("/ui/login", data={"api_key": keys["a"], "next": "https://evil.example/"})
+        assert "scan_session=" not in r.headers.get("set-cookie", "")
+        r = login(c, keys["a"], next="https://evil.example/")
         assert r.status_code == 303 and r.headers["location"] == "/ui"  # no open redirect
-        cookie = r.headers["set-cookie"]
-        assert "scan_key=" in cookie and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+        cookie = [h for h in r.headers.get_list("set-cookie") if h.startswith("scan_session=")][0]
+        assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+        assert keys["a"] not in cookie  # a session id, never the key
         r = c.get("/ui")
         assert r.status_code == 200 and "tenant-a" in r.text
-        r = c.post("/ui/logout")
+        r = logout(c)
         assert r.status_code == 303
         assert c.get("/ui").status_code == 303
 

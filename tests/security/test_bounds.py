@@ -1,0 +1,69 @@
+"""Every integer a client sends is bounded (422, never 500) and a run config that could never
+succeed or never end is refused before it is queued, naming the field and the limit."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.stack import TINY, db_session
+
+HUGE = str(2**80)
+
+
+@pytest.mark.parametrize("path", [
+    f"/v1/datasets?offset={HUGE}", f"/v1/datasets?limit={HUGE}", f"/v1/runs?offset={HUGE}",
+    f"/v1/runs?limit={HUGE}"])
+def test_huge_list_parameters_answer_422(client: httpx.Client, path: str) -> None:
+    r = client.get(path)
+    assert r.status_code == 422, r.text
+    assert "less than or equal to 2147483647" in r.json()["detail"]
+
+
+def test_huge_ids_in_run_routes_answer_422(client: httpx.Client, finished_run: dict) -> None:
+    run_id = finished_run["id"]
+    for path in (f"/v1/runs/{run_id}/events?after={HUGE}", f"/v1/runs/{run_id}/assignments?page={HUGE}",
+                 f"/v1/runs/{run_id}/assignments?cluster={HUGE}",
+                 f"/v1/datasets/{finished_run['dataset_id']}/items/{HUGE}.png"):
+        r = client.get(path)
+        assert r.status_code == 422, (path, r.text)
+        assert isinstance(r.json()["detail"], str)
+    # Last-Event-ID is a header, not schema-checked: a huge one falls back to ?after, never a 500.
+    r = client.get(f"/v1/runs/{run_id}/events", headers={"Last-Event-ID": HUGE})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(("overrides", "field", "limit"), [
+    ({"pretext.epochs": 10**9}, "pretext.epochs", "5000"),
+    ({"pretext.hidden_dim": 10**9}, "pretext.hidden_dim", "8192"),
+    ({"pretext.moco_queue": 10**12}, "pretext.moco_queue", "1048576"),
+    ({"pretext.batch_size": 10**6}, "pretext.batch_size", "8192"),
+    ({"seed": 2**80}, "seed", "4294967295"),
+    ({"clustering.optim.lr": "Infinity"}, "clustering.optim.lr", "finite"),
+    ({"pretext.temperature": "NaN"}, "pretext.temperature", "finite"),
+    ({"image_size": 100_000}, "image_size", "512"),
+])
+def test_run_configs_that_never_end_are_refused(client: httpx.Client, small_dataset: str, overrides: dict,
+                                                field: str, limit: str) -> None:
+    before = _count_runs()
+    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
+                                      "overrides": overrides})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert field in detail and limit in detail, detail
+    assert _count_runs() == before  # nothing queued, nothing stored
+
+
+def test_num_clusters_must_be_below_the_dataset_size(client: httpx.Client, small_dataset: str) -> None:
+    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 360, "preset": "small",
+                                      "overrides": TINY})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "num_clusters: 360 must be below the dataset's 360 images"
+
+
+def _count_runs() -> int:
+    from sqlalchemy import func, select
+
+    from app.models import Run
+
+    with db_session() as session:
+        return session.scalar(select(func.count()).select_from(Run))
