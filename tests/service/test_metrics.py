@@ -17,7 +17,7 @@ def value(samples, name: str, **labels) -> float:
 
 def test_metrics_count_requests_by_route_template(client, anon_client, finished_run, digits_dataset):
     run_id = finished_run["id"]
-    before = scrape(anon_client)  # /metrics is open to the scraper, like /livez
+    before = scrape(anon_client)  # /metrics is open to a local (loopback) scraper without a token
     route = "/v1/runs/{run_id}/predict"
     n_before = value(before.get("scan_http_requests", []), "scan_http_requests_total", route=route, status="200")
     png = client.get(f"/v1/datasets/{digits_dataset}/items/1.png").content
