@@ -108,23 +108,57 @@ def test_open_store_rejects_unknown_urls():
         open_store("ftp://x/y")
 
 
-DRIVER = """
-import json, sys
+# The API's part (env "api"): the upload lands in its own folder, create() pushes it and queues the ingest.
+API_UPLOAD = """
+import io, sys
+import numpy as np
+from sklearn.datasets import load_digits
 from app.bootstrap import migrate
 from app.core.db import new_session
 from app.core.settings import get_settings
-from app.models import Dataset
-from app.services import auth, datasets, runs
+from app.services import auth, datasets
 settings = get_settings()
 migrate(settings)
+digits = load_digits()
+path = datasets.upload_dir(settings, "ds1") / "digits.npz"
+path.parent.mkdir(parents=True)
+np.savez(path, images=(digits.images * (255 / 16)).round().astype(np.uint8), labels=digits.target)
 with new_session() as session:
     tenant = auth.get_or_create_tenant(session, "t")
-    session.add(Dataset(id="ds1", tenant_id=tenant.id, name="digits", source="digits", split="train"))
     session.commit()
-    datasets.ingest(session, settings, "ds1")  # the cpu worker's job: the dataset is pushed to the bucket
+    datasets.create(settings, tenant, "ds1", name="digits", source="digits.npz", split="train",
+                    upload_path=str(path))
+"""
+
+# The cpu worker's part (env "ingest", another folder): ingest fetches the upload from the bucket.
+INGEST_AND_SUBMIT = """
+import json, sys
+from app.core.db import new_session
+from app.core.settings import get_settings
+from app.services import auth, datasets, runs
+settings = get_settings()
+with new_session() as session:
+    datasets.ingest(session, settings, "ds1")
+    tenant = auth.get_or_create_tenant(session, "t")
     run, _ = runs.submit(session, settings, tenant, json.loads(sys.argv[1]), None)
     print(run.id)
 """
+
+# The API again (env "api"): serving a run trained elsewhere fetches it, without the checkpoints.
+API_SERVE = """
+import sys
+from app.core.db import new_session
+from app.models import Run
+from app.services import runs
+with new_session() as session:
+    print(runs.servable_run_dir(session.get(Run, sys.argv[1])))
+"""
+
+
+def _python(code: str, env: dict, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def _worker(env: dict, name: str, log: Path) -> subprocess.Popen:
@@ -151,16 +185,16 @@ def test_two_workers_with_separate_folders_finish_one_run_across_a_kill(s3_endpo
             "SCAN_DATABASE_URL": "", "SCAN_BROKER_URL": "", "SCAN_ARTIFACT_STORE": f"s3://{bucket}/scan",
             "SCAN_S3_ENDPOINT": s3_endpoint, "SCAN_HEARTBEAT_S": "1", "SCAN_STALE_AFTER_S": "6",
             "SCAN_RECOVER_INTERVAL_S": "1", "SCAN_PROGRESS_INTERVAL_S": "0.5"}
-    env = {name: {**base, "SCAN_ARTIFACTS_DIR": str(tmp_path / name)} for name in ("ingest", "a", "b")}
+    env = {name: {**base, "SCAN_ARTIFACTS_DIR": str(tmp_path / name)} for name in ("api", "ingest", "a", "b")}
     body = {"dataset_id": "ds1", "num_clusters": 10, "preset": "small",
             "overrides": {"pretext.epochs": 8, "pretext.batch_size": 128, "clustering.epochs": 1,
                           "clustering.num_heads": 1, "selflabel.epochs": 1}}
-    made = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(body)], cwd=tmp_path, env=env["ingest"],
-                          capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr[-3000:]
-    run_id = made.stdout.split()[-1]
     store = open_store(f"s3://{bucket}/scan", s3_endpoint)
+    _python(API_UPLOAD, env["api"])
+    assert list(store.versions("uploads/ds1")) == ["uploads/ds1/digits.npz"]
+    run_id = _python(INGEST_AND_SUBMIT, env["ingest"], json.dumps(body)).split()[-1]
     assert "datasets/ds1/images.npy" in store.versions("datasets/ds1")
+    assert store.versions("uploads/ds1") == {}, "the upload is deleted once ingested"
     db = sqlite3.connect(var / "scan.db")
 
     def pretext_epoch() -> int:
@@ -207,6 +241,10 @@ def test_two_workers_with_separate_folders_finish_one_run_across_a_kill(s3_endpo
         assert f"runs/{run_id}/{name}" in keys, name
     assert not (tmp_path / "a" / "runs" / run_id / "model.pt").exists()
     assert db.execute("SELECT count(*) FROM assignments WHERE run_id=?", (run_id,)).fetchone()[0] == 1797
+    served = Path(_python(API_SERVE, env["api"], run_id).strip())
+    assert served == tmp_path / "api" / "runs" / run_id
+    assert (served / "model.pt").is_file() and (served / "index.faiss").is_file()
+    assert not (served / "checkpoints").exists() or not any((served / "checkpoints").iterdir())
 
 
 def store_path(store, key: str, tmp_path: Path) -> Path:  # noqa: ANN001

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from app.core.artifacts import Synced, open_store
+from app.core.artifacts import Synced, synced
 from app.core.db import new_session
 from app.core.settings import get_settings
 from app.models import Dataset, Run
@@ -77,7 +77,7 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
     settings = get_settings()
     run = session.get(Run, run_id)
     dataset = session.get(Dataset, run.dataset_id)
-    sync = _sync(settings)
+    sync = synced(settings)
     run_dir = _pull_run(settings, run, sync)
     if sync.store is not None:
         sync.pull(f"datasets/{dataset.id}")
@@ -117,14 +117,10 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
     return summary
 
 
-def _sync(settings) -> Synced:  # noqa: ANN001
-    return Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts)
-
-
 def _pull_run(settings, run: Run, sync: Synced | None = None) -> str:  # noqa: ANN001
     """The run's folder on this machine: with an artifact store, this worker's own copy (under its
     artifacts folder, brought up to date from the store); without one, the shared folder."""
-    sync = sync or _sync(settings)
+    sync = sync or synced(settings)
     if sync.store is None:
         return run.run_dir
     sync.pull(f"runs/{run.id}")

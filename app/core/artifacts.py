@@ -128,6 +128,11 @@ def open_store(url: str, endpoint_url: str | None = None) -> ArtifactStore | Non
     raise ValueError(f"artifact store {url!r}: use file:///path or s3://bucket/prefix")
 
 
+def synced(settings) -> "Synced":  # noqa: ANN001 - any object with the three Settings fields below
+    """The Synced view of `settings`: its artifact store over its local artifacts folder."""
+    return Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts)
+
+
 class Synced:
     """One local folder kept in step with the store, prefix by prefix (`runs/<id>`, `datasets/<id>`).
 
@@ -157,12 +162,15 @@ class Synced:
         st = path.stat()
         return [st.st_size, st.st_mtime_ns]
 
-    def pull(self, prefix: str) -> int:
+    def pull(self, prefix: str, skip: tuple[str, ...] = ()) -> int:
+        """Fetch what changed in the store; `skip` names sub-folders not wanted here (`checkpoints/`)."""
         if self.store is None:
             return 0
         path, manifest = self._manifest(prefix)
         count = 0
         for key, version in self.store.versions(prefix).items():
+            if key[len(prefix):].lstrip("/").startswith(skip):
+                continue
             local = self.root / key
             if local.is_file() and manifest.get(key, {}).get("version") == version:
                 continue

@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.artifacts import Synced, open_store
+from app.core.artifacts import synced
 from app.core.db import new_session
 from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
@@ -43,6 +43,8 @@ def create(settings: Settings, tenant: Tenant, dataset_id: str, *, name: str, so
                             split=split, upload_path=upload_path))
         session.commit()
     try:
+        # With an artifact store, the cpu worker may be on another machine: the upload goes through it.
+        synced(settings).push(f"uploads/{dataset_id}")
         enqueue_ingest(dataset_id)
     except Exception as exc:  # noqa: BLE001 - any broker failure: undo the row and the upload
         discard(settings, dataset_id)
@@ -118,6 +120,11 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
     session.commit()
     try:
         source = dataset.upload_path or dataset.source
+        if dataset.upload_path and settings.artifact_store:
+            # The API's path names its own folder: fetch the upload and find it under ours.
+            synced(settings).pull(f"uploads/{dataset.id}")
+            parts = Path(dataset.upload_path).parts
+            source = str(upload_dir(settings, dataset.id).joinpath(*parts[parts.index(dataset.id) + 1:]))
         data = load_source(source, split=dataset.split, cache_dir=settings.artifacts / "cache")
         if data.n == 0:
             raise DataError(dataset.name, "contains no images")
@@ -136,9 +143,9 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
         session.commit()
         return
     # With an artifact store, training workers on other machines fetch the dataset from there.
-    Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts).push(
-        f"datasets/{dataset.id}")
+    synced(settings).push(f"datasets/{dataset.id}")
     shutil.rmtree(upload_dir(settings, dataset.id), ignore_errors=True)
+    synced(settings).delete(f"uploads/{dataset.id}")
     dataset.state = DatasetState.READY
     dataset.count, dataset.channels = int(data.n), int(data.channels)
     dataset.height, dataset.width = int(data.height), int(data.width)
@@ -161,7 +168,7 @@ def delete(session: Session, settings: Settings, tenant: Tenant, dataset_id: str
     session.delete(dataset)  # runs and their results follow by ON DELETE CASCADE
     session.commit()
     remove_files(settings, dataset)
-    store = Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts)
+    store = synced(settings)
     store.delete(f"datasets/{dataset.id}")
     for run_id, run_dir in runs:
         store.delete(f"runs/{run_id}")

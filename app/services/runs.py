@@ -10,9 +10,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.artifacts import synced
 from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.core.queue import enqueue_stage
-from app.core.settings import Settings
+from app.core.settings import Settings, get_settings
 from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
 from app.services import execution, weights
@@ -110,6 +111,16 @@ def servable_run_dir(run: Run) -> Path:
     """The run directory that /predict, /neighbors, /model and the UI serve from."""
     if run.state != RunState.SUCCEEDED:
         raise Conflict(f"run {run.id} is {run.state}; serving needs a run in state SUCCEEDED")
+    settings = get_settings()
+    if settings.artifact_store:
+        # Another machine trained it: fetch the run once (a SUCCEEDED run never changes), without the
+        # training checkpoints. Blocks the first request for this run on this API process only.
+        local = settings.runs_dir / run.id
+        if not (local / "model.pt").is_file():
+            synced(settings).pull(f"runs/{run.id}", skip=("checkpoints/",))
+        if not (local / "model.pt").is_file():
+            raise Conflict(f"run {run.id} has no model files in the artifact store")
+        return local
     if not run.run_dir or not Path(run.run_dir).is_dir():
         raise Conflict(f"run {run.id} has no model files on this server")
     return Path(run.run_dir)

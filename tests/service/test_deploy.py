@@ -30,7 +30,7 @@ def test_compose_config_is_valid():
     services = yaml.safe_load(out.stdout)["services"]
     assert {"postgres", "redis", "minio", "api", "worker-gpu", "worker-cpu"} <= set(services)
     for name, service in services.items():
-        assert service.get("restart") == "unless-stopped", name
+        assert service.get("restart") == ("on-failure" if name == "minio-bucket" else "unless-stopped"), name
     # GPU workers: one per GPU by a variable, each pinned (workers/per_gpu.py), with a healthcheck.
     gpu_worker = services["worker-gpu"]
     gpu = gpu_worker["deploy"]["resources"]["reservations"]["devices"][0]
@@ -49,6 +49,8 @@ def test_compose_config_is_valid():
     assert "scan db upgrade" in " ".join(services["api"]["command"])
     for name in ("api", "worker-gpu", "worker-cpu"):
         assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://")
+        assert services[name]["environment"]["SCAN_ARTIFACT_STORE"].startswith("s3://scan-artifacts/")
+        assert services[name]["environment"]["SCAN_S3_ENDPOINT"] == "http://minio:9000"
         assert any("/data" in str(v) for v in services[name]["volumes"])
 
 
