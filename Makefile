@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-deps test-embedded test-services demo fashion-mnist chromium compose bench clean
+.PHONY: venv test test-fast test-deps test-embedded test-services lint format demo fashion-mnist chromium compose bench clean
 
 # A machine with no NVIDIA driver gets torch's CPU build (~0.2 GB, not the ~6 GB CUDA one) when its
 # index is reachable: `==2.14.1` also matches `2.14.1+cpu`, which pip then prefers.
@@ -54,6 +54,23 @@ test-services: venv
 	SCAN_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \
 	SCAN_BROKER_URL=redis://127.0.0.1:6379/15 \
 	$(BIN)/pytest -m service  # ml/ tests touch no database or broker: once (embedded) is enough
+
+# The inner loop: unit tests only (no training run, no API or worker process), under a minute.
+test-fast: venv
+	$(BIN)/pytest -q -m "not slow and not service and not browser" tests/ml tests/app tests/test_architecture.py
+
+# ruff lints the whole tree. The formatter (ruff format) is enforced on the modules listed in
+# FORMATTED; the rest of the tree joins the list file by file, so that reformatting never lands as
+# one tree-wide diff on top of work in flight.
+FORMATTED := app/core/queue.py app/core/errors.py app/serving/neighbors.py cli/__init__.py cli/main.py \
+	ml/limits.py ml/stages/__init__.py tests/test_architecture.py tests/app
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check $(FORMATTED)
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format $(FORMATTED)
 
 demo: venv
 	$(BIN)/python -m cli.demo

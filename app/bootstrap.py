@@ -7,12 +7,14 @@ from sqlalchemy import func, select
 
 from app.core.settings import Settings
 
-def alembic_config(settings: Settings):  # noqa: ANN201
+
+def alembic_config(settings: Settings):
     """Built from the installed `migrations` package, not from alembic.ini (a wheel has no repo top
     level to hold one): `scan db upgrade` works from `pip install scan-service` as from a checkout.
     alembic.ini stays for the `alembic` command line in a checkout and in the image."""
-    import migrations
     from alembic.config import Config
+
+    import migrations
 
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))

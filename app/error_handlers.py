@@ -10,11 +10,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.errors import ServiceError
 
 
-def _where(loc) -> str:  # noqa: ANN001
+def _where(loc) -> str:
     return ".".join(str(part) for part in loc if part not in ("body", "query", "path", "header")) or "request"
 
 
-def describe(errors, prefix: str = "") -> str:  # noqa: ANN001
+def describe(errors, prefix: str = "") -> str:
     return "; ".join(f"{prefix}{_where(e['loc'])}: {e['msg']}" for e in errors)
 
 

@@ -13,8 +13,8 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.services.datasets import safe_filename
 from app.core.errors import Invalid, TooLarge
+from app.services.datasets import safe_filename
 
 MAX_FIELD_BYTES = 4096
 
@@ -35,7 +35,8 @@ async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
                       "(curl -F file=@digits.zip ...)")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-        raise TooLarge(f"upload of {int(declared)} bytes exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES)")
+        raise TooLarge(f"upload of {int(declared)} bytes exceeds the limit of {max_bytes} bytes "
+                       "(SCAN_MAX_UPLOAD_BYTES)")
 
     upload = Upload()
     state: dict = {"headers": {}, "field": b"", "value": b"", "name": None, "sink": None, "text": None}
@@ -62,7 +63,7 @@ async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
             upload.filename = disp.get(b"filename", b"upload").decode("utf-8", "replace")
             dest_dir.mkdir(parents=True, exist_ok=True)
             upload.path = dest_dir / safe_filename(upload.filename)
-            state["sink"] = open(upload.path, "wb")  # noqa: SIM115 - closed in on_part_end / finally
+            state["sink"] = open(upload.path, "wb")  # closed in on_part_end / finally
         else:
             state["text"] = bytearray()
 

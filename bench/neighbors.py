@@ -54,8 +54,8 @@ def pct(lat_s: list[float]) -> str:
 
 
 def bench_size(n: int, args, rng: np.random.Generator, tmp: Path) -> None:
-    from ml.index import build_index, describe_index, save_index
     from app.serving.model_cache import ModelCache
+    from ml.index import build_index, describe_index, save_index
 
     centers = rng.standard_normal((1000, DIM), dtype=np.float32)
     features = mixture(n, centers, rng)
@@ -90,6 +90,7 @@ def bench_size(n: int, args, rng: np.random.Generator, tmp: Path) -> None:
 
     if args.http:
         import httpx
+
         from bench.serve import register_run, start_api
         key, run_id = register_run(tmp / f"var-{n}", run_dir, 8, 1, 10)
         proc, base = start_api(tmp / f"var-{n}", {})

@@ -109,7 +109,7 @@ def start_api(var_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pope
 
     port = free_port()
     env = {**os.environ, "SCAN_VAR_DIR": str(var_dir), **env_extra}
-    log = open(var_dir / "api.log", "w")  # noqa: SIM115
+    log = open(var_dir / "api.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning", "--no-access-log"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

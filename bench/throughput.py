@@ -27,12 +27,12 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.config import RunConfig  # noqa: E402
-from ml.data import ImageSet, load_source  # noqa: E402
-from ml.device import select_runtime  # noqa: E402
-from ml.losses import nt_xent_loss  # noqa: E402
-from ml.models import ContrastiveModel, build_backbone  # noqa: E402
-from ml.pipeline import prepare_run, run_stage  # noqa: E402
+from ml.config import RunConfig
+from ml.data import ImageSet, load_source
+from ml.device import select_runtime
+from ml.losses import nt_xent_loss
+from ml.models import ContrastiveModel, build_backbone
+from ml.pipeline import prepare_run, run_stage
 
 
 class TwoViews(Dataset):
@@ -123,7 +123,8 @@ def main() -> None:
     r_ours = ours(data, args.arch, size, args.batch, args.steps, args.device, args.width)
     r_base = baseline(images, args.arch, size, args.batch, args.steps, args.workers, rt.device, args.width)
     name = torch.cuda.get_device_name() if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"pretext throughput, {args.arch} (width {args.width}) {size}px batch {args.batch}, {args.steps} steps, {name}")
+    print(f"pretext throughput, {args.arch} (width {args.width}) {size}px batch {args.batch}, "
+          f"{args.steps} steps, {name}")
     print(f"  baseline (PIL transforms, DataLoader x{args.workers}, fp32): {r_base:10,.0f} img/s")
     print(f"  this pipeline (resident data, batched aug{', bf16' if rt.bf16 else ''}):  {r_ours:10,.0f} img/s")
     print(f"  ratio: {r_ours / r_base:.2f}x")

@@ -47,7 +47,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(args, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    return subprocess.Popen(args, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -141,7 +141,10 @@ def _print_metrics(client: httpx.Client, run: dict) -> None:
     table = Table(title="digits: clustering quality (labels used only to score)")
     for col in ("", "ACC", "NMI", "ARI", "top-5"):
         table.add_column(col)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     table.add_row("SCAN", *(fmt(final.get(k)) for k in ("acc", "nmi", "ari", "top5_acc")))
     km = mining.get("kmeans", {})
     table.add_row("K-means on pretext features", *(fmt(km.get(k)) for k in ("acc", "nmi", "ari")), "-")
@@ -179,10 +182,12 @@ def main(pretext_epochs: int = typer.Option(60, help="SimCLR epochs (the paper u
     base = f"http://{host}:{port}"
     logs = settings.var_dir / "logs"
     procs = [
-        _spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)], logs / "api.log"),
+        _spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)],
+               logs / "api.log"),
         # Two workers, as in production: ingest (cpu) never waits behind a training stage (gpu).
         *(_spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queue, "-c", "1",
-                  "-n", f"{queue}@%h", "--loglevel", "INFO"], logs / f"worker-{queue}.log") for queue in ("gpu", "cpu")),
+                  "-n", f"{queue}@%h", "--loglevel", "INFO"], logs / f"worker-{queue}.log")
+          for queue in ("gpu", "cpu")),
     ]
 
     def stop(*_: object) -> None:

@@ -8,14 +8,18 @@
 
 The service commands import the app lazily, so `scan train` starts without loading SQLAlchemy.
 """
+
 from __future__ import annotations
 
 import typer
 
 from ml.cli import evaluate, predict, train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="SCAN: learn to classify images without labels (CLI and service admin).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="SCAN: learn to classify images without labels (CLI and service admin).",
+)
 app.command()(train)
 app.command()(evaluate)
 app.command()(predict)

@@ -9,8 +9,9 @@ whichever was unpacked last; each image gets exactly one.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 variant = sys.argv[1] if len(sys.argv) > 1 else "cpu"

@@ -10,11 +10,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as Bar
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -42,7 +43,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _load(source: str, split: str, cache_dir: Optional[Path]):
+def _load(source: str, split: str, cache_dir: Path | None):
     from ml.data import DataError, load_source
 
     try:
@@ -55,15 +56,16 @@ def _load(source: str, split: str, cache_dir: Optional[Path]):
 
 @app.command()
 def train(
-    source: str = typer.Argument(..., help="folder, archive, .npz, IDX, CIFAR/STL folder, or a built-in name (digits, fashion-mnist)"),
+    source: str = typer.Argument(..., help="folder, archive, .npz, IDX, CIFAR/STL folder, or a built-in name "
+                                 "(digits, fashion-mnist)"),
     clusters: int = typer.Option(..., "--clusters", "-k", help="number of clusters"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
     preset: str = typer.Option("cifar", help="cifar | stl | imagenet | small"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set pretext.epochs=100"),
     split: str = typer.Option("train", help="split of the source to train on"),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/scan"), help="decoded-dataset cache"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    seed: Optional[int] = typer.Option(None),
+    cache_dir: Path | None = typer.Option(Path(".cache/scan"), help="decoded-dataset cache"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    seed: int | None = typer.Option(None),
 ) -> None:
     """Train all four SCAN stages; rerunning the same command resumes where it stopped."""
     from pydantic import ValidationError
@@ -109,9 +111,10 @@ def train(
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
-    source: Optional[str] = typer.Argument(None, help="labelled data to evaluate on (default: the stored training metrics)"),
+    source: str | None = typer.Argument(None, help="labelled data to evaluate on "
+                                        "(default: the stored training metrics)"),
     split: str = typer.Option("test"),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/scan")),
+    cache_dir: Path | None = typer.Option(Path(".cache/scan")),
 ) -> None:
     """Print the run's metrics table, or evaluate the final model on another labelled split."""
     if source is None:
@@ -140,7 +143,6 @@ def predict(
     images: list[Path] = typer.Argument(..., help="image files"),
 ) -> None:
     """Cluster id, confidence and matched label for each image."""
-    import numpy as np
 
     from ml.data import DataError, conform_images, decode_image
     from ml.predictor import Predictor
@@ -166,7 +168,7 @@ def predict(
     Console().print(table)
 
 
-def _print_metrics(run_dir: Path, timings: Optional[dict[str, float]]) -> None:
+def _print_metrics(run_dir: Path, timings: dict[str, float] | None) -> None:
     path = run_dir / "metrics.json"
     if not path.exists():
         _fail(f"{path} does not exist: train first")

@@ -113,7 +113,7 @@ class RunConfig(_Strict):
     selflabel: SelfLabelConfig = SelfLabelConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if self.pretext.epochs == 0 and not self.pretext.backbone_weights:
             raise ValueError("pretext.epochs=0 needs pretext.backbone_weights (a state dict to start from)")
         if not self.clustering.augment and not self.clustering.freeze_backbone:
@@ -125,7 +125,7 @@ class RunConfig(_Strict):
         return self
 
     @classmethod
-    def from_preset(cls, preset: str, num_clusters: int, overrides: dict[str, Any] | None = None) -> "RunConfig":
+    def from_preset(cls, preset: str, num_clusters: int, overrides: dict[str, Any] | None = None) -> RunConfig:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
         data = copy.deepcopy(PRESETS[preset])

@@ -16,8 +16,9 @@ import json
 import threading
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -144,4 +145,4 @@ def _matched_labels(clusters, num_clusters: int) -> list[str | None] | None:
     for i, c in enumerate(items):
         if isinstance(c, dict) and i < num_clusters:
             labels[int(c.get("cluster", c.get("id", i)))] = c.get("matched_label")
-    return labels if any(l is not None for l in labels) else None
+    return labels if any(label is not None for label in labels) else None

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pickle
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +42,14 @@ class Normalize(nn.Module):
 class Backbone(nn.Sequential):
     """Normalize followed by a feature extractor ending in a global pool: (N, C, H, W) -> (N, out_dim)."""
 
-    def __init__(self, layers: "OrderedDict[str, nn.Module]", out_dim: int, arch: str, in_channels: int):
+    def __init__(self, layers: OrderedDict[str, nn.Module], out_dim: int, arch: str, in_channels: int):
         super().__init__(layers)
         self.out_dim = int(out_dim)
         self.arch = arch
         self.in_channels = int(in_channels)
 
 
-def _resnet_layers(arch: str, in_channels: int) -> tuple["OrderedDict[str, nn.Module]", int]:
+def _resnet_layers(arch: str, in_channels: int) -> tuple[OrderedDict[str, nn.Module], int]:
     net = torchvision.models.resnet50(weights=None) if arch == "resnet50" else torchvision.models.resnet18(weights=None)
     if arch == "resnet18_cifar":
         # CIFAR stem (SCAN's resnet_cifar): 3x3 stride-1 conv and no max-pool keep 32 px images at
@@ -69,7 +69,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-def _convnet_layers(in_channels: int, width: int = 32) -> tuple["OrderedDict[str, nn.Module]", int]:
+def _convnet_layers(in_channels: int, width: int = 32) -> tuple[OrderedDict[str, nn.Module], int]:
     # A small VGG-style net for small images (8-32 px): one conv at full resolution, then each
     # max-pool halves the side (ceil, so 7 -> 4 and 8 px inputs still end at 1 px) before a wider
     # conv. About 12 M multiply-adds for a 28x28 image, ~45x fewer than resnet18_cifar at 32x32.

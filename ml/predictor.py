@@ -21,7 +21,7 @@ class Predictor:
         self.class_names = class_names
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto", model: str = "final") -> "Predictor":
+    def load(cls, run_dir: str | Path, device: str = "auto", model: str = "final") -> Predictor:
         """model: "final" (after self-labeling) or "scan" (the SCAN-stage model, for Table 1)."""
         run = RunDir(run_dir)
         path = run.model_path if model == "final" else run.scan_model_path

@@ -13,7 +13,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def ensure(self) -> "RunDir":
+    def ensure(self) -> RunDir:
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         return self
 

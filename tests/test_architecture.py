@@ -3,6 +3,7 @@
 The graph counts every import statement, also those inside functions (a lazy import is still a
 dependency: `app.services.queue` <-> `workers.celery_app` was a cycle made only of lazy imports).
 """
+
 from __future__ import annotations
 
 import ast
@@ -92,8 +93,7 @@ def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], dict[str, set[
     """(module -> project modules it imports, module -> all names it imports)."""
     modules = _modules(root)
     raw = {name: _imports(name, path) for name, path in modules.items()}
-    graph = {name: {t for t in (_owner(n, modules) for n in names) if t and t != name}
-             for name, names in raw.items()}
+    graph = {name: {t for t in (_owner(n, modules) for n in names) if t and t != name} for name, names in raw.items()}
     return graph, raw
 
 
@@ -148,8 +148,7 @@ def upward_imports(graph: dict[str, set[str]], raw: dict[str, set[str]]) -> list
             if other != layer and other not in MAY_IMPORT[layer]:
                 bad.append(f"{module} ({layer}) imports {target} ({other})")
         if any(module == p or module.startswith(p + ".") for p in NO_WEB):
-            bad += [f"{module} ({layer}) imports {n}" for n in sorted(raw[module])
-                    if n.split(".")[0] in WEB]
+            bad += [f"{module} ({layer}) imports {n}" for n in sorted(raw[module]) if n.split(".")[0] in WEB]
     return bad
 
 
@@ -170,8 +169,7 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "app" / "services").mkdir()
     (tmp_path / "app" / "services" / "__init__.py").write_text("")
-    (tmp_path / "app" / "services" / "queue.py").write_text(
-        "def enqueue():\n    from workers.celery_app import app\n")
+    (tmp_path / "app" / "services" / "queue.py").write_text("def enqueue():\n    from workers.celery_app import app\n")
     (tmp_path / "workers" / "celery_app.py").write_text("from app.services import queue\n")
     (tmp_path / "ml" / "stages.py").write_text("from app.core import settings\nimport fastapi\n")
     graph, raw = import_graph(tmp_path)

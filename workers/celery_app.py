@@ -34,7 +34,7 @@ def _fresh_connections_in_child(**_: object) -> None:
 
 
 @signals.worker_ready.connect
-def _start_recovery(sender=None, **_: object) -> None:  # noqa: ARG001 - Celery passes the consumer
+def _start_recovery(sender=None, **_: object) -> None:  # Celery passes the consumer as sender
     """In the worker's main process: re-enqueue stages whose worker died (stale heartbeat)."""
     settings = get_settings()
     stop = threading.Event()

@@ -1,4 +1,5 @@
-"""Domain errors, raised by services and serving; app/error_handlers.py maps them to HTTP status codes with the message as ``detail``."""
+"""Domain errors, raised by services and serving; app/error_handlers.py maps them to HTTP status
+codes with the message as ``detail``."""
 
 
 class ServiceError(Exception):

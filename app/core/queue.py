@@ -12,6 +12,7 @@ imports neither side.
 - The visibility timeout (Redis) exceeds the longest stage, or Redis would hand a running stage to a
   second worker every hour; the database lease makes such a duplicate a no-op anyway.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

@@ -23,7 +23,8 @@ router = APIRouter(tags=["serving"])
             responses={200: {"content": {"application/zip": {}}}})
 async def download_model(run_id: str, session: SessionDep, tenant: TenantDep,
                          format: Annotated[Literal["onnx", "torchscript"], Query(
-                             description="onnx (onnxruntime, TensorRT, ...) or torchscript (torch.jit.load)")] = "onnx"):
+                             description="onnx (onnxruntime, TensorRT, ...) or torchscript (torch.jit.load)"
+                         )] = "onnx"):
     from ml.export import export_archive
 
     run = run_service.get(session, tenant, run_id)

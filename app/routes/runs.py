@@ -19,7 +19,7 @@ from app.services import runs as service
 router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
 
 
-def run_out(session, run: Run) -> RunOut:  # noqa: ANN001
+def run_out(session, run: Run) -> RunOut:
     out = RunOut.model_validate(run)
     out.stages = [StageOut.model_validate(s) for s in service.stages(session, run)]
     return out
@@ -28,7 +28,8 @@ def run_out(session, run: Run) -> RunOut:  # noqa: ANN001
 @router.post("", summary="Start a training run (answers 202 with the queued run)", status_code=202,
              response_model=RunOut, responses={
                  200: {"model": RunOut, "description": "replay of an earlier request with the same Idempotency-Key"},
-                 409: {"model": ErrorBody, "description": "Idempotency-Key reused with another body, or dataset not READY"},
+                 409: {"model": ErrorBody,
+                       "description": "Idempotency-Key reused with another body, or dataset not READY"},
                  503: {"model": ErrorBody, "description": "broker unreachable"}})
 def create_run(body: RunCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=200, description=

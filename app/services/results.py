@@ -6,8 +6,8 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from app.models import Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState, utcnow
 from app.core.errors import Conflict, NotFound
+from app.models import Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState, utcnow
 
 
 def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
@@ -18,6 +18,7 @@ def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
     PostgreSQL, one executemany INSERT elsewhere; never one ORM object per row.
     """
     import numpy as np
+
     from ml.rundir import RunDir
 
     rd = RunDir(run_dir or run.run_dir)

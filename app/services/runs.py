@@ -46,7 +46,7 @@ def submit(session: Session, settings: Settings, tenant: Tenant, body: dict[str,
     if created:
         try:
             enqueue_stage(run.id, run.stage)
-        except Exception as exc:  # noqa: BLE001 - any broker failure
+        except Exception as exc:  # any broker failure
             message = f"could not queue the run, is the broker up? ({exc})"
             execution.mark_failed(session, run.id, None, message)
             raise Unavailable(message) from exc

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -142,7 +142,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         try:
             outputs = await loop.run_in_executor(self._executor, self.fn, inputs)
-        except Exception as exc:  # every caller in the batch sees the model's error
+        except Exception as exc:  # noqa: BLE001 - any model error goes to every caller in the batch
             for r in live:
                 if not r.future.done():
                     r.future.set_exception(exc)

@@ -76,7 +76,7 @@ class ServedRun:
             idx = int(c.get("cluster", c.get("id", i)))
             if 0 <= idx < len(labels):
                 labels[idx] = c.get("matched_label")
-        return labels if any(l is not None for l in labels) else None
+        return labels if any(label is not None for label in labels) else None
 
     @cached_property
     def features(self) -> np.ndarray:

@@ -8,7 +8,7 @@ Returns markup safe to put into a Jinja template (values are numbers; names are 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from markupsafe import Markup, escape
 

@@ -16,8 +16,7 @@ from PIL import Image
 
 from .errors import DataError, Limits
 from .imageset import ImageSet
-from .imaging import (choose_size, conform_pil, decode_pil, is_gray, open_image, orientation,
-                      parallel_map)
+from .imaging import choose_size, conform_pil, decode_pil, is_gray, open_image, orientation, parallel_map
 
 Encoded = tuple[str, "bytes | Path"]  # (name used in errors, the encoded bytes or a file path)
 

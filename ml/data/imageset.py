@@ -81,7 +81,7 @@ class ImageSet:
             raise
 
     @classmethod
-    def load(cls, directory: Path, mmap: bool = True) -> "ImageSet":
+    def load(cls, directory: Path, mmap: bool = True) -> ImageSet:
         directory = Path(directory)
         try:
             meta = json.loads((directory / "meta.json").read_text())

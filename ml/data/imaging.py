@@ -68,7 +68,7 @@ def orientation(img: Image.Image) -> int:
         return 1
     try:
         return int(img.getexif().get(0x0112, 1))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not reject an image it only rotates
         return 1
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 
 from .archive import is_archive, read_archive, sniff_archive
@@ -27,7 +28,7 @@ def load_source(source: str | Path, *, split: str = "train", cache_dir: Path | N
     name = builtin_name(str(source)) if isinstance(source, str) and "/" not in source else None
     if name is not None:
         label, files = name, builtin_files(name)
-        read = lambda: load_builtin(name, base, limits, image_size)  # noqa: E731
+        read = partial(load_builtin, name, base, limits, image_size)
         if variant:
             raise DataError(name, f"split suffix '-{variant}' applies only to CIFAR-100")
     else:
@@ -37,7 +38,7 @@ def load_source(source: str | Path, *, split: str = "train", cache_dir: Path | N
                                   "fashion-mnist)")
         path = path.resolve()
         label, files = str(path), path
-        read = lambda: _read_path(path, base, variant, limits, image_size)  # noqa: E731
+        read = partial(_read_path, path, base, variant, limits, image_size)
     if cache_dir is None:
         return read()
     entry = cache_entry(Path(cache_dir), label, files, split, image_size, limits)

@@ -13,8 +13,18 @@ from ml.artifacts import load_contrastive, save_clustering
 from ml.augment import StrongAugment
 from ml.losses import scan_loss_per_head
 from ml.models import ClusteringModel
-from ml.stages.common import (StageContext, batches, make_optimizer, predict_all,
-                              resident_images, resume, run_epochs, save_checkpoint, set_lr, take)
+from ml.stages.common import (
+    StageContext,
+    batches,
+    make_optimizer,
+    predict_all,
+    resident_images,
+    resume,
+    run_epochs,
+    save_checkpoint,
+    set_lr,
+    take,
+)
 from ml.stages.results import write_results
 
 

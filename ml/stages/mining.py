@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ml import evaluate, index as faiss_index
+from ml import evaluate
+from ml import index as faiss_index
 from ml.rundir import atomic_write
 from ml.stages.common import Progress, StageContext
 

@@ -17,8 +17,19 @@ from ml.augment import SimCLRAugment
 from ml.losses import moco_loss, nt_xent_loss
 from ml.models import ContrastiveModel, build_backbone, load_backbone_weights
 from ml.rundir import atomic_write
-from ml.stages.common import (StageContext, batches, channel_stats, make_optimizer,
-                              predict_all, resident_images, resume, run_epochs, save_checkpoint, set_lr, take)
+from ml.stages.common import (
+    StageContext,
+    batches,
+    channel_stats,
+    make_optimizer,
+    predict_all,
+    resident_images,
+    resume,
+    run_epochs,
+    save_checkpoint,
+    set_lr,
+    take,
+)
 
 
 def run_pretext(ctx: StageContext, data) -> dict[str, Any]:

@@ -13,8 +13,18 @@ import torch
 from ml.artifacts import cpu_state, load_clustering, save_clustering
 from ml.augment import StrongAugment, WeakAugment
 from ml.losses import selflabel_loss
-from ml.stages.common import (StageContext, batches, make_optimizer, predict_all,
-                              resident_images, resume, run_epochs, save_checkpoint, set_lr, take)
+from ml.stages.common import (
+    StageContext,
+    batches,
+    make_optimizer,
+    predict_all,
+    resident_images,
+    resume,
+    run_epochs,
+    save_checkpoint,
+    set_lr,
+    take,
+)
 from ml.stages.results import write_results
 
 

@@ -9,8 +9,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
 
 from ml import augment
-from ml.augment import (CUTOUT_FILL, STRONG_OPS, SimCLRAugment, StrongAugment, WeakAugment, apply_op,
-                        to_float)
+from ml.augment import CUTOUT_FILL, STRONG_OPS, SimCLRAugment, StrongAugment, WeakAugment, apply_op, to_float
 
 AUGMENTS = {
     "simclr": SimCLRAugment,

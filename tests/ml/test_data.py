@@ -355,7 +355,8 @@ def test_digits_builtin():
     assert load_source("digits", split="test").n == 1797
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian dataset-fashion-mnist is not installed (`make fashion-mnist`, or apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian dataset-fashion-mnist is not installed "
+                    "(`make fashion-mnist`, or apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_builtin():
     s = load_source("fashion-mnist", split="test")
     assert s.images.shape == (10000, 1, 28, 28) and s.class_names[9] == "Ankle boot"
@@ -472,7 +473,7 @@ def test_tar_path_traversal_and_device_entries(tmp_path):
             info = tarfile.TarInfo(name)
             info.type = kind
             tf.addfile(info, io.BytesIO(b""))
-        assert_data_error(lambda: load_source(path), path.name, name, match=match)
+        assert_data_error(lambda path=path: load_source(path), path.name, name, match=match)
 
 
 def test_zip_symlink(tmp_path):

@@ -8,8 +8,15 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from ml import evaluate
-from ml.evaluate import (cluster_metrics, cluster_prototypes, hungarian_accuracy, hungarian_mapping,
-                         kmeans_baseline, low_confidence, many_to_one_accuracy)
+from ml.evaluate import (
+    cluster_metrics,
+    cluster_prototypes,
+    hungarian_accuracy,
+    hungarian_mapping,
+    kmeans_baseline,
+    low_confidence,
+    many_to_one_accuracy,
+)
 
 
 def one_hot(pred, k, confidence=0.9):

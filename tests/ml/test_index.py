@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml.index import (build_index, describe_index, load_index, mine_neighbors, neighbor_purity,
-                      save_index, search)
+from ml.index import build_index, describe_index, load_index, mine_neighbors, neighbor_purity, save_index, search
 
 
 def blobs(n: int, dim: int = 32, centres: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

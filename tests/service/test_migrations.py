@@ -13,7 +13,7 @@ from app.bootstrap import alembic_config
 from app.models import Base
 
 
-def _check(connection, settings) -> None:  # noqa: ANN001
+def _check(connection, settings) -> None:
     config = alembic_config(settings)
     config.attributes["connection"] = connection
     assert "runs" not in inspect(connection).get_table_names()

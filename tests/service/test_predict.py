@@ -1,18 +1,14 @@
-"""POST /v1/runs/{id}/predict over HTTP against the real API process, and the dynamic batcher."""
+"""POST /v1/runs/{id}/predict over HTTP against the real API process (the batcher alone:
+tests/app/serving/test_batcher.py)."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from app.serving.batcher import DynamicBatcher
 
 ITEMS = list(range(0, 1797, 75))  # 24 items spread over the dataset
 
@@ -177,78 +173,3 @@ def test_predict_needs_a_succeeded_run_of_your_own(client, client_b, anon_client
     assert r.status_code == 422 and "k" in r.json()["detail"]
 
 # -- the dynamic batcher on its own ---------------------------------------------------------------
-
-def _recording_model(calls: list[int], delay_s: float = 0.0):
-    def fn(x: np.ndarray) -> np.ndarray:
-        calls.append(len(x))
-        time.sleep(delay_s)
-        return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float64) * 2
-    return fn
-
-
-def test_batcher_merges_concurrent_callers_and_returns_each_its_rows():
-    calls: list[int] = []
-    seen: list[int] = []
-    batcher = DynamicBatcher(_recording_model(calls, 0.02), max_batch_size=8, max_delay_ms=50,
-                             on_batch=seen.append)
-
-    async def main():
-        inputs = [np.full((n, 1, 2, 2), i, dtype=np.uint8) for i, n in enumerate([1, 2, 3, 1, 1])]
-        outs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
-        return inputs, outs
-
-    inputs, outs = asyncio.run(main())
-    batcher.close()
-    for x, out in zip(inputs, outs):
-        assert out.shape == (len(x), 1)
-        np.testing.assert_array_equal(out[:, 0], x.reshape(len(x), -1).sum(axis=1) * 2)
-    # 8 rows submitted at once within the delay: one model call, not five.
-    assert calls == [8] and seen == [8]
-
-
-def test_batcher_never_exceeds_max_batch_size_and_splits_large_requests():
-    calls: list[int] = []
-    batcher = DynamicBatcher(_recording_model(calls), max_batch_size=4, max_delay_ms=20)
-
-    async def main():
-        big = np.arange(10 * 4, dtype=np.uint8).reshape(10, 1, 2, 2)
-        small = np.ones((3, 1, 2, 2), dtype=np.uint8)
-        return big, await asyncio.gather(batcher.submit(big), batcher.submit(small))
-
-    big, (out_big, out_small) = asyncio.run(main())
-    batcher.close()
-    assert max(calls) <= 4 and sum(calls) == 13
-    np.testing.assert_array_equal(out_big[:, 0], big.reshape(10, -1).sum(axis=1) * 2)
-    np.testing.assert_array_equal(out_small[:, 0], np.full(3, 8))
-
-
-def test_batcher_runs_the_model_off_the_event_loop_and_propagates_errors():
-    loop_threads: list[int] = []
-
-    def failing(x):
-        loop_threads.append(threading.get_ident())
-        raise RuntimeError("model exploded")
-
-    batcher = DynamicBatcher(failing, max_batch_size=4, max_delay_ms=1)
-
-    async def main():
-        with pytest.raises(RuntimeError, match="model exploded"):
-            await batcher.submit(np.zeros((2, 1, 2, 2), np.uint8))
-        return threading.get_ident()
-
-    loop_thread = asyncio.run(main())
-    batcher.close()
-    assert loop_threads and loop_threads[0] != loop_thread
-
-
-def test_batcher_alone_does_not_wait_longer_than_its_delay():
-    batcher = DynamicBatcher(_recording_model([]), max_batch_size=64, max_delay_ms=10)
-
-    async def main():
-        t0 = time.perf_counter()
-        await batcher.submit(np.zeros((1, 1, 2, 2), np.uint8))
-        return time.perf_counter() - t0
-
-    elapsed = asyncio.run(main())
-    batcher.close()
-    assert elapsed < 0.5
