@@ -33,7 +33,7 @@ from rich.table import Table
 
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
-from ml.stages import STAGES
+from ml.stages import STAGES, stage_fraction
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,9 +118,8 @@ def _train(client: httpx.Client, dataset: dict, overrides: dict) -> dict:
         while True:
             run = client.get(f"/v1/runs/{run['id']}").json()
             for s in run["stages"]:
-                total = s["epochs"] or 1
-                done = total if s["state"] == "SUCCEEDED" else max(0, (s["epoch"] or 1) - 1) + (
-                    (s["step"] or 0) / s["steps"] if s["steps"] else 0)
+                done = 1.0 if s["state"] == "SUCCEEDED" else stage_fraction(
+                    s["epoch"], s["epochs"], s["step"], s["steps"])
                 info = s["state"].lower()
                 if s["state"] in ("RUNNING", "SUCCEEDED") and s["epochs"]:
                     info = f"epoch {s['epoch'] or 0}/{s['epochs']}"
@@ -128,7 +127,7 @@ def _train(client: httpx.Client, dataset: dict, overrides: dict) -> dict:
                         info += f"  loss {s['loss']:.3f}"
                     if s["images_per_s"] and s["state"] == "RUNNING":
                         info += f"  {s['images_per_s']:.0f} img/s  ETA {s['eta_s'] or 0:.0f}s"
-                bar.update(tasks[s["stage"]], total=total, completed=done, info=info)
+                bar.update(tasks[s["stage"]], total=1, completed=done, info=info)
             if run["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
                 return run
             time.sleep(0.5)

@@ -379,9 +379,8 @@ class StrongAugment:
 
     Optional horizontal flip (p=0.5), then ``num_ops`` ops drawn per sample with replacement from
     the 14 of Table S2, each with a magnitude uniform in its interval (``OP_RANGES``), then Cutout of
-    one ``cutout`` x ``cutout`` hole (default: half the side, the paper's 16 px on 32 px images)
-    filled with 0.5 gray (``CUTOUT_FILL``). Unlike the reference's Cutout, the hole side is fixed
-    (as in the original Cutout), not drawn from 1..cutout.
+    one square hole per sample whose side is drawn from 1..``cutout`` (default: half the side, the
+    paper's 16 px on 32 px images), filled with 0.5 gray (``CUTOUT_FILL``).
 
     At each of the ``num_ops`` positions, the samples that drew the same op are processed together;
     all geometric ops of a position share a single grid_sample call.

@@ -18,6 +18,8 @@ from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
 from rich.table import Table
 
+from ml.config import DEFAULT_PRESET
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="SCAN: learn to classify images without labels.")
 console = Console(stderr=True)
@@ -60,7 +62,7 @@ def train(
                                  "(digits, fashion-mnist)"),
     clusters: int = typer.Option(..., "--clusters", "-k", help="number of clusters"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
-    preset: str = typer.Option("cifar", help="cifar | stl | imagenet | small"),
+    preset: str = typer.Option(DEFAULT_PRESET, help="small (CPU) | cifar | stl | imagenet (see ml/config.py)"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set pretext.epochs=100"),
     split: str = typer.Option("train", help="split of the source to train on"),
     cache_dir: Path | None = typer.Option(Path(".cache/scan"), help="decoded-dataset cache"),
@@ -144,8 +146,10 @@ def predict(
 ) -> None:
     """Cluster id, confidence and matched label for each image."""
 
+    from ml.clusters import matched_labels, read_clusters
     from ml.data import DataError, conform_images, decode_image
     from ml.predictor import Predictor
+    from ml.rundir import RunDir
 
     try:
         predictor = Predictor.load(run_dir, device="auto")
@@ -159,11 +163,11 @@ def predict(
             _fail(str(e))
     batch = conform_images(decoded, (predictor.image_size, predictor.image_size), predictor.channels)
     probs = predictor.predict(batch)
-    clusters = json.loads((run_dir / "clusters.json").read_text()) if (run_dir / "clusters.json").exists() else []
+    labels = matched_labels(read_clusters(RunDir(run_dir).clusters_path), probs.shape[1]) or []
     table = Table("image", "cluster", "confidence", "label")
     for path, p in zip(images, probs):
         c = int(p.argmax())
-        label = clusters[c].get("matched_label") if c < len(clusters) else None
+        label = labels[c] if c < len(labels) else None
         table.add_row(str(path), str(c), f"{p[c]:.3f}", label or "")
     Console().print(table)
 

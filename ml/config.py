@@ -96,8 +96,13 @@ class SelfLabelConfig(_Strict):
     min_gain: float = Field(0.001, ge=0, le=1)
 
 
+# The recipe a run gets when it names none: `scan train` and POST /v1/runs both default to it.
+# `small` fits a laptop CPU; the paper's recipes (cifar, stl, imagenet) assume a GPU.
+DEFAULT_PRESET = "small"
+
+
 class RunConfig(_Strict):
-    preset: str = "cifar"
+    preset: str = "cifar"  # the preset these field defaults come from (the paper's CIFAR recipe)
     num_clusters: int = Field(..., ge=2, le=10_000)
     arch: Arch = "resnet18_cifar"
     width: int = Field(32, ge=4, le=512)  # convnet only: channels of the first block (doubling after)

@@ -210,12 +210,3 @@ def cluster_prototypes(probs: Any, features: Any, top: int = 10) -> list[int | N
         mean = x[confident].mean(axis=0)
         prototypes.append(int(confident[np.argmax(x[confident] @ mean)]))
     return prototypes
-
-
-def low_confidence(probs: Any, n: int) -> np.ndarray:
-    """Indices (int64) of the n samples with the lowest top probability, least confident first."""
-    p = _probs(probs)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    confidence = p.max(axis=1)
-    return np.argsort(confidence, kind="stable")[:n].astype(np.int64)

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ml.clusters import matched_labels, read_clusters
 from ml.rundir import RunDir, atomic_write
 
 Format = Literal["onnx", "torchscript"]
@@ -118,9 +119,9 @@ def export_archive(run_dir: str | Path, fmt: Format, *, predictor=None) -> Path:
         num_clusters = int(predictor.num_clusters)
         model_path = export_model(classifier, fmt, out_dir / MODEL_FILES[fmt],
                                   channels=predictor.channels, image_size=predictor.image_size)
-        clusters = rd.read_json(rd.clusters_path, default=None)
+        labels = matched_labels(read_clusters(rd.clusters_path), num_clusters)
         spec = preprocessing_spec(fmt, channels=predictor.channels, image_size=predictor.image_size,
-                                  num_clusters=num_clusters, cluster_labels=_matched_labels(clusters, num_clusters))
+                                  num_clusters=num_clusters, cluster_labels=labels)
 
         def write(f):
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -135,14 +136,3 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     import copy
     # Export on CPU: traced graphs must not capture a CUDA device, and the served copy stays put.
     return copy.deepcopy(model).cpu().float().eval()
-
-
-def _matched_labels(clusters, num_clusters: int) -> list[str | None] | None:
-    if not clusters:
-        return None
-    items = clusters if isinstance(clusters, list) else clusters.get("clusters", [])
-    labels: list[str | None] = [None] * num_clusters
-    for i, c in enumerate(items):
-        if isinstance(c, dict) and i < num_clusters:
-            labels[int(c.get("cluster", c.get("id", i)))] = c.get("matched_label")
-    return labels if any(label is not None for label in labels) else None

@@ -1,6 +1,6 @@
-"""Run SCAN's stages on a dataset: one stage at a time (what a worker task does) or all of them
-(what the CLI does). A stage rerun after a crash resumes from its last checkpoint; a finished stage
-rerun returns at once."""
+"""Run one of SCAN's stages on a dataset (the worker's task and `scan train` both call it, stage by
+stage). A stage rerun after a crash resumes from its last checkpoint; a finished stage rerun
+returns at once."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from ml.rundir import RunDir, atomic_write_text
 from ml.stages import STAGES
 from ml.stages.common import Canceled, CancelFn, Progress, ProgressFn, StageContext
 
-__all__ = ["STAGES", "Canceled", "Progress", "prepare_run", "load_config", "run_stage", "run_all"]
+__all__ = ["STAGES", "Canceled", "Progress", "prepare_run", "load_config", "run_stage"]
 
 
 def _stage_fn(stage: str) -> Callable:
@@ -58,9 +58,3 @@ def run_stage(stage: str, run_dir: str | Path, data, progress: ProgressFn | None
     summary = {**summary, "seconds": time.perf_counter() - t0, "device": str(rt.device)}
     run.update_json(run.path / "timings.json", stage, summary)
     return summary
-
-
-def run_all(data, cfg: RunConfig, run_dir: str | Path, progress: ProgressFn | None = None,
-            should_cancel: CancelFn | None = None, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    prepare_run(run_dir, cfg)
-    return {stage: run_stage(stage, run_dir, data, progress, should_cancel) for stage in stages}

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.schemas.common import ORMModel
+from ml.config import DEFAULT_PRESET
 
 RunStateName = Literal["QUEUED", "PRETEXT", "MINING", "CLUSTERING", "SELFLABEL", "SUCCEEDED", "FAILED", "CANCELED"]
 
@@ -13,7 +14,7 @@ RunStateName = Literal["QUEUED", "PRETEXT", "MINING", "CLUSTERING", "SELFLABEL",
 class RunCreate(BaseModel):
     dataset_id: str
     num_clusters: int = Field(ge=2, le=10_000)
-    preset: str = Field("small", description="cifar | stl | imagenet | small (see ml/config.py)")
+    preset: str = Field(DEFAULT_PRESET, description="small (CPU) | cifar | stl | imagenet (see ml/config.py)")
     overrides: dict[str, Any] = Field(default_factory=dict, description='e.g. {"pretext.epochs": 5}')
 
 

@@ -1,13 +1,16 @@
 """Results in the database: written once by the finalize task (bulk), read by the API."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound
-from app.models import Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState, utcnow
+
+if TYPE_CHECKING:
+    from ml.clusters import ClusterSummary
+from app.models import Assignment, Cluster, Run, RunEvent, RunMetrics, RunState, utcnow
 
 
 def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
@@ -19,23 +22,21 @@ def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
     """
     import numpy as np
 
+    from ml.clusters import read_clusters
     from ml.rundir import RunDir
 
     rd = RunDir(run_dir or run.run_dir)
     with np.load(rd.assignments_path) as npz:
         cluster = np.asarray(npz["cluster"], dtype=np.int64)
         confidence = np.asarray(npz["confidence"], dtype=np.float64)
-    clusters = rd.read_json(rd.clusters_path, [])
-    if isinstance(clusters, dict):
-        clusters = clusters.get("clusters", [])
+    clusters = read_clusters(rd.clusters_path)
     metrics = rd.read_json(rd.metrics_path, {}) or {}
 
     for table in (Assignment, Cluster, RunMetrics):
         session.execute(delete(table).where(table.run_id == run.id))
     _bulk_assignments(session, run.id, cluster, confidence)
-    class_names = session.scalar(select(Dataset.class_names).where(Dataset.id == run.dataset_id))
     if clusters:
-        session.execute(insert(Cluster), [_cluster_row(run.id, i, c, class_names) for i, c in enumerate(clusters)])
+        session.execute(insert(Cluster), [_cluster_row(run.id, c) for c in clusters])
     session.add(RunMetrics(run_id=run.id, metrics=metrics))
     run.state, run.finished_at, run.lease_token, run.stage = RunState.SUCCEEDED, utcnow(), None, None
     session.add(RunEvent(run_id=run.id, kind="state", message=f"run succeeded: {len(cluster)} items assigned",
@@ -58,15 +59,9 @@ def _bulk_assignments(session: Session, run_id: str, cluster, confidence) -> Non
         for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist()))])
 
 
-def _cluster_row(run_id: str, index: int, c: dict[str, Any], class_names: list[str] | None) -> dict[str, Any]:
-    matched = c.get("matched_label")
-    if isinstance(matched, int) and class_names and 0 <= matched < len(class_names):
-        matched = class_names[matched]
-    top = c.get("top_items", c.get("top"))
-    return {"run_id": run_id, "index": int(c.get("index", c.get("cluster", index))), "size": int(c.get("size", 0)),
-            "mean_confidence": c.get("mean_confidence"), "prototype": c.get("prototype"),
-            "top_items": [int(t) for t in top] if top is not None else None,
-            "matched_label": None if matched is None else str(matched)}
+def _cluster_row(run_id: str, c: ClusterSummary) -> dict[str, Any]:
+    return {"run_id": run_id, "index": c.cluster, "size": c.size, "mean_confidence": c.mean_confidence,
+            "prototype": c.prototype, "top_items": c.top_items, "matched_label": c.matched_label}
 
 
 def _require_finished(run: Run) -> None:

@@ -10,7 +10,6 @@ being served. The parts a route does not need (the index, the features) load on 
 """
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 
 from app.observability import PREDICT_QUEUE, observe_batch
 from app.serving.batcher import DynamicBatcher
+from ml.clusters import matched_labels, read_clusters
 from ml.rundir import RunDir
 
 
@@ -66,17 +66,7 @@ class ServedRun:
     @cached_property
     def cluster_labels(self) -> list[str | None] | None:
         """Matched label name per cluster (Hungarian mapping of the run's evaluation), if any."""
-        path = self.rundir.clusters_path
-        if not path.exists():
-            return None
-        data = json.loads(path.read_text())
-        items = data if isinstance(data, list) else data.get("clusters", [])
-        labels: list[str | None] = [None] * self.num_clusters
-        for i, c in enumerate(items):
-            idx = int(c.get("cluster", c.get("id", i)))
-            if 0 <= idx < len(labels):
-                labels[idx] = c.get("matched_label")
-        return labels if any(label is not None for label in labels) else None
+        return matched_labels(read_clusters(self.rundir.clusters_path), self.num_clusters)
 
     @cached_property
     def features(self) -> np.ndarray:

@@ -34,7 +34,7 @@ from app.services import runs as run_service
 from app.services import datasets as dataset_service
 from app.services import ui_sessions
 from ml.rundir import RunDir
-from ml.stages import STAGES
+from ml.stages import STAGES, run_fraction, stage_fraction
 
 COOKIE = "scan_session"
 LOGIN_CSRF_COOKIE = "scan_login_csrf"
@@ -155,23 +155,17 @@ def _progress(run: Run, stages: list[StageStatus]) -> tuple[float, str]:
     """Overall fraction done (the four stages weigh the same) and a short label."""
     if run.state == RunState.SUCCEEDED:
         return 1.0, "done"
-    done = 0.0
+    done: dict[str, float] = {}
     label = run.state.lower()
     for s in stages:
         if s.state == StageState.SUCCEEDED:
-            done += 1
+            done[s.stage] = 1.0
         elif s.state == StageState.RUNNING:
-            if s.epochs:
-                frac = (s.epoch or 0) / s.epochs
-                if s.steps:
-                    frac += (s.step or 0) / s.steps / s.epochs
-                done += min(frac, 1.0)
-                label = f"{s.stage} {s.epoch or 0}/{s.epochs}"
-            else:
-                label = s.stage
+            done[s.stage] = stage_fraction(s.epoch, s.epochs, s.step, s.steps)
+            label = f"{s.stage} {s.epoch or 0}/{s.epochs}" if s.epochs else s.stage
     if run.state in RunState.TERMINAL:
         label = run.state.lower()
-    return done / len(STAGES), label
+    return run_fraction(done), label
 
 
 def _run_view(run: Run, stages: list[StageStatus], dataset: Dataset | None) -> dict[str, Any]:

@@ -2,14 +2,14 @@
 (size, confidence, prototype, most confident members, matched label) and the metrics."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import torch
 
 from ml import evaluate
-from ml.rundir import atomic_write, atomic_write_text
+from ml.clusters import ClusterSummary, write_clusters
+from ml.rundir import atomic_write
 from ml.stages.common import StageContext, predict_all
 
 TOP_ITEMS = 10
@@ -48,14 +48,14 @@ def _write_final(ctx: StageContext, probs: np.ndarray, labels, data, name: str) 
         matched = None
         if mapping is not None and mapping[c] >= 0:
             matched = names[mapping[c]] if names else str(int(mapping[c]))
-        clusters.append({
-            "cluster": c,
-            "size": int(members.size),
-            "mean_confidence": float(confidence[members].mean()) if members.size else 0.0,
-            "prototype": prototypes[c],
-            "top_items": [int(i) for i in order[:TOP_ITEMS]],
-            "matched_label": matched,
-            "matched_class": int(mapping[c]) if mapping is not None and mapping[c] >= 0 else None,
-        })
-    atomic_write_text(run.clusters_path, json.dumps(clusters, indent=1))
+        clusters.append(ClusterSummary(
+            cluster=c,
+            size=int(members.size),
+            mean_confidence=float(confidence[members].mean()) if members.size else 0.0,
+            prototype=prototypes[c],
+            top_items=[int(i) for i in order[:TOP_ITEMS]],
+            matched_label=matched,
+            matched_class=int(mapping[c]) if mapping is not None and mapping[c] >= 0 else None,
+        ))
+    write_clusters(run.clusters_path, clusters)
     run.update_json(run.metrics_path, "final", name)

@@ -14,7 +14,6 @@ from ml.evaluate import (
     hungarian_accuracy,
     hungarian_mapping,
     kmeans_baseline,
-    low_confidence,
     many_to_one_accuracy,
 )
 
@@ -145,10 +144,3 @@ def test_prototypes_pick_sample_nearest_to_mean_of_confident_members():
     assert cluster_prototypes(probs, features, top=3) == [2, 4, None]
     # with all four members the mean turns towards [-1, 0.2]; [0, 1] is then nearest
     assert cluster_prototypes(probs, features, top=4) == [1, 4, None]
-
-
-def test_low_confidence_ascending():
-    probs = np.array([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3], [0.55, 0.45], [0.99, 0.01]])
-    assert low_confidence(probs, 3).tolist() == [1, 3, 2]
-    assert low_confidence(probs, 10).tolist() == [1, 3, 2, 0, 4]
-    assert low_confidence(probs, 0).tolist() == []

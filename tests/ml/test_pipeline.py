@@ -14,7 +14,7 @@ import pytest
 
 from ml.config import RunConfig
 from ml.data import load_source
-from ml.pipeline import STAGES, Canceled, prepare_run, run_all, run_stage
+from ml.pipeline import STAGES, Canceled, prepare_run, run_stage
 from ml.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,9 @@ def digits_run(digits, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("digits-run")
     cfg = RunConfig.from_preset("small", 10, DIGITS)
     events = []
-    run_all(digits, cfg, run_dir, progress=events.append)
+    prepare_run(run_dir, cfg)
+    for stage in STAGES:
+        run_stage(stage, run_dir, digits, progress=events.append)
     return run_dir, events
 
 

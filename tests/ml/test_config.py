@@ -1,0 +1,58 @@
+"""ml/config.py on its own: presets, overrides (dotted and nested), and the checks across fields."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from ml.config import DEFAULT_PRESET, PRESETS, RunConfig, expand_dotted
+
+
+def test_the_default_preset_is_one_of_the_presets():
+    assert DEFAULT_PRESET in PRESETS
+    assert RunConfig.from_preset(DEFAULT_PRESET, 10).preset == DEFAULT_PRESET
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates_and_records_its_name(preset):
+    cfg = RunConfig.from_preset(preset, 10)
+    assert cfg.preset == preset and cfg.num_clusters == 10
+
+
+def test_dotted_and_nested_overrides_merge_into_the_preset():
+    cfg = RunConfig.from_preset("small", 5, {"pretext.epochs": 3, "clustering": {"optim": {"lr": 0.01}}})
+    assert cfg.pretext.epochs == 3
+    assert cfg.clustering.optim.lr == 0.01
+    # Untouched fields keep the preset's values, also inside a partly overridden section.
+    assert cfg.clustering.optim.name == PRESETS["small"]["clustering"]["optim"]["name"]
+    assert cfg.pretext.batch_size == PRESETS["small"]["pretext"]["batch_size"]
+
+
+def test_expand_dotted():
+    assert expand_dotted({"a.b.c": 1, "a.d": 2, "e": {"f.g": 3}}) == {"a": {"b": {"c": 1}, "d": 2},
+                                                                         "e": {"f": {"g": 3}}}
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*cifar"):
+        RunConfig.from_preset("huge", 10)
+
+
+def test_a_typo_in_an_override_is_an_error_naming_the_field():
+    with pytest.raises(ValidationError, match="epochz"):
+        RunConfig.from_preset("small", 10, {"pretext.epochz": 3})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"pretext.epochs": 0}, "backbone_weights"),
+    ({"clustering.augment": False, "clustering.freeze_backbone": False}, "freeze_backbone"),
+    ({"pretext.crop_scale": [0.9, 0.5]}, "crop_scale"),
+    ({"num_clusters": 1}, "num_clusters"),
+])
+def test_combinations_that_cannot_train_are_refused(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        RunConfig.from_preset("small", 10, overrides)
+
+
+def test_a_stored_config_reads_back_identical():
+    cfg = RunConfig.from_preset("cifar", 20, {"seed": 3})
+    assert RunConfig.model_validate_json(cfg.model_dump_json()) == cfg
