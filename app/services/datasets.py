@@ -87,6 +87,14 @@ def get(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
     return dataset
 
 
+def by_ids(session: Session, tenant: Tenant, ids: set[str]) -> dict[str, Dataset]:
+    """The tenant's datasets among ``ids`` (others' and unknown ids are left out)."""
+    if not ids:
+        return {}
+    rows = session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id, Dataset.id.in_(ids)))
+    return {d.id: d for d in rows}
+
+
 def list_(session: Session, tenant: Tenant, *, state: str | None, limit: int, offset: int) -> tuple[list[Dataset], int]:
     query = select(Dataset).where(Dataset.tenant_id == tenant.id)
     if state:

@@ -74,8 +74,21 @@ def clusters(session: Session, run: Run) -> list[Cluster]:
     return list(session.scalars(select(Cluster).where(Cluster.run_id == run.id).order_by(Cluster.index)))
 
 
+def cluster(session: Session, run: Run, index: int) -> Cluster:
+    _require_finished(run)
+    row = session.get(Cluster, (run.id, index))
+    if row is None:
+        raise NotFound(f"run {run.id} has no cluster {index}")
+    return row
+
+
+ORDERS = {"item": (Assignment.item_index,),
+          "confidence_desc": (Assignment.confidence.desc(), Assignment.item_index),
+          "confidence_asc": (Assignment.confidence.asc(), Assignment.item_index)}
+
+
 def assignments(session: Session, run: Run, *, cluster: int | None, min_confidence: float | None,
-                page: int, page_size: int) -> tuple[list[Assignment], int]:
+                page: int, page_size: int, order: str = "item") -> tuple[list[Assignment], int]:
     _require_finished(run)
     query = select(Assignment).where(Assignment.run_id == run.id)
     if cluster is not None:
@@ -83,7 +96,7 @@ def assignments(session: Session, run: Run, *, cluster: int | None, min_confiden
     if min_confidence is not None:
         query = query.where(Assignment.confidence >= min_confidence)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Assignment.item_index).limit(page_size).offset((page - 1) * page_size))
+    rows = session.scalars(query.order_by(*ORDERS[order]).limit(page_size).offset((page - 1) * page_size))
     return list(rows), total
 
 
@@ -93,3 +106,17 @@ def metrics(session: Session, run: Run) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"run {run.id} has no metrics")
     return row.metrics
+
+
+def stage_metrics(session: Session, run: Run) -> dict[str, Any]:
+    """What the stages measured so far, also while the run is still going: the finalized copy in
+    the database once the run SUCCEEDED, else the run directory's metrics.json."""
+    row = session.get(RunMetrics, run.id)
+    if row is not None and isinstance(row.metrics, dict) and row.metrics:
+        return row.metrics
+    if not run.run_dir:
+        return {}
+    from ml.rundir import RunDir
+
+    rd = RunDir(run.run_dir)
+    return rd.read_json(rd.metrics_path, default={}) or {}

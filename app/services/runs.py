@@ -17,6 +17,7 @@ from app.core.settings import Settings, get_settings
 from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
 from app.services import execution, weights
+from ml.rundir import RunDir
 from ml.stages import STAGES
 
 
@@ -141,6 +142,28 @@ def list_(session: Session, tenant: Tenant, *, state: str | None, dataset_id: st
 def stages(session: Session, run: Run) -> list[StageStatus]:
     rows = {s.stage: s for s in session.scalars(select(StageStatus).where(StageStatus.run_id == run.id))}
     return [rows[s] for s in STAGES if s in rows]
+
+
+def history(session: Session, run: Run) -> dict[str, list[dict[str, Any]]]:
+    """Per-stage, per-epoch records: history.json once a stage ends, progress events while it runs."""
+    history: dict[str, list[dict[str, Any]]] = {}
+    if run.run_dir:
+        rd = RunDir(run.run_dir)
+        data = rd.read_json(rd.history_path, default={}) or {}
+        history = {k: v for k, v in data.items() if isinstance(v, list)}
+    live: dict[str, dict[int, dict[str, Any]]] = {}
+    for ev in session.scalars(select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.kind == "progress",
+                                                     RunEvent.epoch.is_not(None)).order_by(RunEvent.id)):
+        if ev.stage in history or ev.loss is None:
+            continue
+        data = ev.data or {}
+        fields = {**data, **(data.get("extra") if isinstance(data.get("extra"), dict) else {})}
+        rec = {"epoch": ev.epoch, "loss": ev.loss,
+               **{k: v for k, v in fields.items() if isinstance(v, (int, float)) and k not in ("epoch", "loss")}}
+        live.setdefault(ev.stage, {})[ev.epoch] = rec  # the last report of an epoch wins
+    for stage, by_epoch in live.items():
+        history[stage] = [by_epoch[e] for e in sorted(by_epoch)]
+    return history
 
 
 def cancel(session: Session, tenant: Tenant, run_id: str) -> Run:

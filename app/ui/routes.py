@@ -20,24 +20,22 @@ import numpy as np
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, SettingsDep
-from app.models import (Assignment, Cluster, Dataset, Run, RunEvent, RunMetrics, RunState,
-                        StageState, StageStatus, Tenant)
+from app.models import Dataset, Run, RunState, StageState, StageStatus, Tenant
 from app.schemas.common import MAX_INT, ClusterIndex, ItemIndex
-from app.ui.charts import line_chart
-from app.serving.model_cache import served_run
-from app.services import runs as run_service
 from app.services import datasets as dataset_service
-from app.services import ui_sessions
-from ml.rundir import RunDir
+from app.services import results, ui_sessions
+from app.services import runs as run_service
+from app.serving.model_cache import served_run
+from app.ui.charts import line_chart
 from ml.stages import STAGES, run_fraction, stage_fraction
 
 COOKIE = "scan_session"
 LOGIN_CSRF_COOKIE = "scan_login_csrf"
+RUNS_SHOWN = 200
 MEMBERS_PER_PAGE = 96
 NEIGHBORS_SHOWN = 24
 TOP_ITEMS_SHOWN = 8
@@ -146,11 +144,6 @@ def logout(request: Request, session: SessionDep, settings: SettingsDep,
 
 # -- runs list and progress -------------------------------------------------------------------
 
-def _stage_rows(session: Session, run_id: str) -> list[StageStatus]:
-    rows = {s.stage: s for s in session.scalars(select(StageStatus).where(StageStatus.run_id == run_id))}
-    return [rows[s] for s in STAGES if s in rows] + [r for s, r in rows.items() if s not in STAGES]
-
-
 def _progress(run: Run, stages: list[StageStatus]) -> tuple[float, str]:
     """Overall fraction done (the four stages weigh the same) and a short label."""
     if run.state == RunState.SUCCEEDED:
@@ -178,44 +171,21 @@ def _run_view(run: Run, stages: list[StageStatus], dataset: Dataset | None) -> d
 
 @router.get("", name="ui_runs", response_class=HTMLResponse)
 def runs_page(request: Request, session: SessionDep, tenant: UiTenant):
-    runs = session.scalars(select(Run).where(Run.tenant_id == tenant.id)
-                           .order_by(Run.created_at.desc()).limit(200)).all()
-    datasets = {d.id: d for d in session.scalars(
-        select(Dataset).where(Dataset.id.in_({r.dataset_id for r in runs})))} if runs else {}
-    views = [_run_view(r, _stage_rows(session, r.id), datasets.get(r.dataset_id)) for r in runs]
+    runs, _ = run_service.list_(session, tenant, state=None, dataset_id=None, limit=RUNS_SHOWN, offset=0)
+    datasets = dataset_service.by_ids(session, tenant, {r.dataset_id for r in runs})
+    views = [_run_view(r, run_service.stages(session, r), datasets.get(r.dataset_id)) for r in runs]
     return templates.TemplateResponse(request, "runs.html", {"tenant": tenant, "runs": views})
 
 
 @router.get("/runs/{run_id}/progress", name="ui_run_progress")
 def run_progress(run_id: str, session: SessionDep, tenant: UiTenant) -> dict[str, Any]:
     run = run_service.get(session, tenant, run_id)
-    progress, label = _progress(run, _stage_rows(session, run.id))
+    progress, label = _progress(run, run_service.stages(session, run))
     return {"id": run.id, "state": run.state, "stage": run.stage, "progress": progress,
             "label": label, "terminal": run.state in RunState.TERMINAL}
 
 
 # -- run page ---------------------------------------------------------------------------------
-
-def _history(run: Run, session: Session) -> dict[str, list[dict[str, Any]]]:
-    """Per-stage, per-epoch records: history.json once a stage ends, progress events while it runs."""
-    history: dict[str, list[dict[str, Any]]] = {}
-    if run.run_dir:
-        data = RunDir(run.run_dir).read_json(RunDir(run.run_dir).history_path, default={}) or {}
-        history = {k: v for k, v in data.items() if isinstance(v, list)}
-    live: dict[str, dict[int, dict[str, Any]]] = {}
-    for ev in session.scalars(select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.kind == "progress",
-                                                     RunEvent.epoch.is_not(None)).order_by(RunEvent.id)):
-        if ev.stage in history or ev.loss is None:
-            continue
-        data = ev.data or {}
-        fields = {**data, **(data.get("extra") if isinstance(data.get("extra"), dict) else {})}
-        rec = {"epoch": ev.epoch, "loss": ev.loss,
-               **{k: v for k, v in fields.items() if isinstance(v, (int, float)) and k not in ("epoch", "loss")}}
-        live.setdefault(ev.stage, {})[ev.epoch] = rec  # the last report of an epoch wins
-    for stage, by_epoch in live.items():
-        history[stage] = [by_epoch[e] for e in sorted(by_epoch)]
-    return history
-
 
 def _charts(history: dict[str, list[dict[str, Any]]]) -> list:
     charts = []
@@ -237,12 +207,7 @@ METRIC_NAMES = ("acc", "nmi", "ari", "top5_acc", "many_to_one_acc", "neighbor_pu
 
 def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
     """(metrics table, confusion matrix): the table has one column per stage that was evaluated."""
-    data: dict[str, Any] = {}
-    row = session.get(RunMetrics, run.id)
-    if row is not None and isinstance(row.metrics, dict):
-        data = row.metrics
-    if not data and run.run_dir:
-        data = RunDir(run.run_dir).read_json(RunDir(run.run_dir).metrics_path, default={}) or {}
+    data = results.stage_metrics(session, run)
     stages = {k: _flatten(v) for k, v in data.items() if isinstance(v, dict)}
     if not stages and any(isinstance(v, (int, float)) for v in data.values()):
         stages = {"final": data}  # a flat dict of one evaluation
@@ -290,17 +255,18 @@ def _confusion(matrix, class_names: list[str] | None) -> dict | None:
 @router.get("/runs/{run_id}", name="ui_run", response_class=HTMLResponse)
 def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenant):
     run = run_service.get(session, tenant, run_id)
-    dataset = session.get(Dataset, run.dataset_id)
-    stages = _stage_rows(session, run.id)
+    dataset = dataset_service.get(session, tenant, run.dataset_id)
+    stages = run_service.stages(session, run)
     table, confusion = _metrics(run, session)
     clusters = []
-    for c in session.scalars(select(Cluster).where(Cluster.run_id == run.id).order_by(Cluster.index)):
+    finished = results.clusters(session, run) if run.state == RunState.SUCCEEDED else []
+    for c in finished:
         clusters.append({"index": c.index, "size": c.size, "mean_confidence": c.mean_confidence,
                          "prototype": c.prototype, "matched_label": c.matched_label,
                          "top_items": [int(i) for i in (c.top_items or [])[:TOP_ITEMS_SHOWN]]})
     return templates.TemplateResponse(request, "run.html", {
         "tenant": tenant, "run": _run_view(run, stages, dataset), "stages": stages,
-        "charts": _charts(_history(run, session)), "metrics": table,
+        "charts": _charts(run_service.history(session, run)), "metrics": table,
         "confusion": _confusion(confusion, dataset.class_names if dataset else None),
         "clusters": clusters})
 
@@ -309,18 +275,13 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
 def cluster_page(request: Request, run_id: str, cluster: ClusterIndex, session: SessionDep, tenant: UiTenant,
                  order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1, le=MAX_INT)):
     run = run_service.get(session, tenant, run_id)
-    row = session.get(Cluster, (run.id, cluster))
-    if row is None:
-        raise HTTPException(404, f"run {run_id} has no cluster {cluster}")
-    where = (Assignment.run_id == run.id, Assignment.cluster == cluster)
-    total = session.scalar(select(func.count()).select_from(Assignment).where(*where)) or 0
-    pages = max(1, math.ceil(total / MEMBERS_PER_PAGE))
+    row = results.cluster(session, run, cluster)
+    pages = max(1, math.ceil(row.size / MEMBERS_PER_PAGE))
     page = min(page, pages)
-    conf = Assignment.confidence.asc() if order == "asc" else Assignment.confidence.desc()
-    members = session.scalars(select(Assignment).where(*where).order_by(conf, Assignment.item_index)
-                              .offset((page - 1) * MEMBERS_PER_PAGE).limit(MEMBERS_PER_PAGE)).all()
+    members, total = results.assignments(session, run, cluster=cluster, min_confidence=None, page=page,
+                                         page_size=MEMBERS_PER_PAGE, order=f"confidence_{order}")
     return templates.TemplateResponse(request, "cluster.html", {
-        "tenant": tenant, "run": _run_view(run, [], session.get(Dataset, run.dataset_id)),
+        "tenant": tenant, "run": _run_view(run, [], dataset_service.get(session, tenant, run.dataset_id)),
         "cluster": row, "members": members, "total": total, "order": order, "page": page, "pages": pages})
 
 
