@@ -1,4 +1,5 @@
-"""Every error is ``{"detail": "<message a person can act on>"}``, whatever raised it."""
+"""The one place errors become HTTP: every error is ``{"detail": "<message a person can act on>"}``,
+with the status its class carries (app/core/errors.py), whatever raised it."""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
@@ -8,6 +9,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import ServiceError
+from ml.data import DataError
 
 
 def _where(loc) -> str:
@@ -35,11 +37,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, exc.status_code)
-
-    try:
-        from ml.data import DataError
-    except ImportError:  # pragma: no cover - ml.data always ships with the service
-        return
 
     @app.exception_handler(DataError)
     async def _data(_: Request, exc: DataError) -> JSONResponse:
