@@ -99,6 +99,7 @@ def test_rerunning_a_finished_stage_is_a_no_op(digits_run, digits):
     assert (run_dir / "model.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # trains: in make test, not in make test-fast
 def test_cancel_stops_at_the_next_step_and_keeps_the_last_checkpoint(digits, tmp_path):
     cfg = RunConfig.from_preset("small", 10, {"pretext.epochs": 3, "pretext.batch_size": 128})
     prepare_run(tmp_path, cfg)
@@ -118,6 +119,7 @@ def test_cancel_stops_at_the_next_step_and_keeps_the_last_checkpoint(digits, tmp
     assert (tmp_path / "pretext.pt").exists()
 
 
+@pytest.mark.slow  # trains: in make test, not in make test-fast
 def test_killed_training_process_resumes_from_checkpoint(tmp_path):
     """SIGKILL the CLI mid-pretext, run the same command again: it continues from the last epoch."""
     run_dir = tmp_path / "run"
@@ -152,6 +154,7 @@ def test_killed_training_process_resumes_from_checkpoint(tmp_path):
     assert (run_dir / "model.pt").exists()
 
 
+@pytest.mark.slow  # trains: in make test, not in make test-fast
 def test_moco_pretext_and_ema_selflabel_train_and_resume(digits, tmp_path):
     """The ImageNet-style options: MoCo v2 (queue + momentum encoder) and self-labeling with EMA,
     each checkpointed with its extra state and resumed."""
