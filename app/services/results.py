@@ -1,16 +1,15 @@
 """Results in the database: written once by the finalize task (bulk), read by the API."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound
-
-if TYPE_CHECKING:
-    from ml.clusters import ClusterSummary
 from app.models import Assignment, Cluster, Run, RunEvent, RunMetrics, RunState, utcnow
+from ml.clusters import ClusterSummary, read_clusters
+from ml.rundir import RunDir
 
 
 def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
@@ -21,9 +20,6 @@ def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
     PostgreSQL, one executemany INSERT elsewhere; never one ORM object per row.
     """
     import numpy as np
-
-    from ml.clusters import read_clusters
-    from ml.rundir import RunDir
 
     rd = RunDir(run_dir or run.run_dir)
     with np.load(rd.assignments_path) as npz:
@@ -116,7 +112,5 @@ def stage_metrics(session: Session, run: Run) -> dict[str, Any]:
         return row.metrics
     if not run.run_dir:
         return {}
-    from ml.rundir import RunDir
-
     rd = RunDir(run.run_dir)
     return rd.read_json(rd.metrics_path, default={}) or {}
