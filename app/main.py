@@ -11,7 +11,6 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app import error_handlers, observability, security
-
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
 from app.routes import datasets, docs, health, model, neighbors, predict, results, runs

@@ -32,14 +32,14 @@ def redact(text: str) -> str:
 class SecurityHeadersMiddleware:
     """Pure ASGI (does not buffer streamed bodies); adds the headers unless a route set its own."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send):  # noqa: ANN001
+    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
-        async def send_with_headers(message):  # noqa: ANN001
+        async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 present = {name.lower() for name, _ in message.get("headers", [])}
                 message.setdefault("headers", [])

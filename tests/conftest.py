@@ -17,4 +17,4 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 # The API/worker stack's fixtures, shared by tests/service and tests/security (defined once here, so
 # one session never starts two stacks).
-from tests.stack import *  # noqa: E402,F401,F403
+from tests.stack import *  # noqa: E402, F403 - pytest finds fixtures only by name in a conftest

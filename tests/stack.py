@@ -68,7 +68,7 @@ class Stack:
     base_url: str = ""
 
     @property
-    def settings(self):  # noqa: ANN201
+    def settings(self):
         from app.core.settings import get_settings
         return get_settings()
 
@@ -147,7 +147,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         self.count += 1
-        log = open(self.log, "a")  # noqa: SIM115
+        log = open(self.log, "a")
         self.proc = subprocess.Popen(
             [PY, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", self.queues, "-c", "1",
              "-P", "prefork", "-n", f"{self.name}{self.count}@%h", "--loglevel", "INFO", "--without-gossip",
@@ -181,7 +181,7 @@ class WorkerProcess:
 @pytest.fixture(scope="session")
 def api_server(stack: Stack) -> Iterator[str]:
     port = _free_port()
-    log = open(stack.var_dir / "api.log", "a")  # noqa: SIM115
+    log = open(stack.var_dir / "api.log", "a")
     proc = subprocess.Popen([PY, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=stack.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -280,8 +280,8 @@ def _progress_mark(run: dict) -> tuple:
                                 for s in run.get("stages") or []))
 
 
-def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: float = 600,  # noqa: ANN001
-                 until=None) -> dict:  # noqa: ANN001
+def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: float = 600,
+                 until=None) -> dict:
     """Poll GET /v1/runs/{id} until its state is in `states` (or `until(run)` is true).
 
     `timeout` bounds a *stall*, not the run: it fails only after `timeout` seconds without any
@@ -303,7 +303,7 @@ def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: fl
         time.sleep(0.3)
 
 
-def start_run(client: httpx.Client, dataset_id: str, overrides: dict, **extra) -> dict:  # noqa: ANN003
+def start_run(client: httpx.Client, dataset_id: str, overrides: dict, **extra) -> dict:
     r = client.post("/v1/runs", json={"dataset_id": dataset_id, "num_clusters": 10, "preset": "small",
                                       "overrides": overrides, **extra})
     assert r.status_code == 202, r.text

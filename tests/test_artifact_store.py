@@ -30,7 +30,7 @@ def _free_port() -> int:
 def s3_endpoint(tmp_path_factory):
     pytest.importorskip("moto.server", reason="moto[server] is in the test extra: pip install -e '.[test]'")
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -43,7 +43,7 @@ def s3_endpoint(tmp_path_factory):
         try:
             client.list_buckets()
             break
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - any error means not up yet; the loop checks the process
             assert proc.poll() is None, "moto server exited"
             time.sleep(0.2)
     yield url
@@ -164,11 +164,11 @@ def _python(code: str, env: dict, *args: str) -> str:
 def _worker(env: dict, name: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu",
                              "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
-                            cwd=ROOT, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            cwd=ROOT, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
-def _wait(what: str, ok, procs: list[subprocess.Popen], logs: list[Path]) -> None:  # noqa: ANN001
+def _wait(what: str, ok, procs: list[subprocess.Popen], logs: list[Path]) -> None:
     """Poll without a deadline (pytest's timeout is the hang guard); fail if a worker exits."""
     while not ok():
         for p, log in zip(procs, logs):
@@ -234,7 +234,8 @@ def test_two_workers_with_separate_folders_finish_one_run_across_a_kill(s3_endpo
     assert [h["epoch"] for h in history] == list(range(1, 9))
     assert all(h["time"] < b_started for h in history[: pushed + 1])
     assert all(h["time"] > b_started for h in history[pushed + 1:])
-    assert json.loads(Path(store_path(store, f"runs/{run_id}/history.json", tmp_path)).read_text())["pretext"] == history
+    stored = json.loads(Path(store_path(store, f"runs/{run_id}/history.json", tmp_path)).read_text())
+    assert stored["pretext"] == history
     # Every artifact of the run is in the bucket; A's folder never got past pretext.
     keys = store.versions(f"runs/{run_id}")
     for name in ("model.pt", "scan.pt", "pretext.pt", "index.faiss", "assignments.npz", "clusters.json"):
@@ -247,7 +248,7 @@ def test_two_workers_with_separate_folders_finish_one_run_across_a_kill(s3_endpo
     assert not (served / "checkpoints").exists() or not any((served / "checkpoints").iterdir())
 
 
-def store_path(store, key: str, tmp_path: Path) -> Path:  # noqa: ANN001
+def store_path(store, key: str, tmp_path: Path) -> Path:
     out = tmp_path / "fetched" / key
     store.get(key, out)
     return out

@@ -13,10 +13,10 @@ from typing import Any
 
 from app.core.artifacts import Synced, synced
 from app.core.db import new_session
+from app.core.queue import INGEST_TASK, STAGE_TASK, celery_app, enqueue_stage
 from app.core.settings import get_settings
 from app.models import Dataset, Run
 from app.services import datasets as dataset_service
-from app.core.queue import INGEST_TASK, STAGE_TASK, celery_app, enqueue_stage
 from app.services import execution, results, weights
 from app.services.failures import public_message
 
@@ -49,7 +49,7 @@ def run_stage(run_id: str, stage: str) -> str:
                     results.write_results(session, run, _pull_run(settings, run))
                     return "succeeded"
                 summary = _run_ml_stage(session, run_id, stage, claim)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - whatever the stage raised fails the run with its message
                 return _stage_failed(session, run_id, stage, exc)
         nxt = execution.finish_stage(session, run_id, stage, summary)
     if nxt:
@@ -57,7 +57,7 @@ def run_stage(run_id: str, stage: str) -> str:
     return "done"
 
 
-def _stage_failed(session, run_id: str, stage: str, exc: Exception) -> str:  # noqa: ANN001
+def _stage_failed(session, run_id: str, stage: str, exc: Exception) -> str:
     from ml.pipeline import Canceled
 
     if isinstance(exc, Canceled):
@@ -68,7 +68,7 @@ def _stage_failed(session, run_id: str, stage: str, exc: Exception) -> str:  # n
     return "failed"
 
 
-def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> dict[str, Any]:  # noqa: ANN001
+def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> dict[str, Any]:
     from ml.config import RunConfig
     from ml.data import ImageSet
     from ml.pipeline import prepare_run
@@ -117,7 +117,7 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
     return summary
 
 
-def _pull_run(settings, run: Run, sync: Synced | None = None) -> str:  # noqa: ANN001
+def _pull_run(settings, run: Run, sync: Synced | None = None) -> str:
     """The run's folder on this machine: with an artifact store, this worker's own copy (under its
     artifacts folder, brought up to date from the store); without one, the shared folder."""
     sync = sync or synced(settings)
@@ -136,7 +136,7 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scan-heartbeat", daemon=True)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
         return self
 
@@ -149,5 +149,5 @@ class _Heartbeat:
             try:
                 with new_session() as session:
                     execution.heartbeat(session, self.run_id, self.token)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("heartbeat failed; retrying")

@@ -128,7 +128,7 @@ def open_store(url: str, endpoint_url: str | None = None) -> ArtifactStore | Non
     raise ValueError(f"artifact store {url!r}: use file:///path or s3://bucket/prefix")
 
 
-def synced(settings) -> "Synced":  # noqa: ANN001 - any object with the three Settings fields below
+def synced(settings) -> Synced:
     """The Synced view of `settings`: its artifact store over its local artifacts folder."""
     return Synced(open_store(settings.artifact_store, settings.s3_endpoint), settings.artifacts)
 

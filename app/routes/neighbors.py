@@ -19,10 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import SessionDep, TenantDep
 from app.error_handlers import describe
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody
+from app.services import runs as run_service
 from app.serving.images import check_count, max_images, read_limited_body, read_upload_form
 from app.serving.model_cache import served_run
 from app.serving.neighbors import find_neighbors
-from app.services import runs as run_service
 from ml.limits import MAX_K
 
 router = APIRouter(tags=["serving"])
@@ -47,7 +47,7 @@ class NeighborQuery(BaseModel):
         description="vectors in the index's space (any norm; at most SCAN_NEIGHBORS_MAX_QUERIES)")
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "NeighborQuery":
+    def _one_kind(self) -> NeighborQuery:
         if (self.items is None) == (self.vectors is None):
             raise ValueError("give exactly one of `items` or `vectors` (or upload images as multipart `files`)")
         return self
@@ -55,7 +55,8 @@ class NeighborQuery(BaseModel):
 
 class NeighborsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    k: int = Field(10, ge=1, json_schema_extra={"maximum": MAX_K}, description="neighbours per query; at most `neighbors_max_k` (<= 2048)")
+    k: int = Field(10, ge=1, json_schema_extra={"maximum": MAX_K},
+                   description="neighbours per query; at most `neighbors_max_k` (<= 2048)")
     query: NeighborQuery
     combine: Literal["mean", "separate"] = "mean"
 
@@ -64,7 +65,8 @@ _BODY_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/NeighborsRequest"}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K}, "combine": {"type": "string", "enum": ["mean", "separate"]}}}}}}}
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+        "combine": {"type": "string", "enum": ["mean", "separate"]}}}}}}}
 
 
 def _check_k(k: int) -> int:

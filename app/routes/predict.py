@@ -16,10 +16,16 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
 from app.schemas.common import ERRORS, ErrorBody
-from app.serving.images import (check_count, decode_base64_images, max_images, read_json_body,
-                                read_upload_form, to_model_input)
-from app.serving.model_cache import served_run
 from app.services import runs as run_service
+from app.serving.images import (
+    check_count,
+    decode_base64_images,
+    max_images,
+    read_json_body,
+    read_upload_form,
+    to_model_input,
+)
+from app.serving.model_cache import served_run
 
 router = APIRouter(tags=["serving"])
 

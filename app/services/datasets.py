@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 
 from app.core.artifacts import synced
 from app.core.db import new_session
+from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
 from app.models import Dataset, DatasetState, Run, RunState, Tenant, utcnow
-from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.services.failures import public_message, strip_paths
 
 log = logging.getLogger("scan.ingest")
@@ -46,7 +46,7 @@ def create(settings: Settings, tenant: Tenant, dataset_id: str, *, name: str, so
         # With an artifact store, the cpu worker may be on another machine: the upload goes through it.
         synced(settings).push(f"uploads/{dataset_id}")
         enqueue_ingest(dataset_id)
-    except Exception as exc:  # noqa: BLE001 - any broker failure: undo the row and the upload
+    except Exception as exc:
         discard(settings, dataset_id)
         raise Unavailable(f"could not queue the ingest task, is the broker up? ({exc})") from exc
 
@@ -137,7 +137,7 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
         if data.n == 0:
             raise DataError(dataset.name, "contains no images")
         data.save(settings.datasets_dir / dataset.id)
-    except Exception as exc:  # noqa: BLE001 - any failure must leave no files and a message
+    except Exception as exc:
         session.rollback()
         dataset = session.get(Dataset, dataset_id)
         remove_files(settings, dataset)

@@ -11,13 +11,14 @@ only inside the worker, so the stored config and everything a tenant reads shows
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.models import Run, StageState, StageStatus, Tenant
 from app.core.errors import Invalid
+from app.models import Run, StageState, StageStatus, Tenant
 
 RUN_REF = re.compile(r"^run:([0-9a-f]{32})$")
 FIELD = "pretext.backbone_weights"

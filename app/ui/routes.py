@@ -4,8 +4,9 @@ Authentication is the API's: the key entered once on /ui/login is checked with t
 `key_row` as the `Authorization: Bearer` header and opens a server-side session
 (app/services/ui_sessions.py); the browser keeps only its signed id in an HttpOnly, SameSite=Strict
 cookie (Secure over https or with SCAN_SECURE_COOKIES), which every page, image and progress poll
-below reads. Every form carries a CSRF token and every POST must come from this origin. Images come from `/ui/datasets/{id}/items/{i}.png`
-(cookie-authenticated, so `<img>` tags load without scripts setting headers).
+below reads. Every form carries a CSRF token and every POST must come from this origin. Images
+come from `/ui/datasets/{id}/items/{i}.png` (cookie-authenticated, so `<img>` tags load without
+scripts setting headers).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def static_file(path: str):
                         headers={"Cache-Control": "public, max-age=300"})
 
 
-def _secure(request: Request, settings) -> bool:  # noqa: ANN001
+def _secure(request: Request, settings) -> bool:
     return request.url.scheme == "https" or settings.secure_cookies
 
 
@@ -93,7 +94,7 @@ def _same_origin(request: Request) -> None:
         raise HTTPException(403, "cross-site request refused (no Origin or Referer from this site)")
 
 
-def _login_page(request: Request, settings, next: str, error: str | None, status: int = 200):  # noqa: ANN001
+def _login_page(request: Request, settings, next: str, error: str | None, status: int = 200):
     token = secrets.token_urlsafe(32)
     response = templates.TemplateResponse(request, "login.html", {
         "tenant": None, "next": next, "error": error, "login_csrf": token}, status_code=status)
@@ -246,7 +247,10 @@ def _confusion(matrix, class_names: list[str] | None) -> dict | None:
     names = list(class_names or [])
     rows_total = m.sum(axis=1, keepdims=True).clip(min=1)
     shade = m / rows_total
-    label = lambda i: names[i] if i < len(names) else str(i)  # noqa: E731
+
+    def label(i: int) -> str:
+        return names[i] if i < len(names) else str(i)
+
     return {"columns": [label(j) for j in range(m.shape[1])],
             "rows": [{"name": label(i), "cells": [{"value": int(m[i, j]), "shade": float(shade[i, j])}
                                                   for j in range(m.shape[1])]} for i in range(m.shape[0])]}

@@ -95,7 +95,7 @@ def test_livez_answers_while_the_heaviest_requests_run(client: httpx.Client, api
     ]
     statuses: list[int] = []
 
-    def run(fn) -> None:  # noqa: ANN001
+    def run(fn) -> None:
         with httpx.Client(base_url=api_server, headers=client.headers, timeout=600) as c:
             statuses.append(fn(c).status_code)
 
