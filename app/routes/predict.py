@@ -7,25 +7,16 @@ images of concurrent requests, and run through the model in a worker thread.
 """
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
 from app.schemas.common import ERRORS, ErrorBody
 from app.services import runs as run_service
-from app.serving.images import (
-    check_count,
-    decode_base64_images,
-    max_images,
-    read_json_body,
-    read_upload_form,
-    to_model_input,
-)
+from app.serving.images import check_count, decode_base64_images, max_images, read_json_body, read_upload_form
 from app.serving.model_cache import served_run
+from app.serving.predict import predict_images
 
 router = APIRouter(tags=["serving"])
 
@@ -76,28 +67,4 @@ async def predict(run_id: str, request: Request, session: SessionDep, tenant: Te
     session.close()  # nothing more to read; do not hold a connection while the model runs
     named = await read_request_images(request)
     served = await served_run(run_dir)
-    p = served.predictor
-    images = await run_in_threadpool(to_model_input, named, p.image_size, p.channels)
-    probs = await served.batcher.submit(images)
-    # Up to 256 images x 1,000 clusters of JSON: built in a worker thread, not on the event loop.
-    body = await run_in_threadpool(lambda: json.dumps({"run_id": run_id, "predictions": format_predictions(
-        named, probs, k, served.cluster_labels)}).encode())
-    return Response(body, media_type="application/json")
-
-
-def format_predictions(named: list[tuple[str, bytes]], probs: np.ndarray, k: int,
-                       labels: list[str | None] | None) -> list[dict[str, Any]]:
-    k = min(k, probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    out = []
-    for (name, _), row, order in zip(named, probs, top):
-        c = int(order[0])
-        entry: dict[str, Any] = {
-            "file": name, "cluster": c, "confidence": float(row[c]),
-            "top_k": [{"cluster": int(j), "probability": float(row[j]),
-                       **({"label": labels[j]} if labels else {})} for j in order],
-        }
-        if labels:
-            entry["label"] = labels[c]
-        out.append(entry)
-    return out
+    return Response(await predict_images(served, named, k, run_id), media_type="application/json")

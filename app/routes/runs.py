@@ -9,9 +9,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.core.db import new_session
 from app.deps import SessionDep, SettingsDep, TenantDep
-from app.models import Run, RunEvent, RunState
+from app.models import Run, RunState
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody, Limit, Offset, Page
 from app.schemas.runs import EventPage, RunCreate, RunEventOut, RunOut, RunStateName, StageOut
 from app.services import runs as service
@@ -87,18 +86,11 @@ def _last_event_id(request: Request, after: int) -> int:
     return int(value) if value.isdigit() and len(value) <= 10 and int(value) <= MAX_INT else after
 
 
-def _poll(run_id: str, after: int) -> tuple[list[RunEvent], str]:
-    with new_session() as session:
-        run = session.get(Run, run_id)
-        rows = service.events(session, run, after=after, limit=500)
-        return rows, run.state
-
-
 def _sse(run_id: str, after: int) -> StreamingResponse:
     async def stream():
         last, idle = after, 0.0
         while True:
-            rows, state = await run_in_threadpool(_poll, run_id, last)
+            rows, state = await run_in_threadpool(service.events_since, run_id, last)
             for row in rows:
                 last = row.id
                 payload = RunEventOut.model_validate(row).model_dump_json()

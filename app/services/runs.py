@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.artifacts import synced
+from app.core.db import new_session
 from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.core.queue import enqueue_stage
 from app.core.settings import Settings, get_settings
@@ -187,6 +188,14 @@ def events(session: Session, run: Run, *, after: int, limit: int) -> list[RunEve
     rows = session.scalars(select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.id > after)
                            .order_by(RunEvent.id).limit(limit)).all()
     return list(rows)
+
+
+def events_since(run_id: str, after: int, limit: int = 500) -> tuple[list[RunEvent], str]:
+    """Events after ``after`` and the run's state, in a session of their own (the event stream polls
+    this for as long as the client listens; it must not hold the request's session)."""
+    with new_session() as session:
+        run = session.get(Run, run_id)
+        return events(session, run, after=after, limit=limit), run.state
 
 
 def count_events(session: Session, run: Run) -> int:
