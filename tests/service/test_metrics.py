@@ -38,7 +38,9 @@ def test_metrics_report_runs_by_state_stage_durations_and_queue(anon_client, fin
     fams = scrape(anon_client)
     assert value(fams["scan_runs"], "scan_runs", state="SUCCEEDED") >= 1
     assert {s.labels["state"] for s in fams["scan_runs"]} >= {"QUEUED", "PRETEXT", "SUCCEEDED", "FAILED"}
-    assert value(fams["scan_queue_depth"], "scan_queue_depth", queue="runs") >= 0
+    # Runs waiting for a worker are the QUEUED runs, read in the same snapshot as scan_runs.
+    assert value(fams["scan_queue_depth"], "scan_queue_depth", queue="runs") == value(
+        fams["scan_runs"], "scan_runs", state="QUEUED")
     durations = fams["scan_run_stage_duration_seconds"]
     for stage in ("pretext", "mining", "clustering", "selflabel"):
         assert value(durations, "scan_run_stage_duration_seconds_count", stage=stage) >= 1
