@@ -30,6 +30,7 @@ LAYER_OF = {
     "app.deps": "http",
     "app.error_handlers": "http",
     "app.uploads": "http",
+    "app.request_bodies": "http",
     "app.main": "http",
     "app.security": "http",
     "app": "http",
@@ -45,9 +46,10 @@ MAY_IMPORT = {
     "workers": {"domain", "core", "data", "ml"},
     "cli": {"http", "workers", "domain", "core", "data", "ml"},
 }
-# Third-party web frameworks stay in the HTTP layer (serving still reads requests: app/serving/images.py).
+# Third-party web frameworks stay in the HTTP layer; serving may only borrow Starlette's thread pool.
 WEB = ("fastapi", "starlette")
 NO_WEB = ("ml", "app.core", "app.models", "app.services", "app.bootstrap", "workers")
+SERVING_MAY_USE = ("starlette.concurrency",)
 
 
 def _modules(root: Path) -> dict[str, Path]:
@@ -149,6 +151,12 @@ def upward_imports(graph: dict[str, set[str]], raw: dict[str, set[str]]) -> list
                 bad.append(f"{module} ({layer}) imports {target} ({other})")
         if any(module == p or module.startswith(p + ".") for p in NO_WEB):
             bad += [f"{module} ({layer}) imports {n}" for n in sorted(raw[module]) if n.split(".")[0] in WEB]
+        elif module.startswith("app.serving"):
+            bad += [
+                f"{module} ({layer}) imports {n}"
+                for n in sorted(raw[module])
+                if n.split(".")[0] in WEB and not n.startswith(SERVING_MAY_USE)
+            ]
     return bad
 
 
@@ -177,10 +185,17 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
     (tmp_path / "app" / "services" / "queue.py").write_text("def enqueue():\n    from workers.celery_app import app\n")
     (tmp_path / "workers" / "celery_app.py").write_text("from app.services import queue\n")
     (tmp_path / "ml" / "stages.py").write_text("from app.core import settings\nimport fastapi\n")
+    (tmp_path / "app" / "serving").mkdir()
+    (tmp_path / "app" / "serving" / "__init__.py").write_text("")
+    (tmp_path / "app" / "serving" / "predict.py").write_text(
+        "from fastapi import Request\nfrom starlette.concurrency import run_in_threadpool\n"
+    )
     graph, raw = import_graph(tmp_path)
     assert cycles(graph) == [["app.services.queue", "workers.celery_app"]]
     assert upward_imports(graph, raw) == [
         "app.services.queue (domain) imports workers.celery_app (workers)",
+        "app.serving.predict (domain) imports fastapi",
+        "app.serving.predict (domain) imports fastapi.Request",
         "ml.stages (ml) imports app (http)",
         "ml.stages (ml) imports fastapi",
     ]

@@ -18,9 +18,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
 from app.error_handlers import describe
+from app.request_bodies import check_count, max_images, read_limited_body, read_upload_form
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody
 from app.services import runs as run_service
-from app.serving.images import check_count, max_images, read_limited_body, read_upload_form
 from app.serving.model_cache import served_run
 from app.serving.neighbors import find_neighbors
 from ml.limits import MAX_K

@@ -12,9 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from app.deps import SessionDep, TenantDep
+from app.request_bodies import check_count, decode_base64_images, max_images, read_json_body, read_upload_form
 from app.schemas.common import ERRORS, ErrorBody
 from app.services import runs as run_service
-from app.serving.images import check_count, decode_base64_images, max_images, read_json_body, read_upload_form
 from app.serving.model_cache import served_run
 from app.serving.predict import predict_images
 
