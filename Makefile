@@ -62,8 +62,9 @@ test-fast: venv
 # ruff lints the whole tree. The formatter (ruff format) is enforced on the modules listed in
 # FORMATTED; the rest of the tree joins the list file by file, so that reformatting never lands as
 # one tree-wide diff on top of work in flight.
-FORMATTED := app/core/queue.py app/core/errors.py cli/__init__.py cli/main.py \
-	ml/limits.py ml/stages/__init__.py tests/test_architecture.py tests/app
+FORMATTED := app/core/queue.py app/core/errors.py app/request_bodies.py app/serving/images.py \
+	app/serving/predict.py cli/__init__.py cli/main.py ml/clusters.py ml/limits.py ml/stages/__init__.py \
+	tests/test_architecture.py tests/app tests/ml/test_clusters.py tests/ml/test_config.py tests/ml/test_stages.py
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check $(FORMATTED)

@@ -1,5 +1,6 @@
 """Reading /predict and /neighbors request bodies: streamed and bounded, multipart `files` or JSON
 `{"images": [base64, ...]}`; the images go on to app/serving/images.py to be decoded."""
+
 from __future__ import annotations
 
 import base64
@@ -25,14 +26,18 @@ async def read_limited_body(request: Request) -> bytes:
     limit = int(get_settings().max_serving_body_bytes)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes "
-                       "(SCAN_MAX_SERVING_BODY_BYTES); send fewer or smaller images")
+        raise TooLarge(
+            f"request body of {int(declared)} bytes is over the limit of {limit} bytes "
+            "(SCAN_MAX_SERVING_BODY_BYTES); send fewer or smaller images"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"request body is over the limit of {limit} bytes "
-                           "(SCAN_MAX_SERVING_BODY_BYTES); send fewer or smaller images")
+            raise TooLarge(
+                f"request body is over the limit of {limit} bytes "
+                "(SCAN_MAX_SERVING_BODY_BYTES); send fewer or smaller images"
+            )
         chunks.append(chunk)
     body = b"".join(chunks)
     request._body = body  # Starlette's form parser then reads this bounded copy, not the socket
@@ -86,7 +91,6 @@ async def read_json_body(request: Request) -> Any:
 
 def check_count(n: int, limit: int) -> None:
     if n == 0:
-        raise Invalid("no images: send multipart `files` or JSON {\"images\": [base64, ...]}")
+        raise Invalid('no images: send multipart `files` or JSON {"images": [base64, ...]}')
     if n > limit:
-        raise TooLarge(f"{n} images in one request; at most {limit} are accepted "
-                                 f"(split the request)")
+        raise TooLarge(f"{n} images in one request; at most {limit} are accepted (split the request)")

@@ -3,6 +3,7 @@ read by the service, the exports and the CLI through this one typed model.
 
 The file is a JSON list ordered by cluster index (so entry ``c`` describes cluster ``c``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

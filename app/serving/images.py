@@ -1,6 +1,7 @@
 """Images of a serving request, decoded and converted to the run's size and channels by the same
 rule as ingest (`ml.data.decode_conformed`). Reading them from the request body is the HTTP
 layer's job (app/request_bodies.py)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Cluster probabilities for decoded images through the run's dynamic batcher, as /predict answers."""
+
 from __future__ import annotations
 
 import json
@@ -17,21 +18,29 @@ async def predict_images(served: ServedRun, named: list[tuple[str, bytes]], k: i
     images = await run_in_threadpool(to_model_input, named, p.image_size, p.channels)
     probs = await served.batcher.submit(images)
     # Up to 256 images x 1,000 clusters of JSON: built in a worker thread, not on the event loop.
-    return await run_in_threadpool(lambda: json.dumps({"run_id": run_id, "predictions": format_predictions(
-        named, probs, k, served.cluster_labels)}).encode())
+    return await run_in_threadpool(
+        lambda: json.dumps(
+            {"run_id": run_id, "predictions": format_predictions(named, probs, k, served.cluster_labels)}
+        ).encode()
+    )
 
 
-def format_predictions(named: list[tuple[str, bytes]], probs: np.ndarray, k: int,
-                       labels: list[str | None] | None) -> list[dict[str, Any]]:
+def format_predictions(
+    named: list[tuple[str, bytes]], probs: np.ndarray, k: int, labels: list[str | None] | None
+) -> list[dict[str, Any]]:
     k = min(k, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     out = []
     for (name, _), row, order in zip(named, probs, top):
         c = int(order[0])
         entry: dict[str, Any] = {
-            "file": name, "cluster": c, "confidence": float(row[c]),
-            "top_k": [{"cluster": int(j), "probability": float(row[j]),
-                       **({"label": labels[j]} if labels else {})} for j in order],
+            "file": name,
+            "cluster": c,
+            "confidence": float(row[c]),
+            "top_k": [
+                {"cluster": int(j), "probability": float(row[j]), **({"label": labels[j]} if labels else {})}
+                for j in order
+            ],
         }
         if labels:
             entry["label"] = labels[c]

@@ -1,4 +1,5 @@
 """clusters.json through its one typed model: what the final stage writes is what every reader gets."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,15 @@ from ml.clusters import ClusterSummary, matched_labels, read_clusters, write_clu
 
 
 def _summary(c: int, label: str | None = None, size: int = 3) -> ClusterSummary:
-    return ClusterSummary(cluster=c, size=size, mean_confidence=0.9, prototype=c * 10 if size else None,
-                          top_items=[c * 10, c * 10 + 1][:size], matched_label=label,
-                          matched_class=None if label is None else c)
+    return ClusterSummary(
+        cluster=c,
+        size=size,
+        mean_confidence=0.9,
+        prototype=c * 10 if size else None,
+        top_items=[c * 10, c * 10 + 1][:size],
+        matched_label=label,
+        matched_class=None if label is None else c,
+    )
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -22,9 +29,15 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert read_clusters(path) == written
     # The file stays the plain JSON list that earlier runs wrote.
     raw = json.loads(path.read_text())
-    assert isinstance(raw, list) and raw[1] == {"cluster": 1, "size": 0, "mean_confidence": 0.9,
-                                                "prototype": None, "top_items": [], "matched_label": None,
-                                                "matched_class": None}
+    assert isinstance(raw, list) and raw[1] == {
+        "cluster": 1,
+        "size": 0,
+        "mean_confidence": 0.9,
+        "prototype": None,
+        "top_items": [],
+        "matched_label": None,
+        "matched_class": None,
+    }
 
 
 def test_a_missing_file_reads_as_no_clusters(tmp_path):

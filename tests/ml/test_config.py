@@ -1,4 +1,5 @@
 """ml/config.py on its own: presets, overrides (dotted and nested), and the checks across fields."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,10 @@ def test_dotted_and_nested_overrides_merge_into_the_preset():
 
 
 def test_expand_dotted():
-    assert expand_dotted({"a.b.c": 1, "a.d": 2, "e": {"f.g": 3}}) == {"a": {"b": {"c": 1}, "d": 2},
-                                                                         "e": {"f": {"g": 3}}}
+    assert expand_dotted({"a.b.c": 1, "a.d": 2, "e": {"f.g": 3}}) == {
+        "a": {"b": {"c": 1}, "d": 2},
+        "e": {"f": {"g": 3}},
+    }
 
 
 def test_unknown_preset_names_the_choices():
@@ -42,12 +45,15 @@ def test_a_typo_in_an_override_is_an_error_naming_the_field():
         RunConfig.from_preset("small", 10, {"pretext.epochz": 3})
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"pretext.epochs": 0}, "backbone_weights"),
-    ({"clustering.augment": False, "clustering.freeze_backbone": False}, "freeze_backbone"),
-    ({"pretext.crop_scale": [0.9, 0.5]}, "crop_scale"),
-    ({"num_clusters": 1}, "num_clusters"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pretext.epochs": 0}, "backbone_weights"),
+        ({"clustering.augment": False, "clustering.freeze_backbone": False}, "freeze_backbone"),
+        ({"pretext.crop_scale": [0.9, 0.5]}, "crop_scale"),
+        ({"num_clusters": 1}, "num_clusters"),
+    ],
+)
 def test_combinations_that_cannot_train_are_refused(overrides, message):
     with pytest.raises(ValidationError, match=message):
         RunConfig.from_preset("small", 10, overrides)
