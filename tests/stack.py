@@ -46,6 +46,7 @@ MODE = os.environ.get("SCAN_TEST_MODE", "embedded")
 PG_URL = os.environ.get("SCAN_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = os.environ.get("SCAN_BROKER_URL") or "redis://127.0.0.1:6379/15"
 MAX_UPLOAD = 4_000_000
+MAX_DATASET = 64 << 20  # above Fashion-MNIST's 47 MB, far below what a 100 KB bomb declares
 
 # Tiny enough for CI on 2 cores; still runs every stage for real.
 TINY = {"pretext.epochs": 2, "pretext.batch_size": 128, "clustering.epochs": 2, "clustering.num_heads": 2,
@@ -97,6 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "SCAN_VAR_DIR": str(var_dir),
         "SCAN_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "SCAN_MAX_SERVING_BODY_BYTES": str(MAX_UPLOAD),
+        "SCAN_MAX_DATASET_BYTES": str(MAX_DATASET),
         "SCAN_INGEST_WAIT_S": "180",
         # Short heartbeats so a killed worker's stage is picked up within seconds in the tests.
         "SCAN_HEARTBEAT_S": "1", "SCAN_STALE_AFTER_S": "6", "SCAN_RECOVER_INTERVAL_S": "1",

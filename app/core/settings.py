@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(4, ge=1, description="Finished runs kept loaded (model + faiss index) per "
                                   "API process; least recently used is evicted.")
     max_predict_images: int = Field(256, ge=1, description="Most images one /predict request may carry (413).")
+    max_dataset_bytes: int = Field(8 << 30, ge=1, description="Largest decoded dataset (N x C x H x W "
+                                   "bytes); checked from the file's headers before anything is allocated "
+                                   "(npz, IDX, gz, archives of images). Larger ones answer 422.")
     neighbors_max_queries: int = Field(256, ge=1, le=100_000, description="Most query items, vectors or "
                                        "images in one /neighbors request; more answer 422.")
     neighbors_max_results: int = Field(65_536, ge=1, le=10_000_000, description="Most neighbours one "

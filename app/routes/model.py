@@ -13,9 +13,10 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, TenantDep
+from app.schemas.common import ERRORS
 from app.services import runs as run_service
 
-router = APIRouter(tags=["serving"])
+router = APIRouter(tags=["serving"], responses=ERRORS)
 
 
 @router.get("/v1/runs/{run_id}/model", response_class=FileResponse,

@@ -33,5 +33,6 @@ class ORMModel(BaseModel):
 
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
+    400: "malformed request body (not parseable as the declared content type)",
     401: "missing or invalid API key", 404: "no such resource for this tenant",
     409: "conflicts with the resource's state", 422: "invalid request (detail names the field)"}.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.core.artifacts import synced
 from app.core.db import new_session
@@ -119,7 +120,7 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
     DataError marks the row FAILED with the reader's message and removes every file; the API (which
     is waiting) then deletes the row, or a user who did not wait sees the message on GET.
     """
-    from ml.data import DataError, load_source  # lazy: keeps torch out of the API's import path
+    from ml.data import DataError, Limits, load_source  # lazy: keeps torch out of the API's import path
 
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.state not in (DatasetState.PENDING, DatasetState.INGESTING):
@@ -133,7 +134,12 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
             synced(settings).pull(f"uploads/{dataset.id}")
             parts = Path(dataset.upload_path).parts
             source = str(upload_dir(settings, dataset.id).joinpath(*parts[parts.index(dataset.id) + 1:]))
-        data = load_source(source, split=dataset.split, cache_dir=settings.artifacts / "cache")
+        # One decoded copy per dataset: an upload is decoded straight into datasets/<id> (a cache
+        # keyed on a deleted upload would only be a second copy that nothing owns); the built-ins,
+        # shared by every tenant, keep their cache.
+        cache = None if dataset.upload_path else settings.artifacts / "cache"
+        limits = Limits(max_decoded_bytes=settings.max_dataset_bytes)
+        data = load_source(source, split=dataset.split, cache_dir=cache, limits=limits)
         if data.n == 0:
             raise DataError(dataset.name, "contains no images")
         data.save(settings.datasets_dir / dataset.id)
@@ -150,6 +156,8 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
             dataset.error = "could not ingest: " + public_message(exc)
         session.commit()
         return
+    if _deleted_meanwhile(session, settings, dataset_id):
+        return
     # With an artifact store, training workers on other machines fetch the dataset from there.
     synced(settings).push(f"datasets/{dataset.id}")
     shutil.rmtree(upload_dir(settings, dataset.id), ignore_errors=True)
@@ -162,7 +170,23 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
     dataset.storage_path = str(settings.datasets_dir / dataset.id)
     dataset.upload_path = None
     dataset.ready_at = utcnow()
-    session.commit()
+    try:
+        session.commit()
+    except StaleDataError:  # DELETE won the race between the check above and this commit
+        session.rollback()
+        _deleted_meanwhile(session, settings, dataset_id)
+
+
+def _deleted_meanwhile(session: Session, settings: Settings, dataset_id: str) -> bool:
+    """A DELETE during ingest answered 204 and removed the row: the ingest's files must not outlive
+    it (they once did, 2 x 2 GiB that no row pointed to)."""
+    session.expire_all()
+    if session.get(Dataset, dataset_id) is not None:
+        return False
+    shutil.rmtree(upload_dir(settings, dataset_id), ignore_errors=True)
+    shutil.rmtree(settings.datasets_dir / dataset_id, ignore_errors=True)
+    log.info("dataset %s was deleted during its ingest; its files are removed", dataset_id)
+    return True
 
 
 def delete(session: Session, settings: Settings, tenant: Tenant, dataset_id: str) -> None:

@@ -86,15 +86,41 @@ def _read_zip(path: Path, split: str, limits: Limits):
                 files[posix] = info
         layout = arrange(list(files), split, str(path))
         items = []
+        budget = _Budget()
         for p in layout.paths:
             info = files[p]
             try:
-                data = zf.read(info)
+                with zf.open(info) as f:
+                    data = read_capped(f, member_name(path, info.filename), limits, budget)
+                budget.used += len(data)
+            except DataError:
+                raise
             except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError,
                     RuntimeError, ValueError) as e:
                 raise DataError(member_name(path, info.filename), f"corrupt archive member ({e})") from e
             items.append((member_name(path, p), data))
     return items, layout
+
+
+class _Budget:
+    """Inflated bytes read so far from one archive (real bytes, not the headers' claims)."""
+    used = 0
+
+
+def read_capped(f, where: str, limits: Limits, budget: _Budget) -> bytes:  # noqa: ANN001
+    """Read a member in 1 MiB chunks and stop at the first byte past the member limit or the
+    archive's total: a member whose header says 1 KiB never inflates to 1 GiB in memory."""
+    cap = min(limits.max_member_bytes, limits.max_total_bytes - budget.used)
+    chunks, size = [], 0
+    while True:
+        chunk = f.read(min(1 << 20, cap + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            limit = ("per member" if cap == limits.max_member_bytes else "for the whole archive")
+            raise DataError(where, f"inflates past {cap:,} bytes, the limit {limit} (archive bomb?)")
+        chunks.append(chunk)
 
 
 def check_zip_infos(path: Path, infos: list[zipfile.ZipInfo], limits: Limits) -> None:
@@ -148,12 +174,14 @@ def _read_tar(path: Path, split: str, limits: Limits):
             layout = arrange(list(files), split, str(path))
             wanted = {files[p].offset_data: p for p in layout.paths}
             data: dict[str, bytes] = {}
+            budget = _Budget()
             for offset in sorted(wanted):  # archive order: a compressed stream is read forward once
                 p = wanted[offset]
                 fobj = tf.extractfile(files[p])
                 if fobj is None:
                     raise DataError(member_name(path, p), "unreadable tar member")
-                data[p] = fobj.read()
+                data[p] = read_capped(fobj, member_name(path, p), limits, budget)
+                budget.used += len(data[p])
     except DataError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:

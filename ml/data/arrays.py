@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import MAX_CLASSES, DataError, Limits, check_class_count
+from .errors import MAX_CLASSES, DataError, Limits, check_class_count, check_decoded_size
 from .imageset import ImageSet
 from .imaging import choose_size, conform_images
 
@@ -19,10 +19,12 @@ def image_set_from_array(images: np.ndarray, labels: np.ndarray | None,
     n, channels, h, w = images.shape
     if n == 0:
         raise DataError(source, "no images")
+    check_decoded_size(images.shape, limits, source)
     if labels is not None:
         labels, class_names = check_labels(labels, n, class_names, source)
     size = choose_size([(h, w)], limits, image_size)
     if size != (h, w):
+        check_decoded_size((n, channels, *size), limits, source)
         images = conform_images(images.transpose(0, 2, 3, 1), size, channels)
     return ImageSet(np.ascontiguousarray(images), labels, class_names, source)
 

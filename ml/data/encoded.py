@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError, Limits
+from .errors import DataError, Limits, check_decoded_size
 from .imageset import ImageSet
 from .imaging import choose_size, conform_pil, decode_pil, is_gray, open_image, orientation, parallel_map
 
@@ -34,6 +34,7 @@ def images_from_encoded(items: Sequence[Encoded], labels: Sequence[int] | None,
     if decoded is not None:
         size = choose_size([(img.height, img.width) for img in decoded], limits, image_size)
         channels = 1 if all(img.mode == "L" for img in decoded) else 3
+        check_decoded_size((len(items), channels, *size), limits, source)
         out = np.empty((len(items), channels, *size), np.uint8)
 
         def conform_into(i: int) -> None:
@@ -42,6 +43,7 @@ def images_from_encoded(items: Sequence[Encoded], labels: Sequence[int] | None,
         headers = parallel_map(lambda item: _header(item, limits), items)
         size = choose_size([(h, w) for h, w, _ in headers], limits, image_size)
         channels = 1 if all(gray for _, _, gray in headers) else 3
+        check_decoded_size((len(items), channels, *size), limits, source)
         out = np.empty((len(items), channels, *size), np.uint8)
 
         def conform_into(i: int) -> None:

@@ -30,11 +30,24 @@ def check_class_count(count: int, where: object) -> None:
         raise DataError(where, f"{count:,} classes; at most {MAX_CLASSES:,} are accepted")
 
 
+def check_decoded_size(shape: tuple[int, ...], limits: "Limits", where: object) -> None:
+    """Refuse a set whose decoded uint8 array would exceed the limit, before it is allocated (the
+    shape comes from headers: a 2 MB compressed npz once declared, and got, 2 GiB)."""
+    size = 1
+    for dim in shape:
+        size *= int(dim)  # Python ints: no overflow on hostile dims
+    if size > limits.max_decoded_bytes:
+        raise DataError(where, f"decodes to {size:,} bytes ({' x '.join(str(int(d)) for d in shape)}); "
+                               f"at most {limits.max_decoded_bytes:,} are accepted (SCAN_MAX_DATASET_BYTES)")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Defensive bounds for archives and images; checked before anything large is read."""
 
     max_files: int = 500_000
     max_total_bytes: int = 8 << 30  # uncompressed, whole archive (or whole folder)
+    max_decoded_bytes: int = 8 << 30  # the decoded uint8 set, N x C x H x W (SCAN_MAX_DATASET_BYTES)
+    max_member_bytes: int = 160 << 20  # one archive member, inflated: a 40 Mpx image as 32-bit BMP
     max_image_pixels: int = 40_000_000
     max_side: int = 256  # the size rule never picks a side above this

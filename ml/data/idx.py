@@ -13,13 +13,31 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import image_set_from_array
-from .errors import DataError, Limits
+from .errors import DataError, Limits, check_decoded_size
 from .imageset import ImageSet
 from .npz import to_nchw
 
 _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _SPLIT_PREFIXES = {"train": ("train",), "test": ("t10k", "test")}
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+def declared_dims(path: Path) -> tuple[int, ...] | None:
+    """The dimensions an IDX file's header declares (read from the stream, gunzipped if need be),
+    or None if the header is not IDX. Costs a few bytes, whatever the file would inflate to."""
+    try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == _GZIP_MAGIC
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _DTYPES or not 1 <= head[3] <= 4:
+                return None
+            raw = f.read(4 * head[3])
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(raw) < 4 * head[3]:
+        return None
+    return tuple(int.from_bytes(raw[4 * i: 4 * i + 4], "big") for i in range(head[3]))
 
 
 def read_raw(path: Path, limits: Limits) -> bytes:
@@ -87,6 +105,9 @@ def read_idx(path: Path, split: str, limits: Limits, image_size: int | None,
         images_path, labels_path = find_idx_pair(path, split)
     else:
         images_path, labels_path = path, _sibling_labels(path)
+    dims = declared_dims(images_path)
+    if dims is not None:  # checked from the header, before anything is inflated
+        check_decoded_size(dims, limits, images_path)
     images = parse_idx(read_raw(images_path, limits), str(images_path))
     if images.ndim not in (3, 4):
         raise DataError(images_path, f"IDX images must have 3 or 4 dimensions, got {images.ndim}")

@@ -13,7 +13,7 @@ import numpy as np
 
 from .archive import check_zip_infos
 from .arrays import image_set_from_array
-from .errors import DataError, Limits
+from .errors import DataError, Limits, check_decoded_size
 from .imageset import ImageSet
 from .imaging import to_uint8
 
@@ -23,6 +23,7 @@ def read_npz(path: Path, limits: Limits, image_size: int | None) -> ImageSet:
     try:
         with zipfile.ZipFile(path) as zf:  # an npz is a zip: same bomb checks before loading
             check_zip_infos(path, zf.infolist(), limits)
+            _check_declared_shapes(path, zf, limits)
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz.files:
                 raise DataError(path, f"no 'images' array in npz (found: {', '.join(npz.files)})")
@@ -40,6 +41,26 @@ def read_npz(path: Path, limits: Limits, image_size: int | None) -> ImageSet:
         class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
     nchw = to_nchw(images, str(path))
     return image_set_from_array(nchw, labels, class_names, str(path), limits, image_size)
+
+
+def _check_declared_shapes(path: Path, zf: zipfile.ZipFile, limits: Limits) -> None:
+    """Read each array's .npy header (a few hundred bytes, streamed out of the zip member) and refuse
+    the file before np.load allocates: a compressed member's size in the zip says nothing."""
+    for member in ("images.npy", "labels.npy", "class_names.npy"):
+        if member not in zf.namelist():
+            continue
+        with zf.open(member) as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+            except ValueError as e:
+                raise DataError(path, f"{member}: not a valid .npy header ({e})") from e
+        raw = int(np.prod(shape, dtype=object)) * max(dtype.itemsize, 1)
+        if raw > limits.max_total_bytes:
+            raise DataError(path, f"{member} declares {raw:,} bytes; at most {limits.max_total_bytes:,}")
+        if member == "images.npy":
+            check_decoded_size(tuple(shape), limits, path)
 
 
 def to_nchw(images: np.ndarray, name: str) -> np.ndarray:

@@ -565,7 +565,8 @@ def test_truncated_and_bad_idx(tmp_path):
     assert_data_error(lambda: load_source(tmp_path / "cut.gz"), "cut.gz", match="truncated")
     huge = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1)
     (tmp_path / "huge-images-idx3-ubyte").write_bytes(huge + b"\0" * 64)
-    assert_data_error(lambda: load_source(tmp_path / "huge-images-idx3-ubyte"), "huge", match="truncated")
+    # Refused from the header, before a byte of data is read (it would also be truncated).
+    assert_data_error(lambda: load_source(tmp_path / "huge-images-idx3-ubyte"), "huge", match="decodes to")
     d = tmp_path / "badmagic"
     d.mkdir()
     (d / "train-images-idx3-ubyte").write_bytes(b"\x12\x34" + data[2:])

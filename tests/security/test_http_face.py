@@ -98,3 +98,19 @@ def test_redaction_keeps_the_rest_of_the_line(text: str) -> None:
 
     out = redact(text)
     assert "abc" not in out and "REDACTED" in out and out.split("?")[0] == text.split("?")[0]
+
+
+def test_revoking_the_key_ends_its_ui_sessions(api_server: str) -> None:
+    from app.models import ApiKey, utcnow
+    from app.services.auth import create_key, key_row
+    from tests.stack import db_session
+
+    with db_session() as session:
+        key = create_key(session, "tenant-revoked")
+        session.commit()
+    with ui_client(api_server, key) as c:
+        assert c.get("/ui").status_code == 200
+        with db_session() as session:
+            session.get(ApiKey, key_row(session, key).id).revoked_at = utcnow()
+            session.commit()
+        assert c.get("/ui").status_code == 303
