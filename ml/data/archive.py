@@ -107,7 +107,7 @@ class _Budget:
     used = 0
 
 
-def read_capped(f, where: str, limits: Limits, budget: _Budget) -> bytes:  # noqa: ANN001
+def read_capped(f, where: str, limits: Limits, budget: _Budget) -> bytes:
     """Read a member in 1 MiB chunks and stop at the first byte past the member limit or the
     archive's total: a member whose header says 1 KiB never inflates to 1 GiB in memory."""
     cap = min(limits.max_member_bytes, limits.max_total_bytes - budget.used)

@@ -30,7 +30,7 @@ def check_class_count(count: int, where: object) -> None:
         raise DataError(where, f"{count:,} classes; at most {MAX_CLASSES:,} are accepted")
 
 
-def check_decoded_size(shape: tuple[int, ...], limits: "Limits", where: object) -> None:
+def check_decoded_size(shape: tuple[int, ...], limits: Limits, where: object) -> None:
     """Refuse a set whose decoded uint8 array would exceed the limit, before it is allocated (the
     shape comes from headers: a 2 MB compressed npz once declared, and got, 2 GiB)."""
     size = 1

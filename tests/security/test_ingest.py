@@ -126,7 +126,7 @@ def test_delete_during_ingest_leaves_nothing(client: httpx.Client, stack, monkey
         session.commit()
     real = ml.data.load_source
 
-    def load_then_delete(*args, **kwargs):  # noqa: ANN002, ANN003
+    def load_then_delete(*args, **kwargs):
         data = real(*args, **kwargs)
         with db_session() as other:  # what DELETE /v1/datasets/racing does to the row meanwhile
             other.delete(other.get(Dataset, "racing"))
