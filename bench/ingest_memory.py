@@ -2,8 +2,8 @@
 
 Each case is decoded by `ml.data.load_source` (what the `cpu` worker runs) in a fresh process; the
 process's RSS after the imports is the baseline, the peak is reset there (Linux clear_refs) and read
-after the ingest, and the growth is printed next to the decoded size. Refused cases print their answer: the point is that a refusal
-costs a few MB, not the gigabytes the file declares.
+after the ingest, and the growth is printed next to the decoded size. Refused cases print their
+answer: the point is that a refusal costs a few MB, not the gigabytes the file declares.
 
     .venv/bin/python bench/ingest_memory.py            # about a minute on 2 busy cores
     .venv/bin/python bench/ingest_memory.py --limit-mb 256
