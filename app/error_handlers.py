@@ -22,8 +22,11 @@ def describe(errors, prefix: str = "") -> str:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -41,3 +44,16 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DataError)
     async def _data(_: Request, exc: DataError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 422)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette names only the first route that
+    matched the path, so /v1/datasets (GET and POST, two routes) used to say just "POST"."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.routes):
+            methods.add(method)
+    return ", ".join(sorted(methods))

@@ -67,3 +67,12 @@ def _count_runs() -> int:
 
     with db_session() as session:
         return session.scalar(select(func.count()).select_from(Run))
+
+
+def test_405_names_every_method_the_path_serves(client: httpx.Client) -> None:
+    """Starlette named only the first route matching the path (/v1/datasets said just POST)."""
+    for path, allowed in (("/v1/datasets", "GET, POST"), ("/v1/datasets/abc", "DELETE, GET"),
+                          ("/v1/runs/abc", "GET"), ("/livez", "GET")):
+        r = client.request("PUT", path)
+        assert r.status_code == 405 and r.headers["allow"] == allowed, (path, r.headers.get("allow"))
+        assert r.json() == {"detail": "Method Not Allowed"}
