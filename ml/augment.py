@@ -259,7 +259,8 @@ class SimCLRAugment:
 # ---------------------------------------------------------------------------------------------
 
 # Magnitude interval of each op, as in SCAN's Table S2. Translations are fractions of the image
-# side. Posterize draws from [4, 9) and floors, i.e. integer bit depths 4..8 with equal chance.
+# side. Posterize draws from [4, 8) and floors, i.e. bit depths 4..7 as the reference's int(v) does
+# (8 bits would be a no-op, one op in 14 of the draws wasted).
 OP_RANGES: dict[str, tuple[float, float] | None] = {
     "identity": None,
     "autocontrast": None,
@@ -274,7 +275,7 @@ OP_RANGES: dict[str, tuple[float, float] | None] = {
     "shear_y": (-0.1, 0.1),
     "translate_x": (-0.1, 0.1),
     "translate_y": (-0.1, 0.1),
-    "posterize": (4.0, 9.0),
+    "posterize": (4.0, 8.0),
 }
 STRONG_OPS: tuple[str, ...] = tuple(OP_RANGES)
 _GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -379,8 +380,8 @@ class StrongAugment:
 
     Optional horizontal flip (p=0.5), then ``num_ops`` ops drawn per sample with replacement from
     the 14 of Table S2, each with a magnitude uniform in its interval (``OP_RANGES``), then Cutout of
-    one square hole per sample whose side is drawn from 1..``cutout`` (default: half the side, the
-    paper's 16 px on 32 px images), filled with 0.5 gray (``CUTOUT_FILL``).
+    one hole whose side is drawn per sample from 1..``cutout`` (default: half the side, the paper's
+    16 px on 32 px images), as the reference does, filled with 0.5 gray (``CUTOUT_FILL``).
 
     At each of the ``num_ops`` positions, the samples that drew the same op are processed together;
     all geometric ops of a position share a single grid_sample call.

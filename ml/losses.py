@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["nt_xent_loss", "moco_loss", "scan_loss", "scan_loss_per_head", "selflabel_loss"]
+__all__ = ["nt_xent_loss", "moco_loss", "scan_loss", "scan_loss_per_head", "scan_loss_all_neighbors",
+           "selflabel_loss"]
 
 # Floor for probabilities inside a log: keeps the loss finite when softmax saturates to exact 0.
 _EPS = 1e-8
@@ -82,12 +83,44 @@ def scan_loss_per_head(anchor_logits: Tensor, neighbor_logits: Tensor,
     # float32 softmax: bf16 probabilities are too coarse for the log of a dot product near 1.
     p = F.softmax(anchor_logits.float(), dim=-1)
     q = F.softmax(neighbor_logits.float(), dim=-1)
-    similarity = (p * q).sum(dim=-1).clamp_min(_EPS)
-    consistency = -similarity.log().mean(dim=-1)
-    mean_p = p.mean(dim=-2)
-    entropy = -(mean_p * mean_p.clamp_min(_EPS).log()).sum(dim=-1)
+    consistency = -_log_agreement(p, q).mean(dim=-1)
+    entropy = _mean_entropy(p)
     total = consistency - entropy_weight * entropy
     return total, consistency, entropy
+
+
+def scan_loss_all_neighbors(probs: Tensor, neighbors: Tensor, entropy_weight: float = 5.0,
+                            chunk: int = 8192) -> Tensor:
+    """Eq. 2 over a whole dataset without sampling: every image against every one of its mined
+    neighbours (what the paper's "lowest loss" model selection evaluates, no augmentation).
+
+    probs: (H, N, K) or (N, K) cluster probabilities of all N images; neighbors: (N, M) indices.
+    Returns the per-head total loss, shape (H,). Same terms and floor as ``scan_loss_per_head``;
+    anchors are processed in chunks so memory stays at (chunk, M, K).
+    """
+    if probs.ndim == 2:
+        probs = probs.unsqueeze(0)
+    probs = probs.float()
+    nb = neighbors.to(probs.device)
+    totals = []
+    for p in probs:
+        log_sum = p.new_zeros(())
+        for i in range(0, p.shape[0], chunk):
+            log_sum += _log_agreement(p[i:i + chunk].unsqueeze(1), p[nb[i:i + chunk]]).sum()
+        consistency = -log_sum / nb.numel()
+        totals.append(consistency - entropy_weight * _mean_entropy(p))
+    return torch.stack(totals)
+
+
+def _log_agreement(p: Tensor, q: Tensor) -> Tensor:
+    """log <p, q> over the last axis, floored so that disagreeing one-hot predictions stay finite."""
+    return (p * q).sum(dim=-1).clamp_min(_EPS).log()
+
+
+def _mean_entropy(p: Tensor) -> Tensor:
+    """Entropy of the mean prediction over the sample axis (-2): the term that spreads clusters."""
+    mean_p = p.mean(dim=-2)
+    return -(mean_p * mean_p.clamp_min(_EPS).log()).sum(dim=-1)
 
 
 def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor,

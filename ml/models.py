@@ -24,7 +24,7 @@ from torch import Tensor, nn
 __all__ = ["ARCHS", "Backbone", "Normalize", "build_backbone", "load_backbone_weights",
            "ContrastiveModel", "ClusteringModel"]
 
-ARCHS = ("resnet18_cifar", "resnet18", "resnet50", "convnet")
+ARCHS = ("resnet18_cifar", "resnet18_stl", "resnet18", "resnet50", "convnet")
 
 
 class Normalize(nn.Module):
@@ -56,6 +56,11 @@ def _resnet_layers(arch: str, in_channels: int) -> tuple[OrderedDict[str, nn.Mod
         # full resolution in layer1.
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    elif arch == "resnet18_stl":
+        # STL stem (SCAN's resnet_stl): 3x3 stride-1 conv, then a 2x2 stride-2 max-pool (padding 1),
+        # so 96 px images reach layer1 at 49 px instead of the standard stem's 24.
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.MaxPool2d(kernel_size=2, stride=2, padding=1)
     elif in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     layers = OrderedDict((name, getattr(net, name)) for name in
@@ -91,7 +96,8 @@ def build_backbone(arch: str, in_channels: int, mean: Sequence[float], std: Sequ
                    width: int = 32) -> Backbone:
     """A backbone for float images in [0, 1] with ``in_channels`` channels (1 or 3).
 
-    arch: "resnet18_cifar" (3x3 stride-1 conv1, no max-pool; 512-d), "resnet18" (standard stem;
+    arch: "resnet18_cifar" (3x3 stride-1 conv1, no max-pool; 512-d), "resnet18_stl" (3x3 stride-1
+    conv1, 2x2 max-pool; 512-d), "resnet18" (standard stem;
     512-d), "resnet50" (2048-d), "convnet" (small and CPU-sized; 256-d). ``mean``/``std`` hold one
     value per channel (a single value is repeated).
     """

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.artifacts import load_clustering, load_contrastive
+from ml.data import resize_to
 from ml.device import select_runtime
 from ml.rundir import RunDir
 
@@ -45,14 +46,12 @@ class Predictor:
         return int(self.meta["num_clusters"])
 
     def _batch(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.array(images))  # a writable copy: callers may pass read-only mmaps
-        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"expected uint8 images (N, {self.channels}, H, W), got {tuple(x.shape)} {x.dtype}")
-        x = x.to(self.rt.device).float().div_(255)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              antialias=True, align_corners=False)
-        return x
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"expected uint8 images (N, {self.channels}, H, W), got {images.shape} {images.dtype}")
+        # Other sizes are resized by the rule training used, so the pixels match exactly.
+        x = torch.from_numpy(resize_to(images, self.image_size))
+        return x.to(self.rt.device).float().div_(255)
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -16,7 +16,8 @@ sides, capped at ``Limits.max_side`` (256) and at least 8 (``image_size`` forces
 (turned upright by its EXIF orientation first) is scaled, keeping its aspect ratio, so that its
 shorter side is S (PIL bicubic, antialiased when shrinking), then centre-cropped to S x S; for a
 non-square target H x W it is scaled just enough to cover H x W. `conform_images` applies exactly
-this to new images (for /predict).
+this to new images (for /predict), and `resize_to` to whole uint8 batches when a run's
+``image_size`` differs from the set's (training, evaluation, `Predictor`): one resize rule everywhere.
 
 Channel rule. If every image is grayscale (decoded mode 1, L, LA or 16-bit gray) the set has C=1;
 otherwise C=3 and gray images are replicated into three channels. Palette, RGBA, CMYK and other modes
@@ -30,7 +31,8 @@ checked before reading) or ``Limits.max_files``, empty sources, malformed npz/ID
 """
 from .errors import DataError, Limits
 from .imageset import ImageSet
-from .imaging import conform_images, decode_conformed, decode_image
+from .imaging import conform_images, decode_conformed, decode_image, resize_to
 from .load import load_source
 
-__all__ = ["DataError", "ImageSet", "Limits", "conform_images", "decode_conformed", "decode_image", "load_source"]
+__all__ = ["DataError", "ImageSet", "Limits", "conform_images", "decode_conformed", "decode_image", "load_source",
+           "resize_to"]

@@ -217,6 +217,17 @@ def conform_images(images: Sequence[np.ndarray], size: tuple[int, int], channels
     return out
 
 
+def resize_to(images: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 (N, C, H, W) -> (N, C, size, size) by the one resize rule of the project: the ingest
+    rule (`conform_images`, PIL antialiased bicubic, cover and centre-crop). Training,
+    evaluation, /predict and exported models all resize through it, so an image gets the same
+    pixels wherever it is classified. Always a private, writable copy (caches are read-only mmaps)."""
+    images = np.asarray(images)
+    if size is None or images.shape[-2:] == (size, size):
+        return np.array(images)
+    return conform_images(images.transpose(0, 2, 3, 1), (size, size), images.shape[1])
+
+
 def to_uint8(a: np.ndarray, name: str) -> np.ndarray:
     """Numeric pixels -> uint8: uint8 as is, bool as 0/255, 16-bit integers scaled by 1/257,
     other integers kept if in 0..255, floats in [0, 1] scaled by 255 (else clipped to 0..255)."""

@@ -1,6 +1,7 @@
 """Stage 3: SCAN clustering (SCAN section 2.2, Eq. 2). Each image and one of its mined neighbours,
 both strongly augmented, are pushed to agree, while the entropy term keeps clusters from
-collapsing. Several heads train at once; the head with the lowest loss over the whole dataset is kept.
+collapsing. Several heads train at once; after every epoch Eq. 2 is measured for each head over the whole
+dataset, and the (epoch, head) with the lowest loss is the model kept (the paper's criterion).
 """
 from __future__ import annotations
 
@@ -9,22 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml.artifacts import load_contrastive, save_clustering
+from ml.artifacts import cpu_state, load_contrastive, save_clustering
 from ml.augment import StrongAugment
-from ml.losses import scan_loss_per_head
+from ml.losses import scan_loss_all_neighbors, scan_loss_per_head
 from ml.models import ClusteringModel
-from ml.stages.common import (
-    StageContext,
-    batches,
-    make_optimizer,
-    predict_all,
-    resident_images,
-    resume,
-    run_epochs,
-    save_checkpoint,
-    set_lr,
-    take,
-)
+from ml.stages.common import StageContext, predict_all, resident_images, take
+from ml.stages.loop import Trainer
 from ml.stages.results import write_results
 
 
@@ -34,92 +25,87 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
         return {"resumed": "done"}
     images = resident_images(data.images, rt, cfg.image_size)
     n, size = images.shape[0], images.shape[-1]
-    neighbors = torch.from_numpy(np.load(run.neighbors_path)).to(rt.device)
+    # The reference draws the partner from the K mined neighbours *and the anchor itself* (its
+    # faiss search returns the sample first): one pair in K+1 is the image against another view
+    # of itself. neighbors.npy keeps self out (it also serves /neighbors and the purity figure).
+    mined = torch.from_numpy(np.load(run.neighbors_path))
+    neighbors = torch.cat([torch.arange(n).unsqueeze(1), mined], dim=1).to(rt.device)
     contrastive, meta = load_contrastive(run.pretext_path)
 
     torch.manual_seed(cfg.seed + 2)
     model = rt.model(ClusteringModel(contrastive.backbone, cfg.num_clusters, num_heads=cc.num_heads))
     # Frozen backbone (the paper's ImageNet setting): only the linear heads learn, BN stays fixed.
     params = model.heads.parameters() if cc.freeze_backbone else model.parameters()
-    opt = make_optimizer(params, cc.optim)
+    trainer = Trainer(ctx, model, params, cc.optim, epochs=cc.epochs, batch_size=cc.batch_size, n=n, stream=2)
     aug = StrongAugment(size, cutout=cc.cutout, flip=cfg.pretext.flip)
-    g = ctx.generator(2)
+    heads = _HeadInputs(model, images, rt, cc, aug, trainer.g)
+    best = trainer.resume().get("best")
 
-    start, history, _ = resume(ctx, model, opt, g)
-
-    steps = max(n // cc.batch_size, 1)
-    total_steps = max(cc.epochs * steps, 1)
-
-    def forward_heads(x: torch.Tensor) -> torch.Tensor:
-        if not cc.freeze_backbone:
-            return model(x)
-        with torch.no_grad():
-            feats = model.features(x)
-        return torch.stack([head(feats) for head in model.heads])
-
-    features = None
-    if cc.freeze_backbone and not cc.augment:
-        model.eval()
-        features = predict_all(model.features, images, rt).to(rt.device)
-
-    def logits_for(all_idx: torch.Tensor) -> torch.Tensor:
-        if features is not None:
-            f = features[all_idx]
-            return torch.stack([head(f) for head in model.heads]).float()
-        v = rt.prepare(aug(take(images, all_idx, rt), g))
-        with rt.autocast():
-            return forward_heads(v).float()
-
-    def train_epoch(epoch: int):
+    for epoch in trainer.epochs():
         model.eval() if cc.freeze_backbone else model.train()
-        for i, idx in enumerate(batches(n, cc.batch_size, g, drop_last=True)):
-            set_lr(opt, cc.optim, (epoch * steps + i) / total_steps)
-            b = idx.numel()
-            # One neighbour per anchor, drawn uniformly from its K mined neighbours (self excluded).
-            pick = torch.randint(neighbors.shape[1], (b,), generator=g, device=rt.device)
-            nidx = neighbors[idx.to(rt.device), pick]
-            logits = logits_for(torch.cat([idx.to(rt.device), nidx]))
-            total, _, _ = scan_loss_per_head(logits[:, :b], logits[:, b:], cc.entropy_weight)
-            loss = total.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            yield loss.item() / cc.num_heads, b
+        for idx in trainer.batches():
+            idx = idx.to(rt.device)
+            # One partner per anchor, drawn uniformly from itself and its K neighbours.
+            pick = torch.randint(neighbors.shape[1], (idx.numel(),), generator=trainer.g, device=rt.device)
+            logits = heads.logits(torch.cat([idx, neighbors[idx, pick]]))
+            total, _, _ = scan_loss_per_head(logits[:, :idx.numel()], logits[:, idx.numel():], cc.entropy_weight)
+            trainer.step(total.sum() / cc.num_heads, idx.numel())
+        # The paper's validation criterion: keep the model (and head) with the lowest loss, measured
+        # without augmentation over every image and all of its neighbours.
+        losses = heads.full_losses(neighbors)
+        head = int(np.argmin(losses))
+        if best is None or losses[head] < best["loss"]:
+            best = {"epoch": epoch + 1, "head": head, "loss": losses[head], "state": cpu_state(model)}
+        trainer.end_epoch({"head_losses": losses, "best_epoch": best["epoch"]}, extra={"best": best})
 
-    def end_epoch(epoch: int, loss: float):
-        history.append({"epoch": epoch + 1, "loss": loss})
-        save_checkpoint(ctx, model, opt, g, epoch, history)
-        return {}
-
-    run_epochs(ctx, epochs=cc.epochs, start_epoch=start, steps_per_epoch=steps,
-               train_epoch=train_epoch, end_epoch=end_epoch)
-
+    if best is not None:
+        model.load_state_dict(best["state"])
+    head_losses = heads.full_losses(neighbors)
+    kept = int(np.argmin(head_losses))
+    model.keep_head(kept)
     model.eval()
-    head_losses = _head_losses(model, images, neighbors, rt, cc.entropy_weight)
-    best = int(np.argmin(head_losses))
-    model.keep_head(best)
-    out_meta = {**meta, "num_clusters": cfg.num_clusters, "num_heads": 1, "head": best,
-                "head_losses": head_losses}
+    out_meta = {**meta, "num_clusters": cfg.num_clusters, "num_heads": 1, "head": kept,
+                "head_losses": head_losses, "kept_epoch": best["epoch"] if best else 0}
     save_clustering(run.scan_model_path, model, out_meta)
-    run.update_json(run.history_path, "clustering", history)
+    run.update_json(run.history_path, "clustering", trainer.history)
     results = write_results(ctx, model, images, data, "scan", final=not cfg.selflabel.enabled)
-    return {"epochs": len(history), "head": best, "head_losses": head_losses, **results}
+    return {"epochs": len(trainer.history), "head": kept, "kept_epoch": out_meta["kept_epoch"],
+            "head_losses": head_losses, **results}
 
 
-@torch.no_grad()
-def _head_losses(model, images, neighbors, rt, entropy_weight: float) -> list[float]:
-    """Eq. 2 for every head over the whole dataset, without augmentation: every image against all
-    of its mined neighbours. The lowest is the head SCAN keeps."""
-    probs = predict_all(lambda x: model(x).float().softmax(-1), images, rt)  # (H, N, K)
-    nb = neighbors.cpu()
-    losses = []
-    for p in probs:
-        log_sum = 0.0
-        for i in range(0, p.shape[0], 8192):  # chunks keep (N, K_neighbours, K) bounded
-            dots = (p[i:i + 8192].unsqueeze(1) * p[nb[i:i + 8192]]).sum(-1).clamp_min(1e-7)
-            log_sum += float(dots.log().sum())
-        consistency = -log_sum / nb.numel()
-        mean_p = p.mean(0).clamp_min(1e-12)
-        neg_entropy = (mean_p * mean_p.log()).sum()
-        losses.append(float(consistency + entropy_weight * neg_entropy))
-    return losses
+class _HeadInputs:
+    """What the heads see: strong views through the backbone, or (frozen backbone, no
+    augmentation) features computed once, which costs seconds instead of a backbone pass a step."""
+
+    def __init__(self, model, images, rt, cc, aug, g):
+        self.model, self.images, self.rt, self.cc, self.aug, self.g = model, images, rt, cc, aug, g
+        self.features = None
+        if cc.freeze_backbone and not cc.augment:
+            model.eval()
+            self.features = predict_all(model.features, images, rt).to(rt.device)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.features is not None:
+            return self._heads(self.features[idx]).float()
+        v = self.rt.prepare(self.aug(take(self.images, idx, self.rt), self.g))
+        with self.rt.autocast():
+            if not self.cc.freeze_backbone:
+                return self.model(v).float()
+            with torch.no_grad():
+                feats = self.model.features(v)
+            return self._heads(feats).float()
+
+    def _heads(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(feats) for head in self.model.heads])
+
+    @torch.no_grad()
+    def full_losses(self, neighbors: torch.Tensor) -> list[float]:
+        """Eq. 2 of every head over the whole dataset, unaugmented, all neighbours."""
+        was_training = self.model.training
+        self.model.eval()
+        if self.features is not None:
+            probs = self._heads(self.features).float().softmax(-1).cpu()
+        else:
+            probs = predict_all(lambda x: self.model(x).float().softmax(-1), self.images, self.rt)
+        self.model.train(was_training)
+        return [float(v) for v in scan_loss_all_neighbors(probs, neighbors.cpu(), self.cc.entropy_weight)]

@@ -17,19 +17,8 @@ from ml.augment import SimCLRAugment
 from ml.losses import moco_loss, nt_xent_loss
 from ml.models import ContrastiveModel, build_backbone, load_backbone_weights
 from ml.rundir import atomic_write
-from ml.stages.common import (
-    StageContext,
-    batches,
-    channel_stats,
-    make_optimizer,
-    predict_all,
-    resident_images,
-    resume,
-    run_epochs,
-    save_checkpoint,
-    set_lr,
-    take,
-)
+from ml.stages.common import StageContext, channel_stats, predict_all, resident_images, take
+from ml.stages.loop import Trainer
 
 
 def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
@@ -45,60 +34,31 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     if pc.backbone_weights:
         load_backbone_weights(backbone, Path(pc.backbone_weights))
     model = rt.model(ContrastiveModel(backbone, hidden_dim=pc.hidden_dim, feature_dim=pc.feature_dim))
-    opt = make_optimizer(model.parameters(), pc.optim)
     aug = SimCLRAugment(size, crop_scale=pc.crop_scale, flip=pc.flip, jitter=pc.jitter,
                         jitter_p=pc.jitter_p, gray_p=pc.gray_p)
-    g = ctx.generator(1)
+    trainer = Trainer(ctx, model, model.parameters(), pc.optim, epochs=pc.epochs,
+                      batch_size=pc.batch_size, n=n, stream=1)
+    moco = _Moco(model, pc, n, trainer.g, rt.device) if pc.method == "moco" else None
+    extras = trainer.resume()
+    if moco is not None and extras:
+        moco.load(extras)
 
-    moco = pc.method == "moco"
-    key_model, queue = None, None
-    if moco:
-        key_model = copy.deepcopy(model).requires_grad_(False)
-        queue = F.normalize(torch.randn(min(pc.moco_queue, n), pc.feature_dim, generator=g,
-                                        device=rt.device), dim=1)
-        queue_ptr = [0]
-
-    start, history, ck = resume(ctx, model, opt, g)
-    if ck and moco:
-        key_model.load_state_dict(ck["key_model"])
-        queue.copy_(ck["queue"].to(rt.device))
-        queue_ptr[0] = ck["queue_ptr"]
-
-    steps = max(n // pc.batch_size, 1) if n >= pc.batch_size else 1
-    total_steps = max(pc.epochs * steps, 1)
-
-    def train_epoch(epoch: int):
+    for _ in trainer.epochs():
         model.train()
-        for i, idx in enumerate(batches(n, pc.batch_size, g, drop_last=True)):
-            set_lr(opt, pc.optim, (epoch * steps + i) / total_steps)
+        for idx in trainer.batches():
             x = take(images, idx, rt)
-            v1, v2 = rt.prepare(aug(x, g)), rt.prepare(aug(x, g))
+            v1, v2 = rt.prepare(aug(x, trainer.g)), rt.prepare(aug(x, trainer.g))
             with rt.autocast():
-                if not moco:
+                if moco is None:
                     z = model(torch.cat([v1, v2])).float()
                     loss = nt_xent_loss(z[: len(idx)], z[len(idx):], pc.temperature)
                 else:
-                    q = model(v1).float()
-                    with torch.no_grad():
-                        _momentum_update(key_model, model, pc.moco_momentum)
-                        k = key_model(v2).float()
-                    loss = moco_loss(q, k, queue, pc.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if moco:
-                _enqueue(queue, queue_ptr, k.detach())
-            yield loss.item(), x.shape[0]
-
-    def end_epoch(epoch: int, loss: float):
-        history.append({"epoch": epoch + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "time": time.time()})
-        extra = ({"key_model": key_model.state_dict(), "queue": queue.cpu(), "queue_ptr": queue_ptr[0]}
-                 if moco else {})
-        save_checkpoint(ctx, model, opt, g, epoch, history, **extra)
-        return {}
-
-    run_epochs(ctx, epochs=pc.epochs, start_epoch=start, steps_per_epoch=steps,
-               train_epoch=train_epoch, end_epoch=end_epoch)
+                    loss = moco.loss(model(v1).float(), v2)
+            trainer.step(loss, x.shape[0])
+            if moco is not None:
+                moco.enqueue()
+        trainer.end_epoch({"lr": trainer.lr, "time": time.time()},
+                          extra=moco.state() if moco is not None else None)
 
     # With imported weights and no training the MLP head is random: mine on the backbone then.
     feature_space = pc.feature_space if pc.epochs > 0 else "backbone"
@@ -109,9 +69,39 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     meta = model_meta(cfg.arch, channels, size, mean, std, width=cfg.width, hidden_dim=pc.hidden_dim,
                       feature_dim=pc.feature_dim, feature_space=feature_space)
     save_contrastive(run.pretext_path, model, meta)
+    history = trainer.history
     run.update_json(run.history_path, "pretext", history)
     return {"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
             "feature_dim": int(features.shape[1])}
+
+
+class _Moco:
+    """MoCo v2's extra state: the momentum (key) encoder and the queue of negatives."""
+
+    def __init__(self, model, pc, n: int, g: torch.Generator, device):
+        self.key_model = copy.deepcopy(model).requires_grad_(False)
+        self.model, self.momentum, self.temperature = model, pc.moco_momentum, pc.temperature
+        self.queue = F.normalize(torch.randn(min(pc.moco_queue, n), pc.feature_dim, generator=g,
+                                             device=device), dim=1)
+        self.ptr = [0]
+        self._keys = None
+
+    def loss(self, q: torch.Tensor, key_view: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            _momentum_update(self.key_model, self.model, self.momentum)
+            self._keys = self.key_model(key_view).float()
+        return moco_loss(q, self._keys, self.queue, self.temperature)
+
+    def enqueue(self) -> None:
+        _enqueue(self.queue, self.ptr, self._keys.detach())
+
+    def state(self) -> dict[str, Any]:
+        return {"key_model": self.key_model.state_dict(), "queue": self.queue.cpu(), "queue_ptr": self.ptr[0]}
+
+    def load(self, ck: dict[str, Any]) -> None:
+        self.key_model.load_state_dict(ck["key_model"])
+        self.queue.copy_(ck["queue"].to(self.queue.device))
+        self.ptr[0] = ck["queue_ptr"]
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ weighted against class imbalance. Training stops once the number of confident sa
 confident samples are the ones kept."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -13,18 +12,8 @@ import torch
 from ml.artifacts import cpu_state, load_clustering, save_clustering
 from ml.augment import StrongAugment, WeakAugment
 from ml.losses import selflabel_loss
-from ml.stages.common import (
-    StageContext,
-    batches,
-    make_optimizer,
-    predict_all,
-    resident_images,
-    resume,
-    run_epochs,
-    save_checkpoint,
-    set_lr,
-    take,
-)
+from ml.stages.common import StageContext, predict_all, resident_images, take
+from ml.stages.loop import Trainer
 from ml.stages.results import write_results
 
 
@@ -43,79 +32,57 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
 
     n, size = images.shape[0], images.shape[-1]
     model = rt.model(model)
-    ema = copy.deepcopy(model).requires_grad_(False) if sl.ema else None
-    opt = make_optimizer(model.parameters(), sl.optim)
+    trainer = Trainer(ctx, model, model.parameters(), sl.optim, epochs=sl.epochs,
+                      batch_size=sl.batch_size, n=n, stream=3)
     strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=cfg.pretext.flip)
     weak = WeakAugment(size, flip=cfg.pretext.flip)
-    g = ctx.generator(3)
+    extras = trainer.resume()
+    final = model
 
-    start, history, ck = resume(ctx, model, opt, g)
-    if ck and ema is not None:
-        ema.load_state_dict(ck["ema"])
+    def count_confident() -> int:
+        final.eval()
+        probs = predict_all(lambda x: final(x)[0].float().softmax(-1), images, rt)
+        return int((probs.max(1).values > sl.threshold).sum())
 
-    steps = max(-(-n // sl.batch_size), 1)
-    total_steps = max(sl.epochs * steps, 1)
-    skipped = [0]
+    # The weights with the most confident samples are kept (the paper's Fig. 4 criterion, no labels
+    # involved), starting from the SCAN model itself: where self-labeling only loses confidence
+    # (seen on 14 px Fashion-MNIST), the SCAN model stays the final one.
+    best = extras.get("best") or {"epoch": 0, "confident": count_confident(), "state": cpu_state(final)}
 
-    def train_epoch(epoch: int):
+    for _ in trainer.epochs():
         model.train()
-        for i, idx in enumerate(batches(n, sl.batch_size, g, drop_last=False)):
-            set_lr(opt, sl.optim, (epoch * steps + i) / total_steps)
+        skipped = 0
+        for idx in trainer.batches():
             x = take(images, idx, rt)
-            xw, xs = rt.prepare(weak(x, g)), rt.prepare(strong(x, g))
+            xw, xs = rt.prepare(weak(x, trainer.g)), rt.prepare(strong(x, trainer.g))
             with torch.no_grad(), rt.autocast():
                 weak_logits = model(xw)[0].float()
             with rt.autocast():
                 strong_logits = model(xs)[0].float()
             loss, confident = selflabel_loss(weak_logits, strong_logits, sl.threshold, sl.class_balance)
             if confident == 0:
-                skipped[0] += 1  # nothing to learn from in this batch; not an error
+                skipped += 1  # nothing to learn from in this batch; not an error
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                _ema_update(ema, model, sl.ema)
-            yield loss.item(), x.shape[0]
-
-    def current() -> torch.nn.Module:
-        return ema if ema is not None else model
-
-    def count_confident() -> int:
-        net = current().eval()
-        probs = predict_all(lambda x: net(x)[0].float().softmax(-1), images, rt)
-        return int((probs.max(1).values > sl.threshold).sum())
-
-    # The weights with the most confident samples are kept (the paper's Fig. 4 criterion, no labels
-    # involved), starting from the SCAN model itself: where self-labeling only loses confidence
-    # (seen on 14 px Fashion-MNIST), the SCAN model stays the final one.
-    best = ck.get("best") if ck else None
-    if best is None:
-        best = {"epoch": 0, "confident": count_confident(), "state": cpu_state(current())}
-
-    def end_epoch(epoch: int, loss: float):
-        nonlocal best
+            before = [p.detach().clone() for p in model.parameters()] if sl.ema else None
+            trainer.step(loss, x.shape[0])
+            if before is not None:
+                _ema_update(model, before, sl.ema)
         confident = count_confident()
-        history.append({"epoch": epoch + 1, "loss": loss, "confident": confident,
-                        "confident_fraction": confident / n, "skipped_batches": skipped[0]})
-        skipped[0] = 0
         if confident > best["confident"]:
-            best = {"epoch": epoch + 1, "confident": confident, "state": cpu_state(current())}
-        save_checkpoint(ctx, model, opt, g, epoch, history, best=best,
-                        **({"ema": ema.state_dict()} if ema is not None else {}))
-        return {"confident": confident, "stop": _plateaued(history, sl.patience, sl.min_gain * n)}
+            best = {"epoch": trainer.epoch + 1, "confident": confident, "state": cpu_state(final)}
+        stop = _plateaued([*trainer.history, {"confident": confident}], sl.patience, sl.min_gain * n)
+        trainer.end_epoch({"confident": confident, "confident_fraction": confident / n,
+                           "skipped_batches": skipped}, stop=stop,
+                          extra={"best": best})
 
-    run_epochs(ctx, epochs=sl.epochs, start_epoch=start, steps_per_epoch=steps,
-               train_epoch=train_epoch, end_epoch=end_epoch)
-
-    final = current()
     final.load_state_dict(best["state"])
     save_clustering(run.model_path, final, {**meta, "selflabel_epoch": best["epoch"]})
-    run.update_json(run.history_path, "selflabel", history)
+    run.update_json(run.history_path, "selflabel", trainer.history)
     run.update_json(run.history_path, "selflabel_kept",
                     {"epoch": best["epoch"], "confident": best["confident"]})
     results = write_results(ctx, final, images, data, "selflabel", final=True)
-    return {"epochs": len(history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}
+    return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"],
+            **results}
 
 
 def _plateaued(history: list[dict[str, Any]], patience: int, min_gain: float) -> bool:
@@ -129,13 +96,10 @@ def _plateaued(history: list[dict[str, Any]], patience: int, min_gain: float) ->
 
 
 @torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    # Parameters and BatchNorm statistics both follow the EMA (the reference resets the buffers
-    # each step; see notes/reference-implementation.md, "EMA quirk").
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        if be.dtype.is_floating_point:
-            be.mul_(decay).add_(bm, alpha=1 - decay)
-        else:
-            be.copy_(bm)
+def _ema_update(model: torch.nn.Module, before: list[torch.Tensor], decay: float) -> None:
+    """The paper's "weights updated through an exponential moving average", as the reference does
+    it: after each optimiser step the model's weights are replaced by the average
+    decay * old + (1 - decay) * stepped, so the averaged model itself makes the next pseudo-labels.
+    BatchNorm statistics keep following the data (the reference resets them each step)."""
+    for p, old in zip(model.parameters(), before):
+        p.lerp_(old, decay)

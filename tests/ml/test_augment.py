@@ -306,3 +306,11 @@ def test_weak_view_is_a_shifted_and_maybe_mirrored_crop_of_the_reflect_padded_im
         assert found is not None, f"sample {i} is not a padded crop"
         shifts.add(found)
     assert len(shifts) > 1
+
+
+def test_strong_posterize_draws_4_to_7_bits_never_the_no_op_8():
+    from ml.augment import OP_RANGES
+
+    low, high = OP_RANGES["posterize"]
+    draws = (low + (high - low) * torch.rand(10_000, generator=torch.Generator().manual_seed(0))).floor()
+    assert set(draws.unique().tolist()) == {4.0, 5.0, 6.0, 7.0}

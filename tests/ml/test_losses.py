@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from ml.losses import moco_loss, nt_xent_loss, scan_loss, scan_loss_per_head, selflabel_loss
+from ml.losses import (moco_loss, nt_xent_loss, scan_loss, scan_loss_all_neighbors, scan_loss_per_head,
+                       selflabel_loss)
 
 LN3 = math.log(3.0)
 
@@ -181,3 +182,17 @@ def test_selflabel_no_confident_sample_gives_zero_loss_with_grad():
     assert loss.grad_fn is not None
     loss.backward()
     assert torch.equal(strong.grad, torch.zeros(3, 4))
+
+
+def test_scan_loss_all_neighbors_is_eq2_over_every_pair():
+    """The model-selection loss is Eq. 2 with every (anchor, neighbour) pair listed once: the same
+    number as scan_loss_per_head on the explicit pair list (consistency) and the anchors (entropy)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, 4, generator=g) * 3          # 3 heads, 50 images, 4 clusters
+    nb = torch.randint(0, 50, (50, 6), generator=g)          # 6 neighbours each
+    got = scan_loss_all_neighbors(logits.softmax(-1), nb, entropy_weight=5.0, chunk=7)
+    anchors = logits.repeat_interleave(6, dim=1)
+    neighbours = logits[:, nb.reshape(-1)]
+    _, consistency, _ = scan_loss_per_head(anchors, neighbours, entropy_weight=5.0)
+    _, _, entropy = scan_loss_per_head(logits, logits, entropy_weight=5.0)
+    assert torch.allclose(got, consistency - 5.0 * entropy, atol=1e-5)

@@ -8,7 +8,7 @@ import torchvision
 
 from ml.models import ClusteringModel, ContrastiveModel, build_backbone, load_backbone_weights
 
-OUT_DIM = {"resnet18_cifar": 512, "resnet18": 512, "resnet50": 2048, "convnet": 256}
+OUT_DIM = {"resnet18_cifar": 512, "resnet18_stl": 512, "resnet18": 512, "resnet50": 2048, "convnet": 256}
 
 
 def backbone(arch="convnet", channels=3):
@@ -27,7 +27,7 @@ def resnet18_state():
 
 
 # ResNets are slow to build on 2 cores: each arch once, the other channel count for one of them.
-@pytest.mark.parametrize("arch,channels", [("resnet18_cifar", 3), ("resnet18", 1), ("resnet50", 3),
+@pytest.mark.parametrize("arch,channels", [("resnet18_cifar", 3), ("resnet18_stl", 3), ("resnet18", 1), ("resnet50", 3),
                                            ("convnet", 1), ("convnet", 3)])
 def test_clustering_model_shapes(arch, channels):
     torch.manual_seed(0)

@@ -172,4 +172,22 @@ def test_predict_needs_a_succeeded_run_of_your_own(client, client_b, anon_client
     r = client.post(f"/v1/runs/{finished_run['id']}/predict", files=files, params={"k": 0})
     assert r.status_code == 422 and "k" in r.json()["detail"]
 
-# -- the dynamic batcher on its own ---------------------------------------------------------------
+
+
+def test_predict_reproduces_assignments_when_the_run_resizes(client, small_dataset, gpu_worker):
+    """A run trained at another size than its dataset's (8 px digits at 12 px): /predict on the
+    training images must give exactly the stored assignments, so training, evaluation and serving
+    resize by one rule (ml.data.resize_to)."""
+    from tests.service.conftest import TINY, start_run, wait_for_run
+
+    run = wait_for_run(client, start_run(client, small_dataset, {**TINY, "image_size": 12})["id"])
+    assert run["state"] == "SUCCEEDED", run
+    stored = stored_assignments(client, run["id"])
+    items = sorted(stored)
+    files = [("files", (f"{i}.png", item_png(client, small_dataset, i), "image/png")) for i in items]
+    preds = []
+    for start in range(0, len(files), 64):
+        r = client.post(f"/v1/runs/{run['id']}/predict", files=files[start:start + 64])
+        assert r.status_code == 200, r.text
+        preds += [p["cluster"] for p in r.json()["predictions"]]
+    assert preds == [stored[i] for i in items]
