@@ -104,6 +104,10 @@ def _printer(stage):
 
     def report(p):
         now = time.perf_counter()
+        if p.message:
+            print(f"\n{stage}: {p.message}", flush=True)
+        if p.epoch is None:
+            return
         if p.epoch_end or now - last[0] > 5:
             last[0] = now
             loss = f"{p.loss:.4f}" if p.loss is not None else "-"

@@ -95,6 +95,10 @@ def train(
             task = bar.add_task(stage, total=1.0, info="")
 
             def report(p, bar=bar, task=task):
+                if p.epoch is None:  # a note, not progress: print it (shortcut warnings)
+                    if p.message:
+                        console.print(f"[yellow]{p.stage}: {p.message}")
+                    return
                 done = ((p.epoch - 1) + p.step / max(p.steps, 1)) / max(p.epochs, 1)
                 info = f"epoch {p.epoch}/{p.epochs}"
                 if p.loss is not None:

@@ -80,6 +80,9 @@ class ClusteringConfig(_Strict):
     # the heads on features computed once, which costs seconds instead of a backbone pass per step:
     # how the CPU recipes fit their budget.
     augment: bool = True
+    # Which views the pairs see: SCAN's strong augmentation (CIFAR/STL), or SimCLR's (the paper's
+    # ImageNet setting, supplement B.1).
+    augmentation: Literal["strong", "simclr"] = "strong"
     cutout: int | None = Field(None, ge=0, le=512)  # None: half the image side, the paper's 16 px on 32 px CIFAR
 
 
@@ -193,6 +196,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                               "schedule": "cosine"}},
         "mining": {"num_neighbors": 50},
         "clustering": {"epochs": 100, "batch_size": 512, "num_heads": 10, "freeze_backbone": True,
+                       "augmentation": "simclr",
                        "optim": {"name": "sgd", "lr": 5.0, "momentum": 0.9, "weight_decay": 0.0,
                                  "schedule": "constant"}},
         "selflabel": {"epochs": 25, "batch_size": 512, "class_balance": False, "ema": 0.999,

@@ -229,6 +229,17 @@ def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
     return table, final.get("confusion") if final else None
 
 
+def _shortcut_warnings(run: Run, session: Session) -> list[dict[str, str]]:
+    """The plain-words warnings of ml.shortcuts (neighbours or clusters following brightness,
+    colour, polarity...), per stage that raised one."""
+    row = session.get(RunMetrics, run.id)
+    data = row.metrics if row is not None and isinstance(row.metrics, dict) else {}
+    if not data and run.run_dir:
+        data = RunDir(run.run_dir).read_json(RunDir(run.run_dir).metrics_path, default={}) or {}
+    return [{"stage": stage, "text": v["shortcuts"]["warning"]} for stage, v in data.items()
+            if isinstance(v, dict) and isinstance(v.get("shortcuts"), dict) and v["shortcuts"].get("warning")]
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"kmeans": {"acc": 0.6}} -> {"kmeans.acc": 0.6}; lists (the confusion matrix) stay as they are."""
     out: dict[str, Any] = {}
@@ -272,7 +283,7 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
         "tenant": tenant, "run": _run_view(run, stages, dataset), "stages": stages,
         "charts": _charts(run_service.history(session, run)), "metrics": table,
         "confusion": _confusion(confusion, dataset.class_names if dataset else None),
-        "clusters": clusters})
+        "clusters": clusters, "shortcut_warnings": _shortcut_warnings(run, session)})
 
 
 @router.get("/runs/{run_id}/clusters/{cluster}", name="ui_cluster", response_class=HTMLResponse)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ml.artifacts import cpu_state, load_contrastive, save_clustering
-from ml.augment import StrongAugment
+from ml.augment import SimCLRAugment, StrongAugment
 from ml.losses import scan_loss_all_neighbors, scan_loss_per_head
 from ml.models import ClusteringModel
 from ml.stages.common import StageContext, predict_all, resident_images, take
@@ -37,7 +37,10 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     # Frozen backbone (the paper's ImageNet setting): only the linear heads learn, BN stays fixed.
     params = model.heads.parameters() if cc.freeze_backbone else model.parameters()
     trainer = Trainer(ctx, model, params, cc.optim, epochs=cc.epochs, batch_size=cc.batch_size, n=n, stream=2)
-    aug = StrongAugment(size, cutout=cc.cutout, flip=cfg.pretext.flip)
+    pc = cfg.pretext
+    aug = (StrongAugment(size, cutout=cc.cutout, flip=pc.flip) if cc.augmentation == "strong" else
+           SimCLRAugment(size, crop_scale=pc.crop_scale, flip=pc.flip, jitter=pc.jitter, jitter_p=pc.jitter_p,
+                         gray_p=pc.gray_p))
     heads = _HeadInputs(model, images, rt, cc, aug, trainer.g)
     best = trainer.resume().get("best")
 

@@ -23,15 +23,16 @@ class Canceled(Exception):
 @dataclass
 class Progress:
     stage: str
-    epoch: int          # 1-based epoch in progress (0 before the first)
-    epochs: int
-    step: int           # 1-based step within the epoch
-    steps: int
+    epoch: int | None   # 1-based epoch in progress (0 before the first; None: a note, no progress)
+    epochs: int | None
+    step: int | None    # 1-based step within the epoch
+    steps: int | None
     loss: float | None = None
     images_per_s: float | None = None
     eta_s: float | None = None
     epoch_end: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    message: str | None = None  # a plain-words note for the run's events (e.g. a shortcut warning)
 
 
 ProgressFn = Callable[[Progress], None]
@@ -54,6 +55,12 @@ class StageContext:
     def report(self, p: Progress) -> None:
         if self.progress is not None:
             self.progress(p)
+
+    def note(self, message: str, metrics: dict[str, Any] | None = None) -> None:
+        """A plain-words event outside the epoch count (epoch/step None leave the stage's progress
+        as it is)."""
+        self.report(Progress(self.stage, None, None, None, None, epoch_end=True, metrics=metrics or {},
+                             message=message))
 
     def generator(self, offset: int) -> torch.Generator:
         """A generator on the stage's device, seeded from the run seed and the stage, so runs are

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ml import evaluate
+from ml import evaluate, shortcuts
 from ml import index as faiss_index
 from ml.rundir import atomic_write
 from ml.stages.common import Progress, StageContext
@@ -37,12 +37,15 @@ def run_mining(ctx: StageContext, data) -> dict[str, Any]:
     neighbors = np.load(run.neighbors_path)
 
     metrics: dict[str, Any] = {"num_neighbors": int(neighbors.shape[1])}
+    # Label-free: do the neighbours follow brightness, colour or polarity rather than content?
+    metrics["shortcuts"] = shortcuts.neighbor_shortcuts(shortcuts.image_statistics(data.images), neighbors)
     if data.labels is not None:
         metrics["neighbor_purity"] = float(faiss_index.neighbor_purity(neighbors, np.asarray(data.labels)))
         metrics["kmeans"] = evaluate.kmeans_baseline(features, np.asarray(data.labels), cfg.num_clusters,
                                                      seed=cfg.seed)
     run.update_json(run.metrics_path, "mining", metrics)
-    ctx.report(Progress("mining", 1, 1, 1, 1, epoch_end=True, metrics=_scalars(metrics)))
+    ctx.report(Progress("mining", 1, 1, 1, 1, epoch_end=True, metrics=_scalars(metrics),
+                        message=metrics["shortcuts"].get("warning")))
     return {**summary, **_scalars(metrics)}
 
 

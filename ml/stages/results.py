@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml import evaluate
+from ml import evaluate, shortcuts
 from ml.clusters import ClusterSummary, write_clusters
 from ml.rundir import atomic_write
 from ml.stages.common import StageContext, predict_all
@@ -25,6 +25,13 @@ def write_results(ctx: StageContext, model, images: torch.Tensor, data, name: st
     labels = np.asarray(data.labels) if data.labels is not None else None
     if labels is not None:
         metrics = evaluate.cluster_metrics(probs, labels)
+    # Label-free: could brightness, colour or polarity alone tell the clusters apart?
+    metrics["shortcuts"] = shortcuts.cluster_shortcuts(shortcuts.image_statistics(data.images),
+                                                       np.load(run.features_path), probs.argmax(1), seed=ctx.cfg.seed)
+    if metrics["shortcuts"].get("warning"):
+        ctx.note(metrics["shortcuts"]["warning"],
+                 {"shortcut_trivial_gain": metrics["shortcuts"]["trivial_gain"],
+                  "shortcut_feature_gain": metrics["shortcuts"]["feature_gain"]})
     run.update_json(run.metrics_path, name, metrics)
     if final:
         _write_final(ctx, probs, labels, data, name)
