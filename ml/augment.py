@@ -31,6 +31,7 @@ __all__ = [
     "STRONG_OPS",
     "OP_RANGES",
     "CUTOUT_FILL",
+    "INVARIANCES",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +179,11 @@ class SimCLRAugment:
     _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
     def __init__(self, size: int, crop_scale=(0.2, 1.0), flip=True, jitter=(0.4, 0.4, 0.4, 0.1),
-                 jitter_p=0.8, gray_p=0.2):
+                 jitter_p=0.8, gray_p=0.2, invariances: dict[str, float] | None = None):
+        unknown = set(invariances or {}) - set(INVARIANCES)
+        if unknown:
+            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from {', '.join(INVARIANCES)}")
+        self.invariances = {k: float(v) for k, v in (invariances or {}).items() if v > 0}
         self.size = int(size)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.flip = bool(flip)
@@ -194,6 +199,8 @@ class SimCLRAugment:
         if x.shape[1] == 3 and self.gray_p > 0:
             gray = _rand(x.shape[0], generator, x.device) < self.gray_p
             x = torch.where(_per_sample(gray), _grayscale(x).expand_as(x), x)
+        for name, p in self.invariances.items():
+            x = INVARIANCES[name](x, _rand(x.shape[0], generator, x.device) < p, generator)
         return x
 
     def _resized_crop(self, x: Tensor, generator) -> Tensor:
@@ -252,6 +259,44 @@ class SimCLRAugment:
             if enabled:
                 x = op(x)
         return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Nuisance invariances: global photometric factors the pretext views vary so that the features,
+# and the neighbours mined from them, stop encoding them (pretext.invariances)
+# ---------------------------------------------------------------------------------------------
+
+
+def _invert(x: Tensor, chosen: Tensor, generator) -> Tensor:
+    """Polarity: dark-on-light <-> light-on-dark."""
+    return torch.where(_per_sample(chosen), 1.0 - x, x)
+
+
+def _channel_permute(x: Tensor, chosen: Tensor, generator) -> Tensor:
+    """Colour identity: one of the 6 orders of R, G, B per chosen sample (identity included)."""
+    if x.shape[1] != 3:
+        return x
+    perms = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]], device=x.device)
+    pick = perms[torch.randint(0, 6, (x.shape[0],), generator=generator, device=x.device)]
+    permuted = x.gather(1, pick.view(-1, 3, 1, 1).expand_as(x))
+    return torch.where(_per_sample(chosen), permuted, x)
+
+
+def _hue_rotate(x: Tensor, chosen: Tensor, generator) -> Tensor:
+    """Hue: a rotation by a uniform fraction of the whole turn (ColorJitter's hue stops at 0.1)."""
+    shift = _rand(x.shape[0], generator, x.device) - 0.5
+    return adjust_hue(x, torch.where(chosen, shift, torch.zeros_like(shift)))
+
+
+def _grayscale_strong(x: Tensor, chosen: Tensor, generator) -> Tensor:
+    """Colour at all: grayscale with the probability given (SimCLR's own is 0.2)."""
+    if x.shape[1] != 3:
+        return x
+    return torch.where(_per_sample(chosen), _grayscale(x).expand_as(x), x)
+
+
+INVARIANCES = {"invert": _invert, "channel_permute": _channel_permute, "hue": _hue_rotate,
+               "grayscale": _grayscale_strong}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,12 @@ class PretextConfig(_Strict):
     # code takes the 128-d head output. On digits the backbone output gives purer neighbours
     # (K=20: 0.86 vs 0.79 after the same training), so it is our default.
     feature_space: Literal["backbone", "head"] = "backbone"
+    # Nuisance invariances: name -> probability per view, applied after SimCLR's own augmentation.
+    # "invert" (polarity), "channel_permute" (which colour), "hue" (a full-turn hue rotation),
+    # "grayscale" (colour at all, beyond SimCLR's 0.2). Each makes the features, hence the
+    # neighbours and clusters, blind to that factor: use one where it is not what tells the
+    # classes apart (e.g. "invert" for glyphs drawn either way round; never "hue" for flowers).
+    invariances: dict[Literal["invert", "channel_permute", "hue", "grayscale"], float] = Field(default_factory=dict)
 
 
 class MiningConfig(_Strict):
@@ -93,6 +99,10 @@ class SelfLabelConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     threshold: float = Field(0.99, gt=0, lt=1)
     class_balance: bool = True
+    # Where the pseudo-label comes from: "shift" a flip + translation by up to size // 8 pixels,
+    # "none" the un-augmented image (the reference's validation transform). At 8 px the shift is
+    # one pixel and cut the SCAN model's ACC on those views from 0.94 to 0.80 (docs/selflabel.md).
+    weak_view: Literal["shift", "none"] = "shift"
     ema: float | None = Field(None, ge=0, lt=1)
     # Stop once the number of confident samples has not grown by min_gain for `patience` epochs.
     patience: int = Field(10, ge=1, le=MAX_EPOCHS)
@@ -127,6 +137,9 @@ class RunConfig(_Strict):
         if not self.clustering.augment and not self.clustering.freeze_backbone:
             raise ValueError("clustering.augment=false needs clustering.freeze_backbone=true "
                              "(features are computed once from the frozen backbone)")
+        bad = {k: v for k, v in self.pretext.invariances.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"pretext.invariances are probabilities in [0, 1], got {bad}")
         lo, hi = self.pretext.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("pretext.crop_scale must satisfy 0 < low <= high <= 1")

@@ -40,7 +40,7 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     pc = cfg.pretext
     aug = (StrongAugment(size, cutout=cc.cutout, flip=pc.flip) if cc.augmentation == "strong" else
            SimCLRAugment(size, crop_scale=pc.crop_scale, flip=pc.flip, jitter=pc.jitter, jitter_p=pc.jitter_p,
-                         gray_p=pc.gray_p))
+                         gray_p=pc.gray_p, invariances=pc.invariances))
     heads = _HeadInputs(model, images, rt, cc, aug, trainer.g)
     best = trainer.resume().get("best")
 

@@ -35,7 +35,7 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
         load_backbone_weights(backbone, Path(pc.backbone_weights))
     model = rt.model(ContrastiveModel(backbone, hidden_dim=pc.hidden_dim, feature_dim=pc.feature_dim))
     aug = SimCLRAugment(size, crop_scale=pc.crop_scale, flip=pc.flip, jitter=pc.jitter,
-                        jitter_p=pc.jitter_p, gray_p=pc.gray_p)
+                        jitter_p=pc.jitter_p, gray_p=pc.gray_p, invariances=pc.invariances)
     trainer = Trainer(ctx, model, model.parameters(), pc.optim, epochs=pc.epochs,
                       batch_size=pc.batch_size, n=n, stream=1)
     moco = _Moco(model, pc, n, trainer.g, rt.device) if pc.method == "moco" else None

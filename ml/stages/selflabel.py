@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ml.artifacts import cpu_state, load_clustering, save_clustering
-from ml.augment import StrongAugment, WeakAugment
+from ml.augment import StrongAugment, WeakAugment, to_float
 from ml.losses import selflabel_loss
 from ml.stages.common import StageContext, predict_all, resident_images, take
 from ml.stages.loop import Trainer
@@ -35,7 +35,7 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     trainer = Trainer(ctx, model, model.parameters(), sl.optim, epochs=sl.epochs,
                       batch_size=sl.batch_size, n=n, stream=3)
     strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=cfg.pretext.flip)
-    weak = WeakAugment(size, flip=cfg.pretext.flip)
+    weak = WeakAugment(size, flip=cfg.pretext.flip) if sl.weak_view == "shift" else (lambda x, g: to_float(x))
     extras = trainer.resume()
     final = model
 

@@ -314,3 +314,24 @@ def test_strong_posterize_draws_4_to_7_bits_never_the_no_op_8():
     low, high = OP_RANGES["posterize"]
     draws = (low + (high - low) * torch.rand(10_000, generator=torch.Generator().manual_seed(0))).floor()
     assert set(draws.unique().tolist()) == {4.0, 5.0, 6.0, 7.0}
+
+
+def test_invariances_invert_permute_hue_and_gray_each_sample_independently():
+    x = random_images(64, 3, 8)
+    always = lambda name: SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0,  # noqa: E731
+                                        invariances={name: 1.0})(x, seeded())
+    plain = SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0)(x, seeded())
+    assert torch.allclose(always("invert"), 1.0 - plain, atol=1e-6)
+    permuted = always("channel_permute")
+    # Every sample keeps its three channel planes, in some order.
+    assert torch.allclose(permuted.sort(dim=1).values, plain.sort(dim=1).values, atol=1e-6)
+    assert not torch.allclose(permuted, plain)
+    gray = always("grayscale")
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    assert not torch.allclose(always("hue"), plain, atol=1e-3)
+    half = SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0,
+                         invariances={"invert": 0.5})(x, seeded())
+    inverted = torch.isclose(half, 1.0 - plain, atol=1e-6).flatten(1).all(1)
+    assert 10 < int(inverted.sum()) < 54
+    with pytest.raises(ValueError, match="unknown invariances"):
+        SimCLRAugment(8, invariances={"sepia": 1.0})
