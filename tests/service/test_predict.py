@@ -94,7 +94,11 @@ def test_predict_converts_other_sizes_and_channels(client, finished_run, item_pn
     an upscaled RGB copy of an item lands in the item's cluster."""
     run_id = finished_run["id"]
     rgb_noise = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
-    item = np.asarray(Image.open(io.BytesIO(item_pngs[ITEMS[1]])))
+    # The item the (two-epoch) model is surest of: the round trip through 32 px must not move it,
+    # while one near a cluster border may legitimately flip.
+    rows = client.get(f"/v1/runs/{run_id}/assignments", params={"page_size": 1000, "page": 1}).json()["items"]
+    sure = max((r for r in rows if r["item_index"] in ITEMS), key=lambda r: r["confidence"])
+    item = np.asarray(Image.open(io.BytesIO(item_pngs[sure["item_index"]])))
     big_rgb = np.asarray(Image.fromarray(item).convert("RGB").resize((32, 32), Image.Resampling.NEAREST))
     files = [("files", ("noise.png", png_bytes(rgb_noise), "image/png")),
              ("files", ("big.png", png_bytes(big_rgb), "image/png"))]
@@ -103,7 +107,7 @@ def test_predict_converts_other_sizes_and_channels(client, finished_run, item_pn
     noise, big = r.json()["predictions"]
     assert 0 <= noise["cluster"] < 10 and 0 < noise["confidence"] <= 1
     assert len(noise["top_k"]) == 5
-    assert big["cluster"] == stored_assignments(client, run_id)[ITEMS[1]]
+    assert big["cluster"] == sure["cluster"]
 
 
 def test_concurrent_predicts_each_get_their_own_answer(client, finished_run, item_pngs):
