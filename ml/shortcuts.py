@@ -94,8 +94,8 @@ def cluster_shortcuts(stats: dict[str, np.ndarray], features: np.ndarray, cluste
     clusters: 3-fold cross-validated, as gain over the largest cluster's share."""
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.preprocessing import StandardScaler
     from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(clusters), size=min(len(clusters), _SAMPLE), replace=False))

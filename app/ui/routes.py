@@ -232,10 +232,7 @@ def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
 def _shortcut_warnings(run: Run, session: Session) -> list[dict[str, str]]:
     """The plain-words warnings of ml.shortcuts (neighbours or clusters following brightness,
     colour, polarity...), per stage that raised one."""
-    row = session.get(RunMetrics, run.id)
-    data = row.metrics if row is not None and isinstance(row.metrics, dict) else {}
-    if not data and run.run_dir:
-        data = RunDir(run.run_dir).read_json(RunDir(run.run_dir).metrics_path, default={}) or {}
+    data = results.stage_metrics(session, run)
     return [{"stage": stage, "text": v["shortcuts"]["warning"]} for stage, v in data.items()
             if isinstance(v, dict) and isinstance(v.get("shortcuts"), dict) and v["shortcuts"].get("warning")]
 

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from ml.losses import (moco_loss, nt_xent_loss, scan_loss, scan_loss_all_neighbors, scan_loss_per_head,
-                       selflabel_loss)
+from ml.losses import moco_loss, nt_xent_loss, scan_loss, scan_loss_all_neighbors, scan_loss_per_head, selflabel_loss
 
 LN3 = math.log(3.0)
 

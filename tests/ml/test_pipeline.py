@@ -196,7 +196,9 @@ def test_a_batch_size_leaving_one_image_over_trains_every_stage(digits, tmp_path
         "pretext.epochs": 1, "pretext.batch_size": 449, "clustering.epochs": 1, "clustering.batch_size": 449,
         "selflabel.epochs": 1, "selflabel.batch_size": 449, "selflabel.threshold": 0.5})
     seen = []
-    run_all(digits, cfg, tmp_path, progress=seen.append)
+    prepare_run(tmp_path, cfg)
+    for stage in STAGES:
+        run_stage(stage, tmp_path, digits, progress=seen.append)
     assert (tmp_path / "model.pt").exists()
     # Four full batches an epoch in every stage, never a fifth holding the leftover image.
     for stage in ("pretext", "clustering", "selflabel"):
