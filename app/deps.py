@@ -9,6 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.db import new_session
+from app.core.faults import is_infrastructure_error
 from app.core.settings import Settings, get_settings
 from app.models import Tenant
 from app.services import auth
@@ -22,7 +23,13 @@ def get_db() -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.close()
+        try:
+            session.close()
+        except Exception as exc:
+            # Closing rolls back on a connection the database may have dropped meanwhile; the answer
+            # is already sent, and the pool discards that connection.
+            if not is_infrastructure_error(exc):
+                raise
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

@@ -2,14 +2,32 @@
 with the status its class carries (app/core/errors.py), whatever raised it."""
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import ServiceError
+from app.core.faults import INFRA_ERRORS, is_infrastructure_error, which_service
+from app.core.settings import get_settings
 from ml.data import DataError
+
+log = logging.getLogger("scan.api")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if is_infrastructure_error(exc):
+        log.warning("%s %s: %s unreachable: %s", request.method, request.url.path, which_service(exc),
+                    type(exc).__name__)
+        return JSONResponse({"detail": f"the {which_service(exc)} is unreachable right now "
+                                       f"({type(exc).__name__}); retry in a few seconds"}, 503,
+                            headers={"Retry-After": str(get_settings().retry_after_s)})
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error (logged on the server); please report it"}, 500)
 
 
 def _where(loc) -> str:
@@ -39,7 +57,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, exc.status_code)
+        headers = {"Retry-After": str(get_settings().retry_after_s)} if exc.status_code == 503 else None
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+
+    # The database or broker unreachable (a restart, a dropped connection, a full pool): 503 with
+    # Retry-After, whichever route or dependency ran into it. Registered per class so the request
+    # metrics see the 503; the catch-all below keeps anything else JSON too.
+    for cls in (*INFRA_ERRORS, DBAPIError):
+        app.add_exception_handler(cls, _unexpected)
+    app.add_exception_handler(Exception, _unexpected)
 
     @app.exception_handler(DataError)
     async def _data(_: Request, exc: DataError) -> JSONResponse:

@@ -127,6 +127,10 @@ class Run(Base):
     # The lease of the task now running a stage: a fresh heartbeat means "alive, leave it alone".
     lease_token: Mapped[str | None] = mapped_column(String(64))
     heartbeat_at: Mapped[datetime | None]
+    # The outbox: when a message that wakes a worker for this run was last handed to the broker
+    # (None: never, or owed again). The dispatcher re-sends runs no live worker holds whose message
+    # is older than dispatch_after_s; the broker is never the only record of work to do.
+    dispatched_at: Mapped[datetime | None]
     run_dir: Mapped[str | None] = mapped_column(String(1000))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]

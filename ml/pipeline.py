@@ -15,7 +15,25 @@ from ml.rundir import RunDir, atomic_write_text
 from ml.stages import STAGES
 from ml.stages.common import Canceled, CancelFn, Progress, ProgressFn, StageContext
 
-__all__ = ["STAGES", "Canceled", "Progress", "prepare_run", "load_config", "run_stage"]
+__all__ = ["STAGES", "Canceled", "Progress", "prepare_run", "load_config", "run_stage", "missing_input"]
+
+# What each step reads from the run directory, and which stage writes it ("finalize" is the
+# service's last step: it loads the results into the database).
+STAGE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "mining": (("features.npy", "pretext"),),
+    "clustering": (("pretext.pt", "pretext"), ("neighbors.npy", "mining")),
+    "selflabel": (("features.npy", "pretext"), ("scan.pt", "clustering")),
+    "finalize": (("assignments.npz", "selflabel"), ("model.pt", "selflabel")),
+}
+
+
+def missing_input(run_dir: str | Path, stage: str) -> tuple[str, str] | None:
+    """(file, stage that writes it) of the first input of ``stage`` missing from the run directory,
+    earliest producer first, so a resumed run re-runs what is needed instead of failing."""
+    missing = [(name, producer) for name, producer in STAGE_INPUTS.get(stage, ())
+               if not (Path(run_dir) / name).is_file()]
+    order = {s: i for i, s in enumerate(STAGES)}
+    return min(missing, key=lambda m: order[m[1]]) if missing else None
 
 
 def _stage_fn(stage: str) -> Callable:

@@ -3,9 +3,11 @@
     celery -A workers.celery_app worker -Q gpu -c 1     # one process per GPU: training stages
     celery -A workers.celery_app worker -Q cpu          # ingest
 
-- A worker whose whole process group died cannot requeue anything, and the filesystem transport of
-  embedded mode never redelivers; every worker therefore re-enqueues stages whose heartbeat went
-  stale (app.services.execution.stale_runs), and the stage resumes from its checkpoint.
+- The database decides, the broker only wakes workers. Every worker's main process runs the
+  dispatcher (app.services.dispatcher): it drops the lease of a stage whose heartbeat went stale (its
+  whole process group died; the filesystem transport never redelivers) and re-sends any run owed a
+  wake-up (lost by a Redis without persistence, flushed, or never sent because the broker was down).
+  The stage resumes from its checkpoint; a duplicate message is a no-op (the lease).
 - CUDA is touched only inside the child process that runs a task (ml is imported lazily there).
 """
 from __future__ import annotations
@@ -16,11 +18,10 @@ import threading
 from celery import signals
 from sqlalchemy import inspect
 
-from app.core.db import get_engine, new_session
+from app.core.db import get_engine
 from app.core.queue import celery_app as _celery_app
-from app.core.queue import enqueue_stage
 from app.core.settings import get_settings
-from app.services.execution import stale_runs
+from app.services.dispatcher import dispatch_once
 
 log = logging.getLogger("scan.worker")
 
@@ -34,8 +35,8 @@ def _fresh_connections_in_child(**_: object) -> None:
 
 
 @signals.worker_ready.connect
-def _start_recovery(sender=None, **_: object) -> None:  # Celery passes the consumer as sender
-    """In the worker's main process: re-enqueue stages whose worker died (stale heartbeat)."""
+def _start_dispatcher(sender=None, **_: object) -> None:  # Celery passes the consumer as sender
+    """In the worker's main process: the outbox's dispatcher, every recover_interval_s."""
     settings = get_settings()
     stop = threading.Event()
 
@@ -53,13 +54,10 @@ def _start_recovery(sender=None, **_: object) -> None:  # Celery passes the cons
                             said_waiting = True
                         stop.wait(settings.recover_interval_s)
                         continue
-                with new_session() as session:
-                    for run_id, stage in stale_runs(session, settings):
-                        log.warning("run %s: %s has no live worker; re-enqueued to resume", run_id, stage)
-                        enqueue_stage(run_id, stage)
-            except Exception:  # a database hiccup must not kill the watcher
-                log.exception("stale-run recovery failed; retrying")
+                dispatch_once(settings)
+            except Exception as exc:  # noqa: BLE001 - a database or broker hiccup must not kill the dispatcher
+                log.warning("dispatcher: %s: %s; retrying", type(exc).__name__, exc)
             stop.wait(settings.recover_interval_s)
 
-    threading.Thread(target=loop, name="scan-recovery", daemon=True).start()
+    threading.Thread(target=loop, name="scan-dispatcher", daemon=True).start()
     signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)

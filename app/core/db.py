@@ -30,7 +30,10 @@ def make_engine(settings: Settings) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # connect_timeout: an unreachable server fails a request in seconds (a 503), not after the
+    # kernel's TCP timeout.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10,
+                         connect_args={"connect_timeout": 5})
 
 
 @lru_cache

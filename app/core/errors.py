@@ -31,6 +31,8 @@ class TooLarge(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """The database or broker cannot be reached; the client should retry later (503 + Retry-After)."""
+
     status_code = 503
 
 

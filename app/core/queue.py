@@ -11,6 +11,7 @@ imports neither side.
   (SCAN_MAX_STAGE_ATTEMPTS), because brokers do not count them.
 - The visibility timeout (Redis) exceeds the longest stage, or Redis would hand a running stage to a
   second worker every hour; the database lease makes such a duplicate a no-op anyway.
+- A broker connection loss does not cancel a running stage; the worker reconnects forever.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A Redis restart must not kill a stage that is training fine: the task keeps running, and
+        # its late ack may be lost with the old connection; the redelivered duplicate is a no-op
+        # (the stage is done or leased). The worker itself reconnects forever.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
@@ -64,3 +70,14 @@ def enqueue_ingest(dataset_id: str) -> None:
 
 def enqueue_stage(run_id: str, stage: str) -> None:
     celery_app().send_task(STAGE_TASK, args=[run_id, stage], queue="gpu")
+
+
+def queue_depth(queue: str = "gpu") -> int:
+    """Messages waiting in ``queue`` (not those a worker holds unacknowledged)."""
+    from amqp.exceptions import ChannelError
+
+    with celery_app().connection_for_write() as conn:
+        try:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except ChannelError:  # never declared (no worker consumed it yet): nothing in it
+            return 0

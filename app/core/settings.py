@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(120.0, gt=0, description="A stage whose heartbeat is older than this is "
                                  "presumed dead; a worker re-enqueues it and it resumes from its checkpoint.")
     recover_interval_s: float = Field(30.0, gt=0, description="How often each worker looks for dead stages.")
+    infra_retry_s: float = Field(600.0, gt=0, description="How long a running stage waits (training "
+                                 "paused) for an unreachable database or broker before it hands the run back "
+                                 "to the dispatcher; infrastructure errors never fail a stage.")
+    dispatch_after_s: float = Field(30.0, gt=0, description="The dispatcher re-sends a run that should be "
+                                    "moving, that no live worker holds and whose last message is older than "
+                                    "this (and the queue is empty): a lost message costs this much latency.")
+    queue_order: Literal["oldest_run", "message"] = Field(
+        "oldest_run", description="What a free worker runs: `oldest_run` (the earliest submitted run that is "
+        "waiting, so a run's next stage goes before a later run's first stage) or `message` (the run named "
+        "by the message, in queue order: stages of concurrent runs interleave).")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 when the database or broker is "
+                               "unreachable.")
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress rows.")
     cancel_check_interval_s: float = Field(0.5, ge=0, description="Least time between two cancel-flag reads.")
     predict_max_batch_size: int = Field(64, ge=1, description="Dynamic batcher: most images one model call "

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.core.faults import is_infrastructure_error
 from app.deps import SessionDep, SettingsDep, TenantDep
 from app.models import Run, RunState
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody, Limit, Offset, Page
@@ -54,8 +55,15 @@ def read_run(run_id: str, session: SessionDep, tenant: TenantDep) -> RunOut:
 
 @router.post("/{run_id}/cancel", summary="Ask a run to stop (it ends CANCELED within seconds)",
              status_code=202, response_model=RunOut)
-def cancel_run(run_id: str, session: SessionDep, tenant: TenantDep) -> RunOut:
-    return run_out(session, service.cancel(session, tenant, run_id))
+def cancel_run(run_id: str, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> RunOut:
+    return run_out(session, service.cancel(session, settings, tenant, run_id))
+
+
+@router.post("/{run_id}/retry", summary="Resume a FAILED or CANCELED run from its last checkpoints",
+             status_code=202, response_model=RunOut,
+             responses={409: {"model": ErrorBody, "description": "the run is not FAILED or CANCELED"}})
+def retry_run(run_id: str, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> RunOut:
+    return run_out(session, service.retry(session, settings, tenant, run_id))
 
 
 @router.get("/{run_id}/events", summary="The progress log, paginated by ?after=<event id>; "
@@ -90,7 +98,15 @@ def _sse(run_id: str, after: int) -> StreamingResponse:
     async def stream():
         last, idle = after, 0.0
         while True:
-            rows, state = await run_in_threadpool(service.events_since, run_id, last)
+            try:
+                rows, state = await run_in_threadpool(service.events_since, run_id, last)
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                # The status line is long sent: keep the stream and poll again when the database is back.
+                yield ": database unreachable; retrying\n\n"
+                await asyncio.sleep(2)
+                continue
             for row in rows:
                 last = row.id
                 payload = RunEventOut.model_validate(row).model_dump_json()

@@ -5,6 +5,11 @@ UPDATE, so a duplicate delivery (broker redelivery, recovery re-enqueue) never r
 the same time. A worker that dies stops heart-beating; after ``stale_after_s`` any worker re-enqueues
 the stage, which resumes from its last epoch checkpoint. Attempts are counted per stage and the run
 fails with a clear message beyond ``max_stage_attempts`` (an OOM-killed task must not loop forever).
+
+The database decides what runs; the broker only wakes workers (a transactional outbox): every run
+that should be moving and that no live worker holds is re-sent by ``due_for_dispatch`` once its last
+message is older than ``dispatch_after_s``, so a lost message costs latency, never a run. An
+interruption by the infrastructure (``release``) hands the run back without spending an attempt.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.settings import Settings
@@ -29,6 +34,10 @@ RUNNING_STATES = {stage: stage.upper() for stage in STAGES}
 class Claim:
     token: str
     attempt: int
+
+
+class LeaseLost(Exception):
+    """Another task took this stage over (this one was presumed dead); stop without touching the run."""
 
 
 def next_stage(stage: str) -> str | None:
@@ -55,9 +64,10 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
     token = secrets.token_hex(16)
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.stale_after_s)
+    # State and cancel flag are in the condition too: an API cancel of an idle run races with this.
     won = session.execute(
-        update(Run).where(Run.id == run_id, or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None),
-                                                Run.heartbeat_at < cutoff))
+        update(Run).where(Run.id == run_id, Run.state.in_(RunState.ACTIVE), Run.cancel_requested.is_(False),
+                          or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None), Run.heartbeat_at < cutoff))
         .values(lease_token=token, heartbeat_at=now).execution_options(synchronize_session=False)).rowcount
     session.commit()
     if won != 1:
@@ -72,10 +82,11 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
         if attempt > settings.max_stage_attempts:
             session.commit()
             mark_failed(session, run_id, stage,
-                        f"stage {stage} was started {attempt} times and never finished (the worker "
-                        f"died each time, e.g. killed for memory); giving up after "
-                        f"max_stage_attempts={settings.max_stage_attempts}. Retry with a smaller "
-                        "batch_size or a larger worker.")
+                        f"stage {stage} was started {attempt} times and never finished: the worker running "
+                        f"it stopped heart-beating each time without reporting an error (process killed, "
+                        f"e.g. SIGKILL or the kernel's OOM killer, or its machine lost); giving up after "
+                        f"max_stage_attempts={settings.max_stage_attempts}. The worker's log names the "
+                        f"signal; POST /v1/runs/{run_id}/retry resumes from the last checkpoint.")
             return None
         status.state = StageState.RUNNING
         status.started_at = status.started_at or now
@@ -88,10 +99,23 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
     return Claim(token, attempt)
 
 
-def heartbeat(session: Session, run_id: str, token: str) -> None:
-    session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token).values(heartbeat_at=utcnow())
-                    .execution_options(synchronize_session=False))
+def heartbeat(session: Session, run_id: str, token: str) -> bool:
+    """Refresh the lease; False when it is no longer ours."""
+    held = session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token)
+                           .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)).rowcount
     session.commit()
+    return held == 1
+
+
+def waiting_runs(session: Session, settings: Settings, limit: int = 20) -> list[tuple[str, str]]:
+    """(run_id, stage) of runs that should be moving and that no live task holds, oldest run first:
+    what a free worker should take when ``queue_order`` is ``oldest_run``."""
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    rows = session.execute(
+        select(Run.id, Run.stage).where(Run.state.in_(RunState.ACTIVE), Run.stage.is_not(None),
+                                        or_(Run.lease_token.is_(None), Run.heartbeat_at < cutoff))
+        .order_by(Run.created_at, Run.id).limit(limit)).all()
+    return [(r[0], r[1]) for r in rows]
 
 
 def cancel_requested(session: Session, run_id: str) -> bool:
@@ -129,15 +153,23 @@ def record_progress(session: Session, run_id: str, stage: str, attempt: int, pro
                          loss=fields["loss"], message=str(message) if message else None,
                          data=_jsonable({k: v for k, v in fields.items() if k in ("images_per_s", "eta_s")}
                                         | ({"extra": extra} if extra else {}))))
-    session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token).values(heartbeat_at=utcnow())
-                    .execution_options(synchronize_session=False))
+    held = session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token)
+                           .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)).rowcount
     session.commit()
+    if held != 1:
+        raise LeaseLost(f"run {run_id}: the lease on {stage} was taken over or the run ended")
 
 
-def finish_stage(session: Session, run_id: str, stage: str, summary: dict[str, Any] | None) -> str | None:
-    """Mark the stage done, move the run to the next one and release the lease; returns the next."""
+def finish_stage(session: Session, run_id: str, stage: str, summary: dict[str, Any] | None,
+                 token: str | None = None) -> str | None:
+    """Mark the stage done, move the run to the next one and release the lease; returns the next.
+    With ``token``, only while that lease is still held (else LeaseLost: another task owns it)."""
+    session.rollback()
     now = utcnow()
     nxt = next_stage(stage)
+    run = session.get(Run, run_id, populate_existing=True)
+    if token is not None and (run is None or run.lease_token != token):
+        raise LeaseLost(f"run {run_id}: the lease on {stage} was taken over or the run ended")
     status = session.get(StageStatus, (run_id, stage))
     if status is not None:
         status.state, status.finished_at = StageState.SUCCEEDED, now
@@ -147,11 +179,12 @@ def finish_stage(session: Session, run_id: str, stage: str, summary: dict[str, A
         if status.epochs is not None:
             status.epoch = status.epochs
         status.eta_s = 0.0
-    run = session.get(Run, run_id)
     run.stage = nxt
     if nxt in RUNNING_STATES:
         run.state = RUNNING_STATES[nxt]
-    run.lease_token, run.heartbeat_at = None, now
+    # dispatched_at=None: a wake-up for the next stage is owed (sent right after this commit; if
+    # that send fails, the dispatcher sends it).
+    run.lease_token, run.heartbeat_at, run.dispatched_at = None, now, None
     session.add(RunEvent(run_id=run_id, kind="stage_finished", stage=stage, message=f"{stage} finished",
                          data=_jsonable(summary or {})))
     session.commit()
@@ -186,21 +219,93 @@ def mark_canceled(session: Session, run_id: str, stage: str | None, summary: str
     session.commit()
 
 
+def release(session: Session, run_id: str, stage: str, token: str, why: str) -> None:
+    """Hand a stage back after an interruption by the infrastructure: drop the lease, owe a wake-up,
+    and do not count the attempt (a database restart is not the stage's fault)."""
+    session.rollback()
+    run = session.get(Run, run_id, populate_existing=True)
+    if run is None or run.lease_token != token:
+        return
+    status = session.get(StageStatus, (run_id, stage)) if stage in STAGES else None
+    if status is not None and status.attempts > 0:
+        status.attempts -= 1
+    run.lease_token, run.heartbeat_at, run.dispatched_at = None, utcnow(), None
+    session.add(RunEvent(run_id=run_id, kind="interrupted", stage=stage,
+                         message=f"{stage} paused: {why}; it resumes from its last checkpoint"))
+    session.commit()
+
+
+def rewind(session: Session, run_id: str, stage: str, token: str, producer: str, missing: str) -> None:
+    """An input of ``stage`` is gone from the run directory: move the run back to the stage that
+    writes it (its later stages run again too) instead of failing. Attempts are kept, so a stage that
+    never writes what it should still ends in max_stage_attempts."""
+    session.rollback()
+    run = session.get(Run, run_id, populate_existing=True)
+    if run is None or run.lease_token != token:
+        return
+    redo = STAGES[STAGES.index(producer):]
+    for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run_id,
+                                                           StageStatus.stage.in_(redo))):
+        status.state, status.finished_at = StageState.PENDING, None
+    run.stage, run.state = producer, RUNNING_STATES[producer]
+    run.lease_token, run.heartbeat_at, run.dispatched_at = None, utcnow(), None
+    session.add(RunEvent(run_id=run_id, kind="rewound", stage=stage,
+                         message=f"{missing} is missing from the run directory; re-running {producer} "
+                                 f"(from its checkpoint) before {stage}"))
+    session.commit()
+
+
 def stale_runs(session: Session, settings: Settings) -> list[tuple[str, str]]:
-    """(run_id, stage) of runs whose stage has not heart-beaten for stale_after_s (worker died, or
-    the next stage's message was lost). Bumps their heartbeat so one recovery re-enqueues once."""
+    """(run_id, stage) of runs whose running task has not heart-beaten for stale_after_s (worker
+    died). Only leased runs count: a run waiting between stages holds no lease and is not dead.
+    Drops the dead lease and owes the run a wake-up (``dispatched_at=None``)."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
-    rows = session.scalars(select(Run).where(Run.state.in_(RunState.ACTIVE), Run.heartbeat_at.is_not(None),
+    rows = session.scalars(select(Run).where(Run.state.in_(RunState.ACTIVE), Run.lease_token.is_not(None),
                                              Run.heartbeat_at < cutoff, Run.stage.is_not(None))).all()
     found = []
     for run in rows:
         found.append((run.id, run.stage))
-        # The dead task's lease dies with it; the fresh heartbeat stops a second re-enqueue.
-        run.lease_token, run.heartbeat_at = None, utcnow()
+        run.lease_token, run.heartbeat_at, run.dispatched_at = None, utcnow(), None
         session.add(RunEvent(run_id=run.id, kind="recovered", stage=run.stage,
                              message=f"no heartbeat for {settings.stale_after_s:.0f}s; re-enqueued {run.stage}"))
     session.commit()
     return found
+
+
+def due_for_dispatch(session: Session, settings: Settings, queue_empty: bool) -> list[tuple[str, str]]:
+    """(run_id, stage) of runs owed a wake-up message, each marked dispatched now (a conditional
+    UPDATE, so two dispatchers never both send it). Owed: never sent (``dispatched_at`` is None and
+    the run is older than a moment, so the API's own send after commit goes first), or sent longer
+    than dispatch_after_s ago while the queue is empty (the message was lost: a Redis without
+    persistence restarted, or flushed). A run waiting behind others in a non-empty queue is left
+    alone, so waiting never grows the queue."""
+    now = utcnow()
+    old = now - timedelta(seconds=settings.dispatch_after_s)
+    grace = now - timedelta(seconds=min(5.0, settings.dispatch_after_s))
+    # heartbeat_at is "when the lease was last dropped" for an unleased run (finish, release, recovery).
+    never = Run.dispatched_at.is_(None) & (func.coalesce(Run.heartbeat_at, Run.created_at) < grace)
+    owed = or_(never, Run.dispatched_at < old) if queue_empty else never
+    rows = session.execute(select(Run.id, Run.stage, Run.dispatched_at).where(
+        Run.state.in_(RunState.ACTIVE), Run.stage.is_not(None), Run.lease_token.is_(None), owed)
+        .order_by(Run.created_at)).all()
+    due = []
+    for run_id, stage, seen in rows:
+        same = Run.dispatched_at.is_(None) if seen is None else Run.dispatched_at == seen
+        if session.execute(update(Run).where(Run.id == run_id, Run.lease_token.is_(None), same)
+                           .values(dispatched_at=now).execution_options(synchronize_session=False)).rowcount:
+            due.append((run_id, stage))
+            if seen is not None:
+                session.add(RunEvent(run_id=run_id, kind="redispatched", stage=stage,
+                                     message=f"no worker took {stage} within {settings.dispatch_after_s:.0f}s "
+                                             "and the queue is empty (message lost); sent it again"))
+    session.commit()
+    return due
+
+
+def mark_dispatched(session: Session, run_id: str) -> None:
+    session.execute(update(Run).where(Run.id == run_id).values(dispatched_at=utcnow())
+                    .execution_options(synchronize_session=False))
+    session.commit()
 
 
 def _aware(dt):  # SQLite gives naive datetimes back

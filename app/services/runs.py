@@ -1,23 +1,25 @@
-"""Runs as the API sees them: create (validated against ml.config), list, read, cancel, events."""
+"""Runs as the API sees them: submit (validated against ml.config), list, read, cancel, retry, events."""
 from __future__ import annotations
 
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.artifacts import synced
 from app.core.db import new_session
 from app.core.errors import Conflict, Invalid, NotFound, Unavailable
+from app.core.faults import is_infrastructure_error, which_service
 from app.core.queue import enqueue_stage
 from app.core.settings import Settings, get_settings
 from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
-from app.services import execution, weights
+from app.services import weights
 from ml.rundir import RunDir
 from ml.stages import STAGES
 
@@ -42,16 +44,19 @@ def validate_config(preset: str, num_clusters: int, overrides: dict[str, Any]) -
 
 def submit(session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any],
            idempotency_key: str | None) -> tuple[Run, bool]:
-    """Create the run and queue its first stage. Returns (run, created); a replay (same
-    Idempotency-Key and body) returns the first run, created=False. Broker down: Unavailable."""
+    """create, then wake a worker. The run is committed before the broker hears of it; if the
+    broker cannot be reached the run is withdrawn and the client gets 503 (its key stays free)."""
     run, created = create(session, settings, tenant, body, idempotency_key)
     if created:
         try:
-            enqueue_stage(run.id, run.stage)
-        except Exception as exc:  # any broker failure
-            message = f"could not queue the run, is the broker up? ({exc})"
-            execution.mark_failed(session, run.id, None, message)
-            raise Unavailable(message) from exc
+            dispatch(session, run)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            withdraw(session, run)
+            raise Unavailable(f"the {which_service(exc)} is unreachable, so the run was not started "
+                              f"({type(exc).__name__}); retry the same request (same Idempotency-Key) "
+                              "in a few seconds") from exc
     return run, created
 
 
@@ -167,21 +172,93 @@ def history(session: Session, run: Run) -> dict[str, list[dict[str, Any]]]:
     return history
 
 
-def cancel(session: Session, tenant: Tenant, run_id: str) -> Run:
-    """Cooperative: set the flag the training loop polls; a run not yet started ends at once."""
+def cancel(session: Session, settings: Settings, tenant: Tenant, run_id: str) -> Run:
+    """A run no live worker holds (queued, waiting between stages, or whose worker died) ends
+    CANCELED in this request; a running stage gets the flag its training loop polls."""
     run = get(session, tenant, run_id)
     if run.state in RunState.TERMINAL:
         raise Conflict(f"run {run.id} already ended ({run.state}); nothing to cancel")
-    run.cancel_requested = True
-    if run.state == RunState.QUEUED and run.lease_token is None:
-        run.state, run.finished_at = RunState.CANCELED, utcnow()
-        session.add(RunEvent(run_id=run.id, kind="state", message="canceled before it started",
-                             data={"state": RunState.CANCELED}))
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.stale_after_s)
+    # One conditional UPDATE: a worker's claim sets the lease only while the run is active and not
+    # flagged, so exactly one of the two wins.
+    idle = session.execute(
+        update(Run).where(Run.id == run.id, Run.state.in_(RunState.ACTIVE),
+                          or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None), Run.heartbeat_at < stale))
+        .values(state=RunState.CANCELED, finished_at=now, lease_token=None, cancel_requested=True)
+        .execution_options(synchronize_session=False)).rowcount
+    if idle:
+        for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run.id,
+                                                               StageStatus.state == StageState.RUNNING)):
+            status.state, status.finished_at = StageState.CANCELED, now
+        started = run.state != RunState.QUEUED
+        session.add(RunEvent(run_id=run.id, kind="state", stage=run.stage,
+                             message=("canceled while no worker was running it" if started
+                                      else "canceled before it started"), data={"state": RunState.CANCELED}))
     else:
+        session.execute(update(Run).where(Run.id == run.id).values(cancel_requested=True)
+                        .execution_options(synchronize_session=False))
         session.add(RunEvent(run_id=run.id, kind="cancel_requested", stage=run.stage,
                              message="cancel requested; the stage stops at its next step"))
     session.commit()
+    session.refresh(run)
     return run
+
+
+def retry(session: Session, settings: Settings, tenant: Tenant, run_id: str) -> Run:
+    """Resume a FAILED or CANCELED run where it stopped: its finished stages are kept, the stage it
+    stopped in resumes from its last epoch checkpoint with a fresh budget of attempts."""
+    run = get(session, tenant, run_id)
+    if run.state not in (RunState.FAILED, RunState.CANCELED):
+        raise Conflict(f"run {run.id} is {run.state}; only FAILED or CANCELED runs can be retried")
+    if run.stage is None:
+        raise Conflict(f"run {run.id} has no stage left to run")
+    ended = run.state
+    why = run.error or "canceled"
+    redo = STAGES[STAGES.index(run.stage):] if run.stage in STAGES else ()
+    for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run.id,
+                                                           StageStatus.stage.in_(redo))):
+        if status.state != StageState.SUCCEEDED:
+            status.state, status.finished_at = StageState.PENDING, None
+        if status.stage == run.stage:
+            status.attempts = 0
+    run.state = RunState.QUEUED if run.stage == STAGES[0] else (
+        run.stage.upper() if run.stage in STAGES else RunState.SELFLABEL)
+    run.error, run.finished_at, run.cancel_requested = None, None, False
+    run.lease_token, run.heartbeat_at, run.dispatched_at = None, None, None
+    session.add(RunEvent(run_id=run.id, kind="retried", stage=run.stage,
+                         message=f"retry requested after the run ended {ended} ({why}); resuming {run.stage} "
+                                 f"from its last checkpoint with a fresh budget of "
+                                 f"{settings.max_stage_attempts} attempts", data={"state": run.state}))
+    session.commit()
+    wake(session, run)
+    return run
+
+
+def dispatch(session: Session, run: Run) -> None:
+    """Send the wake-up for a committed run and record it (the outbox's fast path); raises when the
+    broker is unreachable (the run stays owed: dispatched_at is None)."""
+    enqueue_stage(run.id, run.stage)
+    run.dispatched_at = utcnow()
+    session.commit()
+
+
+def wake(session: Session, run: Run) -> None:
+    """dispatch, but a broker that is down only delays the run: the dispatcher sends it later."""
+    try:
+        dispatch(session, run)
+    except Exception as exc:
+        if not is_infrastructure_error(exc):
+            raise
+        session.rollback()
+
+
+def withdraw(session: Session, run: Run) -> None:
+    """Undo a create whose answer is an error (the broker was down): nothing runs behind the back of
+    a client that was told 503, and its Idempotency-Key is free for the retry."""
+    session.rollback()
+    session.execute(delete(Run).where(Run.id == run.id, Run.lease_token.is_(None)))
+    session.commit()
 
 
 def events(session: Session, run: Run, *, after: int, limit: int) -> list[RunEvent]:

@@ -283,6 +283,18 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
         "clusters": clusters, "shortcut_warnings": _shortcut_warnings(run, session)})
 
 
+@router.post("/runs/{run_id}/retry", name="ui_run_retry")
+def retry_run(request: Request, run_id: str, session: SessionDep, tenant: UiTenant, settings: SettingsDep,
+              csrf_token: Annotated[str, Form(max_length=100)] = ""):
+    # Same origin and the session's CSRF token, like every UI form; then the same service as
+    # POST /v1/runs/{id}/retry (same owner and state checks), and back to the page.
+    _same_origin(request)
+    if not hmac.compare_digest(request.state.ui_session.csrf_token, csrf_token):
+        raise HTTPException(403, "missing or wrong CSRF token; use the page's Retry button")
+    run_service.retry(session, settings, tenant, run_id)
+    return RedirectResponse(f"/ui/runs/{quote(run_id)}", status_code=303)
+
+
 @router.get("/runs/{run_id}/clusters/{cluster}", name="ui_cluster", response_class=HTMLResponse)
 def cluster_page(request: Request, run_id: str, cluster: ClusterIndex, session: SessionDep, tenant: UiTenant,
                  order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1, le=MAX_INT)):

@@ -233,3 +233,15 @@ def test_ema_moves_the_weights_a_fraction_of_each_step():
     _ema_update(model, before, 0.9)
     for p, old in zip(model.parameters(), before):
         assert torch.allclose(p, old + 0.1)
+
+
+def test_missing_input_names_the_earliest_stage_that_writes_it(tmp_path):
+    from ml.pipeline import missing_input
+
+    assert missing_input(tmp_path, "pretext") is None
+    assert missing_input(tmp_path, "clustering") == ("pretext.pt", "pretext")
+    for name in ("pretext.pt", "features.npy"):
+        (tmp_path / name).write_bytes(b"x")
+    assert missing_input(tmp_path, "clustering") == ("neighbors.npy", "mining")
+    assert missing_input(tmp_path, "mining") is None
+    assert missing_input(tmp_path, "finalize") == ("assignments.npz", "selflabel")

@@ -92,3 +92,84 @@ def test_cancel_flag_ends_a_run_at_its_next_claim(stack, run_id):
         assert execution.claim(session, stack.settings, run_id, "pretext") is None
         session.expire_all()
         assert session.get(Run, run_id).state == "CANCELED"
+
+
+def _age(run_id: str, **seconds: float) -> None:
+    with db_session() as session:
+        run = session.get(Run, run_id)
+        for column, s in seconds.items():
+            setattr(run, column, utcnow() - timedelta(seconds=s))
+        session.commit()
+
+
+def test_a_run_waiting_between_stages_is_not_taken_for_dead(stack, run_id):
+    settings = stack.settings
+    with db_session() as session:
+        claim = execution.claim(session, settings, run_id, "pretext")
+        execution.finish_stage(session, run_id, "pretext", {}, claim.token)
+    _age(run_id, heartbeat_at=settings.stale_after_s + 5)  # waits behind another run's long stage
+    with db_session() as session:
+        assert run_id not in dict(execution.stale_runs(session, settings))
+        assert not [e for e in session.query(RunEvent).filter_by(run_id=run_id) if e.kind == "recovered"]
+
+
+def test_the_dispatcher_resends_only_what_is_owed(stack, run_id):
+    settings = stack.settings
+    _age(run_id, created_at=60)
+    with db_session() as session:
+        # Never sent (the API died between commit and send): owed whatever the queue holds.
+        assert dict(execution.due_for_dispatch(session, settings, queue_empty=False)).get(run_id) == "pretext"
+        assert run_id not in dict(execution.due_for_dispatch(session, settings, queue_empty=True))  # just sent
+    _age(run_id, dispatched_at=settings.dispatch_after_s + 5)
+    with db_session() as session:
+        # Sent long ago: a queue that still holds messages is trusted to hold this one too.
+        assert run_id not in dict(execution.due_for_dispatch(session, settings, queue_empty=False))
+        assert dict(execution.due_for_dispatch(session, settings, queue_empty=True)).get(run_id) == "pretext"
+        assert [e.kind for e in session.query(RunEvent).filter_by(run_id=run_id)].count("redispatched") == 1
+        claim = execution.claim(session, settings, run_id, "pretext")
+    _age(run_id, dispatched_at=settings.dispatch_after_s + 5)
+    with db_session() as session:
+        assert run_id not in dict(execution.due_for_dispatch(session, settings, queue_empty=True))  # leased
+        assert isinstance(claim, execution.Claim)
+
+
+def test_an_infrastructure_interruption_does_not_spend_an_attempt(stack, run_id):
+    settings = stack.settings
+    with db_session() as session:
+        first = execution.claim(session, settings, run_id, "pretext")
+        execution.release(session, run_id, "pretext", first.token, "the database was unreachable too long")
+        again = execution.claim(session, settings, run_id, "pretext")
+        assert again.attempt == first.attempt == 1
+        with pytest.raises(execution.LeaseLost):
+            execution.finish_stage(session, run_id, "pretext", {}, first.token)  # the old task's lease is gone
+        assert execution.finish_stage(session, run_id, "pretext", {}, again.token) == "mining"
+        assert session.get(Run, run_id).dispatched_at is None  # a wake-up for mining is owed
+
+
+def test_a_missing_input_rewinds_to_the_stage_that_writes_it(stack, run_id):
+    settings = stack.settings
+    with db_session() as session:
+        for stage in ("pretext", "mining"):
+            claim = execution.claim(session, settings, run_id, stage)
+            execution.finish_stage(session, run_id, stage, {}, claim.token)
+        claim = execution.claim(session, settings, run_id, "clustering")
+        execution.rewind(session, run_id, "clustering", claim.token, "mining", "neighbors.npy")
+        session.expire_all()
+        run = session.get(Run, run_id)
+        assert (run.stage, run.state, run.lease_token) == ("mining", "MINING", None)
+        assert session.get(StageStatus, (run_id, "mining")).state == "PENDING"
+        assert session.get(StageStatus, (run_id, "pretext")).state == "SUCCEEDED"
+        event = session.query(RunEvent).filter_by(run_id=run_id, kind="rewound").one()
+        assert "neighbors.npy" in event.message
+        assert isinstance(execution.claim(session, settings, run_id, "mining"), execution.Claim)
+
+
+def test_waiting_runs_oldest_first(stack, run_id):
+    with db_session() as session:
+        older = session.get(Run, run_id)
+        newer = Run(tenant_id=older.tenant_id, dataset_id=older.dataset_id, num_clusters=10, preset="small",
+                    overrides={}, config={}, stage="pretext")
+        session.add(newer)
+        session.commit()
+        waiting = [r for r, _ in execution.waiting_runs(session, stack.settings, limit=1000)]
+        assert waiting.index(run_id) < waiting.index(newer.id)

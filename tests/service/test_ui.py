@@ -216,3 +216,35 @@ def test_browser_progress_bar_follows_a_live_run(page, client, small_dataset):
         assert row.locator(".progress").get_attribute("data-terminal") == "true"
     finally:
         client.post(f"/v1/runs/{run_id}/cancel")
+
+
+def test_ui_retry_button_resumes_a_canceled_run(api_server, keys, client, client_b, small_dataset):
+    """The run page of a CANCELED run shows the retry button; it goes through the same service as
+    POST /v1/runs/{id}/retry (another tenant gets 404, a running run 409)."""
+    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
+                                      "overrides": {"pretext.epochs": 50}})
+    run_id = r.json()["id"]
+    client.post(f"/v1/runs/{run_id}/cancel")
+    from tests.stack import wait_for_run
+    assert wait_for_run(client, run_id, timeout=300)["state"] == "CANCELED"
+    try:
+        with ui_client(api_server, keys["a"]) as a, ui_client(api_server, keys["b"]) as b:
+            page = a.get(f"/ui/runs/{run_id}").text
+            assert 'id="retry-button"' in page
+            token = re.search(r'id="retry-form">\s*<input type="hidden" name="csrf_token" value="([^"]+)"', page)[1]
+            origin = {"Origin": api_server}
+            assert a.post(f"/ui/runs/{run_id}/retry", headers=origin).status_code == 403  # no token
+            assert a.post(f"/ui/runs/{run_id}/retry", data={"csrf_token": token}).status_code == 403  # no origin
+            b_page = b.get("/ui").text
+            b_token = re.search(r'name="csrf_token" value="([^"]+)"', b_page)[1]
+            assert b.post(f"/ui/runs/{run_id}/retry", data={"csrf_token": b_token}, headers=origin).status_code == 404
+            r = a.post(f"/ui/runs/{run_id}/retry", data={"csrf_token": token}, headers=origin)
+            assert r.status_code == 303 and r.headers["location"] == f"/ui/runs/{run_id}"
+            run = client.get(f"/v1/runs/{run_id}").json()
+            assert run["state"] not in ("CANCELED", "FAILED") and run["error"] is None
+            assert 'id="retry-button"' not in a.get(f"/ui/runs/{run_id}").text
+            assert a.post(f"/ui/runs/{run_id}/retry", data={"csrf_token": token}, headers=origin).status_code == 409
+            kinds = [e["kind"] for e in client.get(f"/v1/runs/{run_id}/events").json()["items"]]
+            assert "retried" in kinds
+    finally:
+        client.post(f"/v1/runs/{run_id}/cancel")
