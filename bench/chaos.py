@@ -124,17 +124,15 @@ def main() -> None:
            "SCAN_HEARTBEAT_S": "1", "SCAN_STALE_AFTER_S": "10", "SCAN_RECOVER_INTERVAL_S": "1",
            "SCAN_DISPATCH_AFTER_S": "5", "SCAN_PROGRESS_INTERVAL_S": "0.5", "SCAN_MAX_STAGE_ATTEMPTS": "6"}
     os.environ.update({k: v for k, v in env.items() if k.startswith("SCAN_")})
+    # This process (setup, reading the outcome) talks to the servers directly, not through the proxies.
+    os.environ["SCAN_DATABASE_URL"], os.environ["SCAN_BROKER_URL"] = pg_url, redis_url
 
     from app.bootstrap import migrate
     from app.core.db import new_session
+    from app.core.settings import get_settings
     from app.services.auth import create_key
 
-    migrate_settings = __import__("app.core.settings", fromlist=["Settings"]).Settings(
-        database_url=pg_url, var_dir=var)
-    migrate(migrate_settings)
-    from app.core.settings import get_settings
-    get_settings.cache_clear()
-    os.environ["SCAN_DATABASE_URL"] = pg_url  # this process talks to the database directly
+    migrate(get_settings())
     with new_session() as session:
         key = create_key(session, f"chaos-{uuid.uuid4().hex[:8]}")
         session.commit()
