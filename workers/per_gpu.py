@@ -39,7 +39,7 @@ def gpu_count() -> int:
 
 def names(n: int) -> list[str]:
     host = socket.gethostname()
-    return [f"gpu{i}@{host}" for i in range(n)]
+    return [f"gpu-{i}@{host}" for i in range(n)]
 
 
 def ping() -> int:
