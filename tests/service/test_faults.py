@@ -8,6 +8,7 @@ state (an epoch reached, a state entered), never on training finishing within a 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -337,3 +339,31 @@ def test_retry_of_a_failed_run_resumes_from_its_checkpoint(faulty, small_dataset
     assert len(retried) == 1 and "FAILED" in retried[0].message
     after = [e for e in _events(run_id, "progress") if e.id > retried[0].id and e.stage == "pretext"]
     assert after and min(e.epoch for e in after) >= epoch_at_failure, "pretext restarted from scratch"
+
+
+def test_a_run_folder_refusing_writes_for_a_moment_is_retried_not_failed(faulty, small_dataset):
+    """The run's checkpoint folder refuses every write for a while (chattr +i: even root gets EPERM,
+    as from a read-only remount): the stage hits the disk error, waits, resumes from its checkpoint
+    in the same attempt once the folder is writable again, and the run succeeds."""
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr (e2fsprogs) to make a folder refuse writes")
+    f = faulty
+    r = _submit(f, small_dataset, LONG)
+    assert r.status_code == 202, r.text
+    run_id = r.json()["id"]
+    _wait("pretext progress", lambda: _epoch(run_id) >= 1)
+    checkpoints = Path(_run(run_id).run_dir) / "checkpoints"
+    if not checkpoints.is_dir() or subprocess.run(["chattr", "+i", str(checkpoints)]).returncode != 0:
+        pytest.skip(f"cannot make {checkpoints} immutable on this file system")
+    errors_before = f.worker.log.read_text().count("hit a disk error")
+    try:
+        _wait("the stage to hit the read-only folder",
+              lambda: f.worker.log.read_text().count("hit a disk error") > errors_before
+              or _run(run_id).state in TERMINAL, timeout=600)
+    finally:
+        subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
+    assert f.worker.log.read_text().count("hit a disk error") > errors_before, "the fault never reached the stage"
+    run = _wait_state(run_id)
+    assert run.state == "SUCCEEDED", run.error
+    started = [e for e in _events(run_id, "stage_started") if e.stage == "pretext"]
+    assert [e.attempt for e in started] == [1], "the disk error cost an attempt"
