@@ -1,4 +1,5 @@
 """Start-up chores shared by the API, `make demo` and the CLI: migrations and the first API key."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Typed dependencies: a route's signature reads like a sentence (session, tenant, settings)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ from app.core.settings import Settings, get_settings
 from app.models import Tenant
 from app.services import auth
 
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`; "
-                     "create a key with `scan admin create-key --tenant NAME`")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="`Authorization: Bearer <key>`; create a key with `scan admin create-key --tenant NAME`",
+)
 
 
 def get_db() -> Iterator[Session]:
@@ -36,13 +39,18 @@ SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def current_tenant(session: SessionDep,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+def current_tenant(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Tenant:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send `Authorization: Bearer <key>` "
-                            "(embedded mode wrote one to var/api-key.txt; or run "
-                            "`scan admin create-key --tenant NAME`)", headers=challenge)
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send `Authorization: Bearer <key>` "
+            "(embedded mode wrote one to var/api-key.txt; or run "
+            "`scan admin create-key --tenant NAME`)",
+            headers=challenge,
+        )
     tenant = auth.tenant_for_key(session, credentials.credentials)
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers=challenge)

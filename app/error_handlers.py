@@ -1,5 +1,6 @@
 """The one place errors become HTTP: every error is ``{"detail": "<message a person can act on>"}``,
 with the status its class carries (app/core/errors.py), whatever raised it."""
+
 from __future__ import annotations
 
 import logging
@@ -21,11 +22,17 @@ log = logging.getLogger("scan.api")
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     if is_infrastructure_error(exc):
-        log.warning("%s %s: %s unreachable: %s", request.method, request.url.path, which_service(exc),
-                    type(exc).__name__)
-        return JSONResponse({"detail": f"the {which_service(exc)} is unreachable right now "
-                                       f"({type(exc).__name__}); retry in a few seconds"}, 503,
-                            headers={"Retry-After": str(get_settings().retry_after_s)})
+        log.warning(
+            "%s %s: %s unreachable: %s", request.method, request.url.path, which_service(exc), type(exc).__name__
+        )
+        return JSONResponse(
+            {
+                "detail": f"the {which_service(exc)} is unreachable right now "
+                f"({type(exc).__name__}); retry in a few seconds"
+            },
+            503,
+            headers={"Retry-After": str(get_settings().retry_after_s)},
+        )
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "internal error (logged on the server); please report it"}, 500)
 

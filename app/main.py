@@ -1,7 +1,8 @@
 """The FastAPI application: API v1, health checks, and the serving routes (predict, neighbours, UI).
 
-    uvicorn app.main:app        # embedded mode migrates the SQLite file and creates a first key
+uvicorn app.main:app        # embedded mode migrates the SQLite file and creates a first key
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,9 +39,15 @@ def _operation_id(route: APIRoute) -> str:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="SCAN service", version="1.0.0", lifespan=lifespan,
-                  summary="Learn to classify images without labels (SCAN, ECCV 2020) over HTTP.",
-                  generate_unique_id_function=_operation_id, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="SCAN service",
+        version="1.0.0",
+        lifespan=lifespan,
+        summary="Learn to classify images without labels (SCAN, ECCV 2020) over HTTP.",
+        generate_unique_id_function=_operation_id,
+        docs_url=None,
+        redoc_url=None,
+    )
     error_handlers.install(app)
     docs.install(app)  # Swagger UI / ReDoc from local assets: no CDN
     for module in (health, datasets, runs, results, predict, neighbors, model, ui):
@@ -78,8 +85,15 @@ def _errors_are_detail_strings(schema: dict) -> None:
     """Every error body is {"detail": "<message>"} (app/error_handlers.py), validation errors included: the
     document must not promise FastAPI's default array of error objects for 422."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.setdefault("ErrorBody", {"title": "ErrorBody", "type": "object", "required": ["detail"],
-                                        "properties": {"detail": {"type": "string", "title": "Detail"}}})
+    components.setdefault(
+        "ErrorBody",
+        {
+            "title": "ErrorBody",
+            "type": "object",
+            "required": ["detail"],
+            "properties": {"detail": {"type": "string", "title": "Detail"}},
+        },
+    )
     for path in schema.get("paths", {}).values():
         for operation in path.values():
             if not isinstance(operation, dict) or "responses" not in operation:
@@ -87,6 +101,7 @@ def _errors_are_detail_strings(schema: dict) -> None:
             if "422" in operation["responses"]:
                 operation["responses"]["422"] = {
                     "description": "invalid request (detail names the field and the limit)",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                }
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)

@@ -5,6 +5,7 @@ autogenerate finds no difference between these classes and ``alembic upgrade hea
 States are plain strings (not database enums) so adding one is a one-line migration on both
 SQLite and PostgreSQL.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -37,6 +38,7 @@ def new_id() -> str:
 
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones otherwise)."""
+
     impl = DateTime(timezone=True)
     cache_ok = True
 
@@ -75,6 +77,7 @@ class Tenant(Base):
 
 class ApiKey(Base):
     """A bearer key: only its SHA-256 is stored; ``prefix`` (public) finds the row in one lookup."""
+
     __tablename__ = "api_keys"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -108,8 +111,10 @@ class Dataset(Base):
 
 class Run(Base):
     __tablename__ = "runs"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
-                      Index("ix_runs_tenant_state", "tenant_id", "state"))
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
+        Index("ix_runs_tenant_state", "tenant_id", "state"),
+    )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
@@ -158,6 +163,7 @@ class StageStatus(Base):
 
 class RunEvent(Base):
     """The progress log: one row per throttled progress report and per state change."""
+
     __tablename__ = "run_events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
@@ -205,6 +211,7 @@ class UiSession(Base):
     """A cluster-browser login. The browser holds only a random, signed session id; the row stores
     its SHA-256, the key it was opened with (revoking the key ends the session) and the CSRF token
     every form of the session must echo."""
+
     __tablename__ = "ui_sessions"
     id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)

@@ -11,6 +11,7 @@ Exposed (text format, prometheus_client):
 - `scan_runs{state}`: runs by state; `scan_run_stage_duration_seconds{stage}`: a summary of how
   long finished stages took (sum and count over all runs), read from the database at scrape time.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -35,13 +36,18 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-REQUESTS = Counter("scan_http_requests", "HTTP requests by route template and status",
-                   ["method", "route", "status"])
-LATENCY = Histogram("scan_http_request_duration_seconds", "HTTP request latency by route template",
-                    ["method", "route"],
-                    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-PREDICT_BATCH = Histogram("scan_predict_batch_size", "Images per model call after dynamic batching",
-                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+REQUESTS = Counter("scan_http_requests", "HTTP requests by route template and status", ["method", "route", "status"])
+LATENCY = Histogram(
+    "scan_http_request_duration_seconds",
+    "HTTP request latency by route template",
+    ["method", "route"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PREDICT_BATCH = Histogram(
+    "scan_predict_batch_size",
+    "Images per model call after dynamic batching",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 PREDICT_QUEUE = Gauge("scan_predict_queue_rows", "Images waiting in the dynamic batchers")
 
 
@@ -113,8 +119,9 @@ class _DatabaseCollector(Collector):
         for name, n in sorted(snap.get("queue_depth", {}).items()):
             queue.add_metric([name], n)
         yield queue
-        stages = SummaryMetricFamily("scan_run_stage_duration_seconds",
-                                     "Wall time of finished run stages", labels=["stage"])
+        stages = SummaryMetricFamily(
+            "scan_run_stage_duration_seconds", "Wall time of finished run stages", labels=["stage"]
+        )
         for stage, (count, total) in sorted(snap.get("stage_durations", {}).items()):
             stages.add_metric([stage], count_value=count, sum_value=total)
         yield stages
@@ -122,6 +129,7 @@ class _DatabaseCollector(Collector):
 
 def _database_snapshot() -> dict[str, Any]:
     from app.services.stats import run_statistics  # imported late: needs the data layer
+
     return run_statistics()
 
 
@@ -157,9 +165,13 @@ def _metrics_denied(request: Request) -> Response | None:
         sent = request.headers.get("authorization", "")
         if hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
             return None
-        return JSONResponse({"detail": "GET /metrics needs `Authorization: Bearer <SCAN_METRICS_TOKEN>`"}, 401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(
+            {"detail": "GET /metrics needs `Authorization: Bearer <SCAN_METRICS_TOKEN>`"},
+            401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if request.client is not None and request.client.host in _LOOPBACK:
         return None
-    return JSONResponse({"detail": "/metrics answers only local scrapers; set SCAN_METRICS_TOKEN to scrape "
-                                   "it from elsewhere"}, 403)
+    return JSONResponse(
+        {"detail": "/metrics answers only local scrapers; set SCAN_METRICS_TOKEN to scrape it from elsewhere"}, 403
+    )

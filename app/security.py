@@ -9,19 +9,28 @@ hold a secret.
 - Logs: uvicorn's access log writes the full request line; a key or token sent in the query string
   (``?api_key=...``) would be written whole. A filter on ``uvicorn.access`` masks such values.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-           (b"referrer-policy", b"same-origin"), (b"content-security-policy", CSP.encode())]
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (b"content-security-policy", CSP.encode()),
+]
 
 # Query parameters whose value is a credential, whatever the route.
-_SECRET_PARAM = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access[_-]?token|auth|password|secret|session)=)"
-                           r"[^&#\s]*")
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:api[_-]?key|key|token|access[_-]?token|auth|password|secret|session)=)"
+    r"[^&#\s]*"
+)
 
 
 def redact(text: str) -> str:

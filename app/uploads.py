@@ -3,6 +3,7 @@
 Starlette's own form parser spools every file to an unbounded temporary file before the route runs;
 here the body is parsed chunk by chunk, so at most ``max_bytes`` ever reach the disk.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,12 +32,15 @@ async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
     """The part named ``file`` goes to ``dest_dir/<safe name>``; small text fields are kept."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise Invalid("send the dataset as multipart/form-data with the archive in the field 'file' "
-                      "(curl -F file=@digits.zip ...)")
+        raise Invalid(
+            "send the dataset as multipart/form-data with the archive in the field 'file' "
+            "(curl -F file=@digits.zip ...)"
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-        raise TooLarge(f"upload of {int(declared)} bytes exceeds the limit of {max_bytes} bytes "
-                       "(SCAN_MAX_UPLOAD_BYTES)")
+        raise TooLarge(
+            f"upload of {int(declared)} bytes exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES)"
+        )
 
     upload = Upload()
     state: dict = {"headers": {}, "field": b"", "value": b"", "name": None, "sink": None, "text": None}
@@ -85,16 +89,26 @@ async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
         elif state["text"] is not None and state["name"]:
             upload.fields[state["name"]] = state["text"].decode("utf-8", "replace")
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     try:
         async for chunk in request.stream():
             parser.write(chunk)
             if too_large:
-                raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES); "
-                               "split the dataset or raise the limit")
+                raise TooLarge(
+                    f"upload exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES); "
+                    "split the dataset or raise the limit"
+                )
         parser.finalize()
     except MultipartParseError as exc:
         if state["sink"] is not None:

@@ -9,6 +9,7 @@ time of every stage and the device.
 Targets (issue 2): ACC >= 0.70 within 30 minutes on a 2-core CPU; ACC >= 0.80 within 8 minutes on
 one H100/H200.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,10 +94,12 @@ def main() -> None:
     print(f"{'method':<30}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
     for name, m in rows.items():
         print(f"{name:<30}{m['acc']:>8.3f}{m['nmi']:>8.3f}{m['ari']:>8.3f}")
-    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
-          + f", total {sum(timings.values()):.0f}s")
-    (out / "bench.json").write_text(json.dumps({"rows": rows, "timings": timings, "device": device,
-                                                "overrides": overrides}, indent=1, default=str))
+    print(
+        "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {sum(timings.values()):.0f}s"
+    )
+    (out / "bench.json").write_text(
+        json.dumps({"rows": rows, "timings": timings, "device": device, "overrides": overrides}, indent=1, default=str)
+    )
 
 
 def _printer(stage):
@@ -113,8 +116,12 @@ def _printer(stage):
             loss = f"{p.loss:.4f}" if p.loss is not None else "-"
             rate = f"{p.images_per_s:,.0f} img/s" if p.images_per_s else ""
             extra = " ".join(f"{k}={v}" for k, v in p.metrics.items())
-            print(f"\r{stage} epoch {p.epoch}/{p.epochs} step {p.step}/{p.steps} loss {loss} {rate} {extra}",
-                  end="\n" if p.epoch_end else "", flush=True)
+            print(
+                f"\r{stage} epoch {p.epoch}/{p.epochs} step {p.step}/{p.steps} loss {loss} {rate} {extra}",
+                end="\n" if p.epoch_end else "",
+                flush=True,
+            )
+
     return report
 
 

@@ -11,6 +11,7 @@ tests/service/test_faults.py), so the machine's servers are never restarted. Pri
 fault, and the status codes a poller of GET /v1/runs/{id} saw; the goal is 0 lost, 0 failed by the
 infrastructure, 0 plain-text 500s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,22 @@ import httpx  # noqa: E402 - after the sys.path line, like the other benches
 from tests.service.tcp_proxy import TcpProxy  # noqa: E402
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
-RECIPE = {"pretext.epochs": 8, "pretext.batch_size": 120, "clustering.epochs": 3, "clustering.num_heads": 2,
-          "selflabel.epochs": 2}
+RECIPE = {
+    "pretext.epochs": 8,
+    "pretext.batch_size": 120,
+    "clustering.epochs": 3,
+    "clustering.num_heads": 2,
+    "selflabel.epochs": 2,
+}
 # Words of the infrastructure in a run's error: such a failure is what this soak must never see.
-INFRA_WORDS = ("OperationalError", "ConnectionError", "AdminShutdown", "unreachable", "max_stage_attempts",
-               "connection")
+INFRA_WORDS = (
+    "OperationalError",
+    "ConnectionError",
+    "AdminShutdown",
+    "unreachable",
+    "max_stage_attempts",
+    "connection",
+)
 
 
 def _free_port() -> int:
@@ -63,8 +75,9 @@ class Proc:
 
     def start(self) -> None:
         out = open(self.log, "a")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -81,9 +94,30 @@ class Proc:
 
 
 def _worker(name: str, queue: str, env: dict[str, str], var: Path) -> Proc:
-    return Proc([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queue, "-c", "1",
-                 "-P", "prefork", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip",
-                 "--without-mingle"], env, var / f"worker-{name}.log")
+    return Proc(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            queue,
+            "-c",
+            "1",
+            "-P",
+            "prefork",
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env,
+        var / f"worker-{name}.log",
+    )
 
 
 def _digits_npz(n: int) -> bytes:
@@ -92,16 +126,21 @@ def _digits_npz(n: int) -> bytes:
 
     digits = load_digits()
     buf = io.BytesIO()
-    np.savez(buf, images=(digits.images[:n] * (255 / 16)).round().astype(np.uint8),
-             labels=digits.target[:n].astype(np.int64))
+    np.savez(
+        buf, images=(digits.images[:n] * (255 / 16)).round().astype(np.uint8), labels=digits.target[:n].astype(np.int64)
+    )
     return buf.getvalue()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=6)
-    ap.add_argument("--faults", type=int, default=9, help="faults injected in all (kills, database cuts, "
-                    "broker cuts, in random order)")
+    ap.add_argument(
+        "--faults",
+        type=int,
+        default=9,
+        help="faults injected in all (kills, database cuts, broker cuts, in random order)",
+    )
     ap.add_argument("--gap", type=float, nargs=2, default=(6.0, 15.0), help="seconds between faults (uniform)")
     ap.add_argument("--outage", type=float, nargs=2, default=(1.0, 4.0), help="seconds a cut lasts (uniform)")
     ap.add_argument("--gpu-workers", type=int, default=2)
@@ -113,16 +152,28 @@ def main() -> None:
     pg_url = os.environ.get("SCAN_DATABASE_URL", "")
     redis_url = os.environ.get("SCAN_BROKER_URL", "")
     if not pg_url.startswith("postgres") or not redis_url.startswith("redis"):
-        sys.exit("set SCAN_DATABASE_URL (postgresql://...) and SCAN_BROKER_URL (redis://...) to a database "
-                 "and a Redis db this soak may use")
+        sys.exit(
+            "set SCAN_DATABASE_URL (postgresql://...) and SCAN_BROKER_URL (redis://...) to a database "
+            "and a Redis db this soak may use"
+        )
     var = Path(tempfile.mkdtemp(prefix="scan-chaos-"))
     pg_target, redis_target = urlsplit(pg_url), urlsplit(redis_url)
     pg = TcpProxy(pg_target.hostname or "127.0.0.1", pg_target.port or 5432).start()
     rd = TcpProxy(redis_target.hostname or "127.0.0.1", redis_target.port or 6379).start()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "SCAN_VAR_DIR": str(var),
-           "SCAN_DATABASE_URL": _via(pg_url, pg.port), "SCAN_BROKER_URL": _via(redis_url, rd.port),
-           "SCAN_HEARTBEAT_S": "1", "SCAN_STALE_AFTER_S": "10", "SCAN_RECOVER_INTERVAL_S": "1",
-           "SCAN_DISPATCH_AFTER_S": "5", "SCAN_PROGRESS_INTERVAL_S": "0.5", "SCAN_MAX_STAGE_ATTEMPTS": "6"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "SCAN_VAR_DIR": str(var),
+        "SCAN_DATABASE_URL": _via(pg_url, pg.port),
+        "SCAN_BROKER_URL": _via(redis_url, rd.port),
+        "SCAN_HEARTBEAT_S": "1",
+        "SCAN_STALE_AFTER_S": "10",
+        "SCAN_RECOVER_INTERVAL_S": "1",
+        "SCAN_DISPATCH_AFTER_S": "5",
+        "SCAN_PROGRESS_INTERVAL_S": "0.5",
+        "SCAN_MAX_STAGE_ATTEMPTS": "6",
+    }
     os.environ.update({k: v for k, v in env.items() if k.startswith("SCAN_")})
     # This process (setup, reading the outcome) talks to the servers directly, not through the proxies.
     os.environ["SCAN_DATABASE_URL"], os.environ["SCAN_BROKER_URL"] = pg_url, redis_url
@@ -138,8 +189,11 @@ def main() -> None:
         session.commit()
 
     port = _free_port()
-    api = Proc([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-               env, var / "api.log")
+    api = Proc(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        var / "api.log",
+    )
     cpu = _worker("chaos-cpu", "cpu", env, var)
     gpus = [_worker(f"chaos-gpu{i}", "gpu", env, var) for i in range(args.gpu_workers)]
     procs = [api, cpu, *gpus]
@@ -176,8 +230,9 @@ def _wait_http(base: str) -> None:
     raise SystemExit("the API did not start")
 
 
-def _soak(args, rng: random.Random, client: httpx.Client, dataset: str, pg: TcpProxy, rd: TcpProxy,
-          gpus: list[Proc]) -> bool:
+def _soak(
+    args, rng: random.Random, client: httpx.Client, dataset: str, pg: TcpProxy, rd: TcpProxy, gpus: list[Proc]
+) -> bool:
     polls: Counter = Counter()
     plain_500 = 0
     stop = threading.Event()
@@ -259,14 +314,18 @@ def _soak(args, rng: random.Random, client: httpx.Client, dataset: str, pg: TcpP
     submitted = args.runs + 1
     lost = submitted - len(ids) + len(unfinished)
     print(f"\nfaults: {dict(faults)} in {time.monotonic() - t0:.0f}s")
-    print(f"runs submitted {submitted} | accepted {len(ids)} (503s answered on the way: {submit_503}) | "
-          f"succeeded {counts['SUCCEEDED']} | lost {lost} | failed {len(failed)} "
-          f"(by infrastructure {len(by_infra)}) | canceled {counts['CANCELED']}")
+    print(
+        f"runs submitted {submitted} | accepted {len(ids)} (503s answered on the way: {submit_503}) | "
+        f"succeeded {counts['SUCCEEDED']} | lost {lost} | failed {len(failed)} "
+        f"(by infrastructure {len(by_infra)}) | canceled {counts['CANCELED']}"
+    )
     for s in failed:
         print(f"  failed {s['id']}: {s.get('error')}")
     total_faults = sum(faults.values()) or 1
-    print(f"epochs trained {needed + redone}, needed {needed}, redone {redone} -> "
-          f"{redone / total_faults:.2f} epochs redone per fault")
+    print(
+        f"epochs trained {needed + redone}, needed {needed}, redone {redone} -> "
+        f"{redone / total_faults:.2f} epochs redone per fault"
+    )
     print(f"poller saw: {dict(polls)}; plain-text 500s: {plain_500}")
     ok = lost == 0 and not by_infra and plain_500 == 0
     print(f"goal 0 lost, 0 failed by infrastructure, 0 plain 500s: {'MET' if ok else 'NOT MET'}")

@@ -8,6 +8,7 @@ missed.
 
 Targets: self-label ACC >= 0.85, no worse than SCAN - 0.02; 20-NN purity > 0.8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,14 @@ from ml.data import load_source
 from ml.pipeline import STAGES, prepare_run, run_stage
 
 # Measured before it left the suite: neighbour purity 0.90, SCAN 0.91, self-label 0.92.
-RECIPE = {"seed": 0, "pretext.epochs": 60, "clustering.epochs": 40, "clustering.batch_size": 128,
-          "selflabel.epochs": 5, "selflabel.batch_size": 256}
+RECIPE = {
+    "seed": 0,
+    "pretext.epochs": 60,
+    "clustering.epochs": 40,
+    "clustering.batch_size": 128,
+    "selflabel.epochs": 5,
+    "selflabel.batch_size": 256,
+}
 
 
 def main() -> int:
@@ -43,9 +50,15 @@ def main() -> int:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     scan, final, purity = metrics["scan"]["acc"], metrics["selflabel"]["acc"], metrics["mining"]["neighbor_purity"]
     print(f"neighbour purity {purity:.3f}  SCAN ACC {scan:.3f}  self-label ACC {final:.3f}")
-    failures = [msg for ok, msg in ((final >= 0.85, "self-label ACC < 0.85"),
-                                    (final >= scan - 0.02, "self-labeling lost more than 0.02 ACC"),
-                                    (purity > 0.8, "neighbour purity <= 0.8")) if not ok]
+    failures = [
+        msg
+        for ok, msg in (
+            (final >= 0.85, "self-label ACC < 0.85"),
+            (final >= scan - 0.02, "self-labeling lost more than 0.02 ACC"),
+            (purity > 0.8, "neighbour purity <= 0.8"),
+        )
+        if not ok
+    ]
     for msg in failures:
         print("MISSED:", msg)
     return 1 if failures else 0

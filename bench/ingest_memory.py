@@ -12,6 +12,7 @@ The hostile files are built in a temporary folder: a compressed npz and a gzippe
 4x the limit (all zeros, so they compress to KBs), a zip whose one member inflates to 1 GiB, and an
 npz with labels [0, 1, 2, 10_000_000]. The normal ones: an npz of random images and a zip of PNGs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,15 @@ def build_cases(folder: Path, limit: int) -> list[tuple[str, Path]]:
         (np.savez_compressed if compressed else np.savez)(path, **arrays)
         return path
 
-    cases.append(("normal: npz 20000 x 32x32x3", npz("normal.npz", images=rng.integers(
-        0, 256, (20_000, 32, 32, 3), dtype=np.uint8))))
+    cases.append(
+        (
+            "normal: npz 20000 x 32x32x3",
+            npz("normal.npz", images=rng.integers(0, 256, (20_000, 32, 32, 3), dtype=np.uint8)),
+        )
+    )
     zpath = folder / "pngs.zip"
     from PIL import Image
+
     with zipfile.ZipFile(zpath, "w") as zf:
         for i in range(2000):
             buf = io.BytesIO()
@@ -73,8 +79,12 @@ def build_cases(folder: Path, limit: int) -> list[tuple[str, Path]]:
 
     side = 1024
     n = 4 * limit // (side * side)
-    cases.append((f"hostile: compressed npz declaring {n * side * side >> 20} MiB",
-                  npz("bomb.npz", compressed=True, images=np.zeros((n, side, side), np.uint8))))
+    cases.append(
+        (
+            f"hostile: compressed npz declaring {n * side * side >> 20} MiB",
+            npz("bomb.npz", compressed=True, images=np.zeros((n, side, side), np.uint8)),
+        )
+    )
     n = 4 * limit // (28 * 28)
     ipath = folder / "train-images-idx3-ubyte.gz"
     with gzip.open(ipath, "wb", compresslevel=1) as gz:
@@ -90,8 +100,12 @@ def build_cases(folder: Path, limit: int) -> list[tuple[str, Path]]:
             for _ in range(256):  # 1 GiB of zeros
                 f.write(chunk)
     cases.append(("hostile: zip member inflating to 1 GiB", bpath))
-    cases.append(("hostile: npz labels [0,1,2,10_000_000]", npz(
-        "sparse.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 2, 10_000_000]))))
+    cases.append(
+        (
+            "hostile: npz labels [0,1,2,10_000_000]",
+            npz("sparse.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 2, 10_000_000])),
+        )
+    )
     return cases
 
 
@@ -105,15 +119,22 @@ def main() -> None:
         print(f"decoded-size limit {args.limit_mb} MiB; growth = peak RSS during the ingest - RSS after imports")
         print(f"{'case':46} {'file':>9} {'decoded':>9} {'growth':>9} {'ratio':>6}  answer")
         for name, path in cases:
-            r = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(limit)], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
+            r = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(path), str(limit)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             out = json.loads(r.stdout.strip().splitlines()[-1])
             growth = (out["peak_kb"] - out["base_kb"]) * 1024
             decoded = out.get("decoded")
             ratio = f"{growth / decoded:6.2f}" if decoded and decoded >= 1 << 20 else "     -"
             answer = f"ok ({out['classes']} classes)" if out["ok"] else f"422 {out['error']}"
-            print(f"{name:46} {path.stat().st_size / 2**20:8.1f}M "
-                  f"{(decoded or 0) / 2**20:8.1f}M {growth / 2**20:8.1f}M {ratio}  {answer}")
+            print(
+                f"{name:46} {path.stat().st_size / 2**20:8.1f}M "
+                f"{(decoded or 0) / 2**20:8.1f}M {growth / 2**20:8.1f}M {ratio}  {answer}"
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ ground truth for every query costs N^2, so above 100k it is computed for a rando
 queries only (brute force over all N vectors with faiss), and the table says so. "mine s" includes
 building the index.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def exact_neighbors(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k ids (self excluded) of the query rows, brute force over all of x (normalised)."""
     out = np.empty((len(rows), k), dtype=np.int64)
     for start in range(0, len(rows), 16_384):
-        part = rows[start:start + 16_384]
+        part = rows[start : start + 16_384]
         _, ids = faiss.knn(x[part], x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
         for i, (found, r) in enumerate(zip(ids, part)):
             out[start + i] = found[found != r][:k]
@@ -61,7 +62,7 @@ def hnsw_neighbors(x: np.ndarray, k: int) -> np.ndarray:
     index.hnsw.efSearch = HNSW_EF_SEARCH
     out = np.empty((len(x), k), dtype=np.int64)
     for start in range(0, len(x), 16_384):
-        _, ids = index.search(x[start:start + 16_384], k + 1)
+        _, ids = index.search(x[start : start + 16_384], k + 1)
         for i, row in enumerate(ids):
             row = row[row != start + i]
             out[start + i] = row[:k]
@@ -73,17 +74,20 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hnsw", action="store_true",
-                        help=f"also time HNSW (M={HNSW_M}, efSearch={HNSW_EF_SEARCH})")
+    parser.add_argument("--hnsw", action="store_true", help=f"also time HNSW (M={HNSW_M}, efSearch={HNSW_EF_SEARCH})")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     k = args.k
 
-    print(f"faiss {faiss.__version__}, {_cpu_count()} cores, dim {DIM}, k {k}, seed {args.seed}; "
-          f"recall against exact brute force (all queries up to {EXACT_ALL_UP_TO:,}, "
-          f"a random sample of {SAMPLE_QUERIES:,} queries above)")
-    header = (f"{'n':>9}  {'index':<28} {'mine s':>8} {'recall@' + str(k):>9} {'recall over':>14} "
-              f"{'exact s':>8} {'speedup':>8}")
+    print(
+        f"faiss {faiss.__version__}, {_cpu_count()} cores, dim {DIM}, k {k}, seed {args.seed}; "
+        f"recall against exact brute force (all queries up to {EXACT_ALL_UP_TO:,}, "
+        f"a random sample of {SAMPLE_QUERIES:,} queries above)"
+    )
+    header = (
+        f"{'n':>9}  {'index':<28} {'mine s':>8} {'recall@' + str(k):>9} {'recall over':>14} "
+        f"{'exact s':>8} {'speedup':>8}"
+    )
     print(header)
     print("-" * len(header), flush=True)
     for n in sizes:
@@ -93,8 +97,7 @@ def main() -> None:
         ids, _ = mine_neighbors(feats, k=k, index=index)
         t_mine = time.perf_counter() - t0
         info = describe_index(index)
-        kind = info["kind"] + (f" nlist={info['nlist']} nprobe={info['nprobe']}"
-                               if info["kind"] == "ivf" else "")
+        kind = info["kind"] + (f" nlist={info['nlist']} nprobe={info['nprobe']}" if info["kind"] == "ivf" else "")
         del index
 
         x = _normalized(feats, "features")
@@ -110,15 +113,16 @@ def main() -> None:
             truth = exact_neighbors(x, rows, k)
             over = f"{SAMPLE_QUERIES:,} sampled"
             exact_col, speed_col = f"{'-':>8}", f"{'-':>8}"
-        print(f"{n:>9,}  {kind:<28} {t_mine:8.1f} {recall(ids[rows], truth):9.4f} {over:>14} "
-              f"{exact_col} {speed_col}", flush=True)
+        print(
+            f"{n:>9,}  {kind:<28} {t_mine:8.1f} {recall(ids[rows], truth):9.4f} {over:>14} {exact_col} {speed_col}",
+            flush=True,
+        )
         if args.hnsw:
             t0 = time.perf_counter()
             hnsw_ids = hnsw_neighbors(x, k)
             t_hnsw = time.perf_counter() - t0
             label = f"hnsw M={HNSW_M} ef={HNSW_EF_SEARCH}"
-            print(f"{n:>9,}  {label:<28} {t_hnsw:8.1f} {recall(hnsw_ids[rows], truth):9.4f} "
-                  f"{over:>14}", flush=True)
+            print(f"{n:>9,}  {label:<28} {t_hnsw:8.1f} {recall(hnsw_ids[rows], truth):9.4f} {over:>14}", flush=True)
 
 
 if __name__ == "__main__":

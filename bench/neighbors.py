@@ -13,6 +13,7 @@ up to 50k vectors, IVF beyond), and written as a run's `index.faiss`. Then singl
 and recall@10 is measured against exact brute-force inner-product search on the same vectors.
 Target: p50 <= 10 ms with recall >= 0.95 at 1M.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ def mixture(n: int, centers: np.ndarray, rng: np.random.Generator, spread: float
 
 def exact_top(features: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     import faiss
+
     _, ids = faiss.knn(queries, features, k, metric=faiss.METRIC_INNER_PRODUCT)
     return ids
 
@@ -73,6 +75,7 @@ def bench_size(n: int, args, rng: np.random.Generator, tmp: Path) -> None:
 
     # In-process: the route's path (ServedRun.search on the index loaded from the run's file).
     from bench.serve import synthetic_run
+
     synthetic_run(run_dir, "convnet", 8, 1, 10)
     served = ModelCache(capacity=1).get(run_dir)
     info = describe_index(served.index)
@@ -85,13 +88,16 @@ def bench_size(n: int, args, rng: np.random.Generator, tmp: Path) -> None:
         lat.append(time.perf_counter() - t0)
         found.append(ids[0])
     kind = f"{info['kind']}" + (f" nlist={info['nlist']} nprobe={info['nprobe']}" if info["kind"] == "ivf" else "")
-    print(f"{n:>9,} vectors ({kind}, built in {build_s:.1f} s): in-process search {pct(lat)}, "
-          f"recall@{args.k} {recall(np.array(found), truth):.3f}")
+    print(
+        f"{n:>9,} vectors ({kind}, built in {build_s:.1f} s): in-process search {pct(lat)}, "
+        f"recall@{args.k} {recall(np.array(found), truth):.3f}"
+    )
 
     if args.http:
         import httpx
 
         from bench.serve import register_run, start_api
+
         key, run_id = register_run(tmp / f"var-{n}", run_dir, 8, 1, 10)
         proc, base = start_api(tmp / f"var-{n}", {})
         try:
@@ -106,8 +112,10 @@ def bench_size(n: int, args, rng: np.random.Generator, tmp: Path) -> None:
                     r = http.post(url, json=body)
                     lat.append(time.perf_counter() - t0)
                     found.append([h["item"] for h in r.json()["results"][0]["neighbors"]])
-            print(f"{n:>9,} vectors over HTTP /neighbors: {pct(lat)}, recall@{args.k} "
-                  f"{recall(np.array(found), truth):.3f}")
+            print(
+                f"{n:>9,} vectors over HTTP /neighbors: {pct(lat)}, recall@{args.k} "
+                f"{recall(np.array(found), truth):.3f}"
+            )
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
@@ -127,6 +135,7 @@ def main() -> None:
     for n in args.sizes:
         bench_size(n, args, rng, tmp)
     import shutil
+
     shutil.rmtree(tmp, ignore_errors=True)
 
 

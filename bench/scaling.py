@@ -9,6 +9,7 @@ copy: assignments rows (run_id, item_index, cluster, confidence) into PostgreSQL
 as `app/services/results.py` does, against one executemany INSERT of the same rows (the baseline),
 both into a temporary table shaped like `assignments`, in rows/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,11 @@ def ingest(sizes: list[int]) -> None:
             data.save(Path(tmp) / "out")
             took = time.perf_counter() - t0
             assert data.n == n
-            print(f"{n:>8} {mb:>8.1f} {took:>9.2f} {mb / took:>7.1f} {n / took:>8.0f} {mb / raw:>14.1f} "
-                  f"{raw / took:>6.3f}", flush=True)
+            print(
+                f"{n:>8} {mb:>8.1f} {took:>9.2f} {mb / took:>7.1f} {n / took:>8.0f} {mb / raw:>14.1f} "
+                f"{raw / took:>6.3f}",
+                flush=True,
+            )
 
 
 def copy(rows: list[int], db: str) -> None:
@@ -60,16 +64,20 @@ def copy(rows: list[int], db: str) -> None:
 
     print(f"{'rows':>9} {'COPY s':>8} {'COPY rows/s':>12} {'INSERT s':>9} {'INSERT rows/s':>14} {'ratio':>6}")
     with psycopg.connect(db) as conn:
-        conn.execute("CREATE TEMP TABLE bench_assignments (run_id varchar(36), item_index integer, "
-                     "cluster integer, confidence double precision)")
+        conn.execute(
+            "CREATE TEMP TABLE bench_assignments (run_id varchar(36), item_index integer, "
+            "cluster integer, confidence double precision)"
+        )
         for n in rows:
             cluster = np.random.default_rng(0).integers(0, 100, n)
             confidence = np.random.default_rng(1).random(n)
             run_id = "00000000-0000-0000-0000-000000000000"
             conn.execute("TRUNCATE bench_assignments")
             t0 = time.perf_counter()
-            with conn.cursor() as cur, cur.copy(
-                    "COPY bench_assignments (run_id, item_index, cluster, confidence) FROM STDIN") as cp:
+            with (
+                conn.cursor() as cur,
+                cur.copy("COPY bench_assignments (run_id, item_index, cluster, confidence) FROM STDIN") as cp,
+            ):
                 for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist())):
                     cp.write_row((run_id, i, c, p))
             conn.commit()
@@ -77,13 +85,17 @@ def copy(rows: list[int], db: str) -> None:
             conn.execute("TRUNCATE bench_assignments")
             t0 = time.perf_counter()
             with conn.cursor() as cur:
-                cur.executemany("INSERT INTO bench_assignments VALUES (%s, %s, %s, %s)",
-                                [(run_id, i, c, p) for i, (c, p) in enumerate(zip(cluster.tolist(),
-                                                                                    confidence.tolist()))])
+                cur.executemany(
+                    "INSERT INTO bench_assignments VALUES (%s, %s, %s, %s)",
+                    [(run_id, i, c, p) for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist()))],
+                )
             conn.commit()
             t_insert = time.perf_counter() - t0
-            print(f"{n:>9} {t_copy:>8.2f} {n / t_copy:>12,.0f} {t_insert:>9.2f} {n / t_insert:>14,.0f} "
-                  f"{t_insert / t_copy:>6.1f}", flush=True)
+            print(
+                f"{n:>9} {t_copy:>8.2f} {n / t_copy:>12,.0f} {t_insert:>9.2f} {n / t_insert:>14,.0f} "
+                f"{t_insert / t_copy:>6.1f}",
+                flush=True,
+            )
 
 
 def main() -> None:

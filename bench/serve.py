@@ -12,6 +12,7 @@ connection each, sending PNG files as multipart `files`, so decoding, conversion
 batcher and the JSON answer are all inside the measured time. On a machine with few cores the
 clients take CPU from the server; the ratio is then a lower bound.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,17 +44,21 @@ def synthetic_run(run_dir: Path, arch: str, size: int, channels: int, clusters: 
     mean, std = [0.5] * channels, [0.25] * channels
     run_dir.mkdir(parents=True, exist_ok=True)
     contrastive = ContrastiveModel(build_backbone(arch, channels, mean, std))
-    save_contrastive(run_dir / "pretext.pt", contrastive,
-                     model_meta(arch, channels, size, mean, std, hidden_dim=512, feature_dim=128,
-                                feature_space="head"))
+    save_contrastive(
+        run_dir / "pretext.pt",
+        contrastive,
+        model_meta(arch, channels, size, mean, std, hidden_dim=512, feature_dim=128, feature_space="head"),
+    )
     model = ClusteringModel(build_backbone(arch, channels, mean, std), clusters, num_heads=1)
-    save_clustering(run_dir / "model.pt", model,
-                    model_meta(arch, channels, size, mean, std, num_clusters=clusters, num_heads=1))
+    save_clustering(
+        run_dir / "model.pt", model, model_meta(arch, channels, size, mean, std, num_clusters=clusters, num_heads=1)
+    )
     return run_dir
 
 
-def in_process(run_dir: Path, device: str, images: np.ndarray, batch_sizes: list[int],
-               seconds: float) -> dict[int, float]:
+def in_process(
+    run_dir: Path, device: str, images: np.ndarray, batch_sizes: list[int], seconds: float
+) -> dict[int, float]:
     from ml.predictor import Predictor
 
     p = Predictor.load(run_dir, device=device)
@@ -82,6 +87,7 @@ def register_run(var_dir: Path, run_dir: Path, size: int, channels: int, cluster
     from app.core import db
     from app.core.db import session_scope
     from app.core.settings import get_settings
+
     # Settings and engine are cached per process: drop them so this var_dir is the one used.
     get_settings.cache_clear()
     db.get_engine.cache_clear()
@@ -93,12 +99,28 @@ def register_run(var_dir: Path, run_dir: Path, size: int, channels: int, cluster
     with session_scope() as session:
         key = create_key(session, "bench")
         tenant = tenant_for_key(session, key)
-        dataset = Dataset(tenant_id=tenant.id, name="bench", source="bench", state=DatasetState.READY,
-                          count=0, height=size, width=size, channels=channels)
+        dataset = Dataset(
+            tenant_id=tenant.id,
+            name="bench",
+            source="bench",
+            state=DatasetState.READY,
+            count=0,
+            height=size,
+            width=size,
+            channels=channels,
+        )
         session.add(dataset)
         session.flush()
-        run = Run(tenant_id=tenant.id, dataset_id=dataset.id, num_clusters=clusters, preset="bench",
-                  overrides={}, config={}, state=RunState.SUCCEEDED, run_dir=str(run_dir))
+        run = Run(
+            tenant_id=tenant.id,
+            dataset_id=dataset.id,
+            num_clusters=clusters,
+            preset="bench",
+            overrides={},
+            config={},
+            state=RunState.SUCCEEDED,
+            run_dir=str(run_dir),
+        )
         session.add(run)
         session.flush()
         return key, run.id
@@ -110,9 +132,26 @@ def start_api(var_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pope
     port = free_port()
     env = {**os.environ, "SCAN_VAR_DIR": str(var_dir), **env_extra}
     log = open(var_dir / "api.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning", "--no-access-log"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -128,6 +167,7 @@ def start_api(var_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pope
 
 def png_files(images: np.ndarray) -> list[bytes]:
     from PIL import Image
+
     out = []
     for chw in images:
         hwc = chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
@@ -137,8 +177,9 @@ def png_files(images: np.ndarray) -> list[bytes]:
     return out
 
 
-def http_throughput(base: str, key: str, run_id: str, pngs: list[bytes], clients: int,
-                    per_request: int, seconds: float) -> tuple[float, list[float]]:
+def http_throughput(
+    base: str, key: str, run_id: str, pngs: list[bytes], clients: int, per_request: int, seconds: float
+) -> tuple[float, list[float]]:
     import httpx
 
     url = f"/v1/runs/{run_id}/predict"
@@ -153,8 +194,7 @@ def http_throughput(base: str, key: str, run_id: str, pngs: list[bytes], clients
             i = c
             start.wait()
             while time.perf_counter() < stop:
-                files = [("files", (f"{j}.png", pngs[(i + j) % len(pngs)], "image/png"))
-                         for j in range(per_request)]
+                files = [("files", (f"{j}.png", pngs[(i + j) % len(pngs)], "image/png")) for j in range(per_request)]
                 t0 = time.perf_counter()
                 r = http.post(url, files=files)
                 latencies[c].append(time.perf_counter() - t0)
@@ -186,8 +226,9 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=10)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--per-request", type=int, nargs="+", default=[1, 8],
-                    help="images per HTTP request (each value is measured)")
+    ap.add_argument(
+        "--per-request", type=int, nargs="+", default=[1, 8], help="images per HTTP request (each value is measured)"
+    )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--max-batch-size", type=int, default=64, help="the server's predict_max_batch_size")
@@ -195,10 +236,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.run_dir:
         from ml.predictor import Predictor
+
         p = Predictor.load(args.run_dir, device="cpu")
         size, channels, clusters, run_dir = p.image_size, p.channels, p.num_clusters, args.run_dir.resolve()
         what = f"run {run_dir}"
@@ -206,35 +249,48 @@ def main() -> None:
         size, channels, clusters = args.size, args.channels, args.clusters
         run_dir = synthetic_run(tmp / "run", args.arch, size, channels, clusters)
         what = f"{args.arch}, random weights"
-    images = np.random.default_rng(0).integers(0, 256, (max(512, max(args.batch_sizes)), channels, size, size),
-                                               dtype=np.uint8)
+    images = np.random.default_rng(0).integers(
+        0, 256, (max(512, max(args.batch_sizes)), channels, size, size), dtype=np.uint8
+    )
 
-    print(f"model: {what}; input {channels}x{size}x{size}; device {device}; "
-          f"{os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {what}; input {channels}x{size}x{size}; device {device}; "
+        f"{os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}"
+    )
     ips = in_process(run_dir, device, images, args.batch_sizes, seconds=max(1.0, args.seconds / 5))
     best_bs = max(ips, key=ips.get)
-    print("in-process Predictor.predict, images/s by batch size: "
-          + ", ".join(f"{bs}: {v:,.0f}" for bs, v in ips.items()))
+    print(
+        "in-process Predictor.predict, images/s by batch size: " + ", ".join(f"{bs}: {v:,.0f}" for bs, v in ips.items())
+    )
     print(f"in-process best: {ips[best_bs]:,.0f} images/s at batch {best_bs}")
 
     key, run_id = register_run(tmp / "var", run_dir, size, channels, clusters)
-    proc, base = start_api(tmp / "var", {"SCAN_PREDICT_MAX_BATCH_SIZE": str(args.max_batch_size),
-                                         "SCAN_PREDICT_MAX_DELAY_MS": str(args.max_delay_ms),
-                                         "SCAN_SERVING_DEVICE": device})
+    proc, base = start_api(
+        tmp / "var",
+        {
+            "SCAN_PREDICT_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "SCAN_PREDICT_MAX_DELAY_MS": str(args.max_delay_ms),
+            "SCAN_SERVING_DEVICE": device,
+        },
+    )
     try:
         pngs = png_files(images[:256])
         http_throughput(base, key, run_id, pngs, 1, 1, 2.0)  # load the model, warm up
         _, lat = http_throughput(base, key, run_id, pngs, 1, 1, max(2.0, args.seconds / 2))
         lat_ms = np.array(lat) * 1000
-        print(f"1 client, 1 image/request: p50 {np.percentile(lat_ms, 50):.1f} ms, "
-              f"p99 {np.percentile(lat_ms, 99):.1f} ms ({len(lat_ms)} requests)")
+        print(
+            f"1 client, 1 image/request: p50 {np.percentile(lat_ms, 50):.1f} ms, "
+            f"p99 {np.percentile(lat_ms, 99):.1f} ms ({len(lat_ms)} requests)"
+        )
         rates = {}
         for per in args.per_request:
             rate, lat = http_throughput(base, key, run_id, pngs, args.clients, per, args.seconds)
             lat_ms = np.array(lat) * 1000
             rates[per] = rate
-            print(f"HTTP /predict, {args.clients} clients x {per} image(s)/request: {rate:,.0f} images/s, "
-                  f"p50 {np.percentile(lat_ms, 50):.1f} ms, p99 {np.percentile(lat_ms, 99):.1f} ms")
+            print(
+                f"HTTP /predict, {args.clients} clients x {per} image(s)/request: {rate:,.0f} images/s, "
+                f"p50 {np.percentile(lat_ms, 50):.1f} ms, p99 {np.percentile(lat_ms, 99):.1f} ms"
+            )
         # Measure the baseline again after the HTTP runs (server idle) and keep the better figure:
         # on a shared machine load drifts, and the ratio must not flatter the server.
         again = in_process(run_dir, device, images, args.batch_sizes, seconds=max(1.0, args.seconds / 5))
@@ -243,18 +299,23 @@ def main() -> None:
         print(f"in-process best (max of two measurements): {ips[best_bs]:,.0f} images/s at batch {best_bs}")
         for per, rate in rates.items():
             ratio = rate / ips[best_bs]
-            print(f"RATIO HTTP ({args.clients} clients x {per} image(s)/request) / in-process best = {ratio:.2f} "
-                  f"(target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})")
+            print(
+                f"RATIO HTTP ({args.clients} clients x {per} image(s)/request) / in-process best = {ratio:.2f} "
+                f"(target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})"
+            )
         metrics = __import__("httpx").get(base + "/metrics").text
         count = _sample(metrics, "scan_predict_batch_size_count")
         total = _sample(metrics, "scan_predict_batch_size_sum")
         if count:
-            print(f"dynamic batcher: {count:,.0f} model calls, mean batch {total / count:.1f} images "
-                  f"(max_batch_size {args.max_batch_size}, max_delay_ms {args.max_delay_ms})")
+            print(
+                f"dynamic batcher: {count:,.0f} model calls, mean batch {total / count:.1f} images "
+                f"(max_batch_size {args.max_batch_size}, max_delay_ms {args.max_delay_ms})"
+            )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
 
 

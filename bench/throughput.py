@@ -10,6 +10,7 @@ process; prints the ratio.
 rate the stage itself reports. The baseline is a loop written the way most SimCLR code is: a
 torchvision.transforms pipeline on PIL images in Dataset.__getitem__, DataLoader workers, .to(device).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,15 @@ from ml.pipeline import prepare_run, run_stage
 class TwoViews(Dataset):
     def __init__(self, images: np.ndarray, size: int):
         self.images = images
-        self.tf = T.Compose([
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.ToTensor(),
-        ])
+        self.tf = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.ToTensor(),
+            ]
+        )
 
     def __len__(self):
         return len(self.images)
@@ -55,14 +58,21 @@ class TwoViews(Dataset):
         return self.tf(img), self.tf(img)
 
 
-def baseline(images: np.ndarray, arch: str, size: int, batch: int, steps: int, workers: int, device,
-             width: int) -> float:
+def baseline(
+    images: np.ndarray, arch: str, size: int, batch: int, steps: int, workers: int, device, width: int
+) -> float:
     torch.manual_seed(0)
     c = images.shape[1]
     model = ContrastiveModel(build_backbone(arch, c, [0.5] * c, [0.25] * c, width)).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loader = DataLoader(TwoViews(images, size), batch_size=batch, shuffle=True, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(
+        TwoViews(images, size),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     it = iter(loader)
     done, t0 = 0, None
     for step in range(steps + 1):
@@ -86,17 +96,30 @@ def baseline(images: np.ndarray, arch: str, size: int, batch: int, steps: int, w
 
 def ours(data: ImageSet, arch: str, size: int, batch: int, steps: int, device: str, width: int) -> float:
     n = batch * (steps + 1)
-    subset = ImageSet(images=np.ascontiguousarray(data.images[:n]), labels=None, class_names=None,
-                      source="bench")
-    cfg = RunConfig.from_preset("small", 10, {"arch": arch, "width": width, "image_size": size,
-                                              "device": device, "pretext.epochs": 1,
-                                              "pretext.batch_size": batch, "pretext.flip": True,
-                                              "pretext.crop_scale": [0.2, 1.0]})
+    subset = ImageSet(images=np.ascontiguousarray(data.images[:n]), labels=None, class_names=None, source="bench")
+    cfg = RunConfig.from_preset(
+        "small",
+        10,
+        {
+            "arch": arch,
+            "width": width,
+            "image_size": size,
+            "device": device,
+            "pretext.epochs": 1,
+            "pretext.batch_size": batch,
+            "pretext.flip": True,
+            "pretext.crop_scale": [0.2, 1.0],
+        },
+    )
     rates = []
     with tempfile.TemporaryDirectory() as tmp:
         prepare_run(tmp, cfg)
-        run_stage("pretext", tmp, subset,
-                  progress=lambda p: rates.append((p.step, p.images_per_s)) if not p.epoch_end else None)
+        run_stage(
+            "pretext",
+            tmp,
+            subset,
+            progress=lambda p: rates.append((p.step, p.images_per_s)) if not p.epoch_end else None,
+        )
     # Rate over the steps after the first, like the baseline.
     (s1, r1), (sn, rn) = rates[0], rates[-1]
     t1, tn = s1 * batch / r1, sn * batch / rn
@@ -123,8 +146,9 @@ def main() -> None:
     r_ours = ours(data, args.arch, size, args.batch, args.steps, args.device, args.width)
     r_base = baseline(images, args.arch, size, args.batch, args.steps, args.workers, rt.device, args.width)
     name = torch.cuda.get_device_name() if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"pretext throughput, {args.arch} (width {args.width}) {size}px batch {args.batch}, "
-          f"{args.steps} steps, {name}")
+    print(
+        f"pretext throughput, {args.arch} (width {args.width}) {size}px batch {args.batch}, {args.steps} steps, {name}"
+    )
     print(f"  baseline (PIL transforms, DataLoader x{args.workers}, fp32): {r_base:10,.0f} img/s")
     print(f"  this pipeline (resident data, batched aug{', bf16' if rt.bf16 else ''}):  {r_ours:10,.0f} img/s")
     print(f"  ratio: {r_ours / r_base:.2f}x")

@@ -14,6 +14,7 @@ and answers within seconds. SIGTERM or Ctrl-C stops the API and the workers and 
 traceback: a worker still training gets a grace period, then SIGKILL (its stage resumes later from
 the last checkpoint).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(args, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(args, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
@@ -105,21 +105,28 @@ def _stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
 
 
 def _train(client: httpx.Client, dataset: dict, overrides: dict) -> dict:
-    r = client.post("/v1/runs", json={"dataset_id": dataset["id"], "num_clusters": 10, "preset": "small",
-                                      "overrides": overrides},
-                    headers={"Idempotency-Key": f"demo-{dataset['id']}-{sorted(overrides.items())}"})
+    r = client.post(
+        "/v1/runs",
+        json={"dataset_id": dataset["id"], "num_clusters": 10, "preset": "small", "overrides": overrides},
+        headers={"Idempotency-Key": f"demo-{dataset['id']}-{sorted(overrides.items())}"},
+    )
     if r.status_code not in (200, 202):
         raise SystemExit(f"could not start the run: {r.json()['detail']}")
     run = r.json()
-    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as bar:
         tasks = {s: bar.add_task(s, total=1, info="waiting") for s in STAGES}
         while True:
             run = client.get(f"/v1/runs/{run['id']}").json()
             for s in run["stages"]:
-                done = 1.0 if s["state"] == "SUCCEEDED" else stage_fraction(
-                    s["epoch"], s["epochs"], s["step"], s["steps"])
+                done = (
+                    1.0 if s["state"] == "SUCCEEDED" else stage_fraction(s["epoch"], s["epochs"], s["step"], s["steps"])
+                )
                 info = s["state"].lower()
                 if s["state"] in ("RUNNING", "SUCCEEDED") and s["epochs"]:
                     info = f"epoch {s['epoch'] or 0}/{s['epochs']}"
@@ -163,30 +170,55 @@ def _predict_one(client: httpx.Client, dataset: dict, run: dict) -> None:
 
 
 # The digits recipe of bench/digits.py: ACC >= 0.85 in about 1.5 minutes on 2 idle CPU cores.
-def main(pretext_epochs: int = typer.Option(60, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
-         clustering_epochs: int = typer.Option(40), selflabel_epochs: int = typer.Option(5),
-         fashion: bool = typer.Option(True, help="also import Fashion-MNIST when Debian's package is there"),
-         exit_after: bool = typer.Option(False, "--exit", help="stop the servers instead of leaving them up")) -> None:
+def main(
+    pretext_epochs: int = typer.Option(60, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
+    clustering_epochs: int = typer.Option(40),
+    selflabel_epochs: int = typer.Option(5),
+    fashion: bool = typer.Option(True, help="also import Fashion-MNIST when Debian's package is there"),
+    exit_after: bool = typer.Option(False, "--exit", help="stop the servers instead of leaving them up"),
+) -> None:
     t0 = time.monotonic()
     settings = get_settings()
     settings.make_dirs()
     migrate(settings)
     written = ensure_first_key(settings)
     key = settings.api_key_file.read_text().strip()
-    console.print(f"[bold]SCAN demo[/] ({'embedded: SQLite + filesystem broker' if settings.embedded else 'services'})"
-                  f"; API key {'created in' if written else 'read from'} {settings.api_key_file}")
+    console.print(
+        f"[bold]SCAN demo[/] ({'embedded: SQLite + filesystem broker' if settings.embedded else 'services'})"
+        f"; API key {'created in' if written else 'read from'} {settings.api_key_file}"
+    )
     host, port = settings.api_host, settings.api_port
     while not _port_free(host, port):
         port += 1
     base = f"http://{host}:{port}"
     logs = settings.var_dir / "logs"
     procs = [
-        _spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)],
-               logs / "api.log"),
+        _spawn(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)], logs / "api.log"
+        ),
         # Two workers, as in production: ingest (cpu) never waits behind a training stage (gpu).
-        *(_spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queue, "-c", "1",
-                  "-n", f"{queue}@%h", "--loglevel", "INFO"], logs / f"worker-{queue}.log")
-          for queue in ("gpu", "cpu")),
+        *(
+            _spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.celery_app",
+                    "worker",
+                    "-Q",
+                    queue,
+                    "-c",
+                    "1",
+                    "-n",
+                    f"{queue}@%h",
+                    "--loglevel",
+                    "INFO",
+                ],
+                logs / f"worker-{queue}.log",
+            )
+            for queue in ("gpu", "cpu")
+        ),
     ]
 
     def stop(*_: object) -> None:
@@ -204,22 +236,34 @@ def main(pretext_epochs: int = typer.Option(60, help="SimCLR epochs (the paper u
         console.print(f"API up at {base} after {time.monotonic() - t0:.1f}s (logs in {logs})")
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
         digits = _import(client, "digits", memory)
-        console.print(f"digits: {digits['count']} images {digits['height']}x{digits['width']}, "
-                      f"{len(digits['class_names'] or [])} classes")
+        console.print(
+            f"digits: {digits['count']} images {digits['height']}x{digits['width']}, "
+            f"{len(digits['class_names'] or [])} classes"
+        )
         if fashion and FASHION.exists():
             fm = _import(client, "fashion-mnist", memory)
             console.print(f"fashion-mnist: {fm.get('count')} images imported (train it with POST /v1/runs)")
         t1 = time.monotonic()
-        run = _train(client, digits, {"pretext.epochs": pretext_epochs, "clustering.epochs": clustering_epochs,
-                                      "clustering.batch_size": 128, "selflabel.epochs": selflabel_epochs,
-                                      "selflabel.batch_size": 256})
+        run = _train(
+            client,
+            digits,
+            {
+                "pretext.epochs": pretext_epochs,
+                "clustering.epochs": clustering_epochs,
+                "clustering.batch_size": 128,
+                "selflabel.epochs": selflabel_epochs,
+                "selflabel.batch_size": 256,
+            },
+        )
         if run["state"] != "SUCCEEDED":
             raise SystemExit(f"run {run['id']} ended {run['state']}: {run['error']}")
         console.print(f"run {run['id']} SUCCEEDED in {time.monotonic() - t1:.0f}s")
         _print_metrics(client, run)
         _predict_one(client, digits, run)
-        console.print(f"\n[bold green]Ready[/] in {time.monotonic() - t0:.0f}s.  API: {base}   docs: {base}/docs   "
-                      f"UI: {base}/ui   key: {settings.api_key_file}")
+        console.print(
+            f"\n[bold green]Ready[/] in {time.monotonic() - t0:.0f}s.  API: {base}   docs: {base}/docs   "
+            f"UI: {base}/ui   key: {settings.api_key_file}"
+        )
         console.print(f'try: curl -H "Authorization: Bearer $(cat {settings.api_key_file})" {base}/v1/runs')
         if exit_after:
             stop()

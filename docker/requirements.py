@@ -6,6 +6,7 @@
 Both wheels install the same `faiss` module, so installing the GPU one on top of the CPU one leaves
 whichever was unpacked last; each image gets exactly one.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Alembic environment: the URL comes from the one Settings object, never from alembic.ini."""
+
 from __future__ import annotations
 
 from logging.config import fileConfig
@@ -21,8 +22,7 @@ def _settings() -> Settings:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_settings().db_url, target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=True)
+    context.configure(url=_settings().db_url, target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -40,8 +40,12 @@ def run_migrations_online() -> None:
 
 def _run(connection) -> None:
     # Batch mode lets later ALTERs work on SQLite, which cannot alter columns in place.
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -1,4 +1,5 @@
 """Saved models: a state dict plus the few facts needed to rebuild the module around it."""
+
 from __future__ import annotations
 
 from pathlib import Path

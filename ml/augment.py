@@ -12,6 +12,7 @@ broadcast per-sample factors for colour), so the data can stay on the GPU as uin
 
 Single strong ops can be applied for inspection and tests with ``apply_op(x, "rotate", 15.0)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -178,8 +179,16 @@ class SimCLRAugment:
     _CROP_TRIES = 10
     _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
-    def __init__(self, size: int, crop_scale=(0.2, 1.0), flip=True, jitter=(0.4, 0.4, 0.4, 0.1),
-                 jitter_p=0.8, gray_p=0.2, invariances: dict[str, float] | None = None):
+    def __init__(
+        self,
+        size: int,
+        crop_scale=(0.2, 1.0),
+        flip=True,
+        jitter=(0.4, 0.4, 0.4, 0.1),
+        jitter_p=0.8,
+        gray_p=0.2,
+        invariances: dict[str, float] | None = None,
+    ):
         unknown = set(invariances or {}) - set(INVARIANCES)
         if unknown:
             raise ValueError(f"unknown invariances {sorted(unknown)}; choose from {', '.join(INVARIANCES)}")
@@ -207,8 +216,11 @@ class SimCLRAugment:
         n, _, height, width = x.shape
         dev = x.device
         tries = (n, self._CROP_TRIES)
-        area = height * width * (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0])
-                                 * _rand(tries, generator, dev))
+        area = (
+            height
+            * width
+            * (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * _rand(tries, generator, dev))
+        )
         lo, hi = self._LOG_RATIO
         ratio = torch.exp(lo + (hi - lo) * _rand(tries, generator, dev))
         w = torch.sqrt(area * ratio)
@@ -227,10 +239,13 @@ class SimCLRAugment:
         if self.flip:
             sx = torch.where(_rand(n, generator, dev) < 0.5, -sx, sx)
         zero = torch.zeros_like(sx)
-        theta = torch.stack([
-            torch.stack([sx, zero, 2 * cx / width - 1], dim=1),
-            torch.stack([zero, h / height, 2 * cy / height - 1], dim=1),
-        ], dim=1)
+        theta = torch.stack(
+            [
+                torch.stack([sx, zero, 2 * cx / width - 1], dim=1),
+                torch.stack([zero, h / height, 2 * cy / height - 1], dim=1),
+            ],
+            dim=1,
+        )
         out = _warp(x, theta, (self.size, self.size), mode="bilinear", padding_mode="border")
         return out.clamp_(0.0, 1.0)
 
@@ -295,8 +310,12 @@ def _grayscale_strong(x: Tensor, chosen: Tensor, generator) -> Tensor:
     return torch.where(_per_sample(chosen), _grayscale(x).expand_as(x), x)
 
 
-INVARIANCES = {"invert": _invert, "channel_permute": _channel_permute, "hue": _hue_rotate,
-               "grayscale": _grayscale_strong}
+INVARIANCES = {
+    "invert": _invert,
+    "channel_permute": _channel_permute,
+    "hue": _hue_rotate,
+    "grayscale": _grayscale_strong,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +362,9 @@ def _posterize(x: Tensor, bits: Tensor) -> Tensor:
     return (torch.div(level, _per_sample(step), rounding_mode="floor") * _per_sample(step)) / 255.0
 
 
-def _geometric_theta(ops: list[str] | tuple[str, ...], op_index: Tensor, magnitude: Tensor,
-                     height: int, width: int) -> Tensor:
+def _geometric_theta(
+    ops: list[str] | tuple[str, ...], op_index: Tensor, magnitude: Tensor, height: int, width: int
+) -> Tensor:
     """One (2, 3) affine per sample; op_index[i] indexes ``ops`` (the geometric op it drew)."""
     n = magnitude.shape[0]
     a = torch.eye(2, device=magnitude.device, dtype=torch.float32).repeat(n, 1, 1)
@@ -371,8 +391,8 @@ def _warp_geometric(x: Tensor, theta: Tensor) -> Tensor:
 
 _PIXEL_OPS = {
     "identity": lambda x, m: x,
-    "autocontrast": lambda x, m: TF.autocontrast(x),   # per sample, per channel min/max
-    "equalize": lambda x, m: TF.equalize(x),           # per sample, per channel histogram
+    "autocontrast": lambda x, m: TF.autocontrast(x),  # per sample, per channel min/max
+    "equalize": lambda x, m: TF.equalize(x),  # per sample, per channel histogram
     "solarize": _solarize,
     "color": adjust_saturation,
     "contrast": adjust_contrast,
@@ -394,8 +414,9 @@ def apply_op(x: Tensor, name: str, magnitude: float | Tensor = 0.0) -> Tensor:
     x = to_float(x)
     m = torch.as_tensor(magnitude, dtype=torch.float32, device=x.device).expand(x.shape[0])
     if name in _GEOMETRIC:
-        theta = _geometric_theta(_GEOMETRIC, torch.full_like(m, _GEOMETRIC.index(name), dtype=torch.long),
-                                 m, x.shape[2], x.shape[3])
+        theta = _geometric_theta(
+            _GEOMETRIC, torch.full_like(m, _GEOMETRIC.index(name), dtype=torch.long), m, x.shape[2], x.shape[3]
+        )
         return _warp_geometric(x, theta)
     return _PIXEL_OPS[name](x, m).clamp(0.0, 1.0)
 
@@ -415,8 +436,12 @@ def cutout(x: Tensor, side: int, generator=None, fill: float = CUTOUT_FILL) -> T
     y0, x0 = cy - sides // 2, cx - sides // 2
     rows = torch.arange(height, device=dev).view(1, height, 1)
     cols = torch.arange(width, device=dev).view(1, 1, width)
-    hole = ((rows >= y0.view(-1, 1, 1)) & (rows < (y0 + sides).view(-1, 1, 1))
-            & (cols >= x0.view(-1, 1, 1)) & (cols < (x0 + sides).view(-1, 1, 1)))
+    hole = (
+        (rows >= y0.view(-1, 1, 1))
+        & (rows < (y0 + sides).view(-1, 1, 1))
+        & (cols >= x0.view(-1, 1, 1))
+        & (cols < (x0 + sides).view(-1, 1, 1))
+    )
     return torch.where(hole.unsqueeze(1), torch.full_like(x, fill), x)
 
 

@@ -1,9 +1,10 @@
 """`scan` command line: the whole pipeline on a folder of images, no server needed.
 
-    scan train digits --clusters 10 --out runs/digits --preset small
-    scan evaluate runs/digits
-    scan predict runs/digits a.png b.jpg
+scan train digits --clusters 10 --out runs/digits --preset small
+scan evaluate runs/digits
+scan predict runs/digits a.png b.jpg
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,7 @@ from rich.table import Table
 
 from ml.config import DEFAULT_PRESET
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="SCAN: learn to classify images without labels.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="SCAN: learn to classify images without labels.")
 console = Console(stderr=True)
 
 
@@ -58,8 +58,9 @@ def _load(source: str, split: str, cache_dir: Path | None):
 
 @app.command()
 def train(
-    source: str = typer.Argument(..., help="folder, archive, .npz, IDX, CIFAR/STL folder, or a built-in name "
-                                 "(digits, fashion-mnist)"),
+    source: str = typer.Argument(
+        ..., help="folder, archive, .npz, IDX, CIFAR/STL folder, or a built-in name (digits, fashion-mnist)"
+    ),
     clusters: int = typer.Option(..., "--clusters", "-k", help="number of clusters"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
     preset: str = typer.Option(DEFAULT_PRESET, help="small (CPU) | cifar | stl | imagenet (see ml/config.py)"),
@@ -85,13 +86,20 @@ def train(
     except (ValidationError, ValueError) as e:
         _fail(f"invalid configuration: {e}")
     data = _load(source, split, cache_dir)
-    console.print(f"{data.images.shape[0]} images {tuple(data.images.shape[1:])} from {data.source}"
-                  + (f", {len(data.class_names or [])} labelled classes" if data.labels is not None else ""))
+    console.print(
+        f"{data.images.shape[0]} images {tuple(data.images.shape[1:])} from {data.source}"
+        + (f", {len(data.class_names or [])} labelled classes" if data.labels is not None else "")
+    )
     prepare_run(out, cfg)
     timings = {}
     for stage in STAGES:
-        with Bar(TextColumn(f"[bold]{stage:<10}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                 TimeRemainingColumn(), console=console) as bar:
+        with Bar(
+            TextColumn(f"[bold]{stage:<10}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task(stage, total=1.0, info="")
 
             def report(p, bar=bar, task=task):
@@ -117,8 +125,9 @@ def train(
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
-    source: str | None = typer.Argument(None, help="labelled data to evaluate on "
-                                        "(default: the stored training metrics)"),
+    source: str | None = typer.Argument(
+        None, help="labelled data to evaluate on (default: the stored training metrics)"
+    ),
     split: str = typer.Option("test"),
     cache_dir: Path | None = typer.Option(Path(".cache/scan")),
 ) -> None:
@@ -184,12 +193,20 @@ def _print_metrics(run_dir: Path, timings: dict[str, float] | None) -> None:
     table = Table(title=f"SCAN on {run_dir}")
     for col in ("method", "ACC", "NMI", "ARI", "top-5"):
         table.add_column(col)
-    rows = [("K-means on pretext features", metrics.get("mining", {}).get("kmeans")),
-            ("SCAN", metrics.get("scan")), ("SCAN + self-label", metrics.get("selflabel"))]
+    rows = [
+        ("K-means on pretext features", metrics.get("mining", {}).get("kmeans")),
+        ("SCAN", metrics.get("scan")),
+        ("SCAN + self-label", metrics.get("selflabel")),
+    ]
     for name, m in rows:
         if m:
-            table.add_row(name, *(f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-"
-                                  for k in ("acc", "nmi", "ari", "top5_acc")))
+            table.add_row(
+                name,
+                *(
+                    f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-"
+                    for k in ("acc", "nmi", "ari", "top5_acc")
+                ),
+            )
     Console().print(table)
     purity = metrics.get("mining", {}).get("neighbor_purity")
     if purity is not None:

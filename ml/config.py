@@ -6,6 +6,7 @@ paper is silent, from the reference implementation's configs (facts noted in
 
     cfg = RunConfig.from_preset("cifar", num_clusters=10, overrides={"pretext": {"epochs": 100}})
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,7 @@ class PretextConfig(_Strict):
     method: Literal["simclr", "moco"] = "simclr"
     epochs: int = Field(500, ge=0, le=MAX_EPOCHS)
     batch_size: int = Field(512, ge=2, le=MAX_BATCH)
-    optim: OptimConfig = OptimConfig(name="sgd", lr=0.4, momentum=0.9, weight_decay=1e-4,
-                                     schedule="cosine")
+    optim: OptimConfig = OptimConfig(name="sgd", lr=0.4, momentum=0.9, weight_decay=1e-4, schedule="cosine")
     temperature: float = Field(0.1, gt=0, le=100)
     hidden_dim: int = Field(512, ge=1, le=MAX_DIM)
     feature_dim: int = Field(128, ge=1, le=MAX_DIM)
@@ -135,8 +135,10 @@ class RunConfig(_Strict):
         if self.pretext.epochs == 0 and not self.pretext.backbone_weights:
             raise ValueError("pretext.epochs=0 needs pretext.backbone_weights (a state dict to start from)")
         if not self.clustering.augment and not self.clustering.freeze_backbone:
-            raise ValueError("clustering.augment=false needs clustering.freeze_backbone=true "
-                             "(features are computed once from the frozen backbone)")
+            raise ValueError(
+                "clustering.augment=false needs clustering.freeze_backbone=true "
+                "(features are computed once from the frozen backbone)"
+            )
         bad = {k: v for k, v in self.pretext.invariances.items() if not 0 <= v <= 1}
         if bad:
             raise ValueError(f"pretext.invariances are probabilities in [0, 1], got {bad}")
@@ -203,30 +205,54 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet": {
         "arch": "resnet50",
         "image_size": 224,
-        "pretext": {"method": "moco", "epochs": 200, "batch_size": 256, "temperature": 0.2,
-                    "hidden_dim": 2048,
-                    "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4,
-                              "schedule": "cosine"}},
+        "pretext": {
+            "method": "moco",
+            "epochs": 200,
+            "batch_size": 256,
+            "temperature": 0.2,
+            "hidden_dim": 2048,
+            "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"},
+        },
         "mining": {"num_neighbors": 50},
-        "clustering": {"epochs": 100, "batch_size": 512, "num_heads": 10, "freeze_backbone": True,
-                       "augmentation": "simclr",
-                       "optim": {"name": "sgd", "lr": 5.0, "momentum": 0.9, "weight_decay": 0.0,
-                                 "schedule": "constant"}},
-        "selflabel": {"epochs": 25, "batch_size": 512, "class_balance": False, "ema": 0.999,
-                      "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0,
-                                "schedule": "constant"}},
+        "clustering": {
+            "epochs": 100,
+            "batch_size": 512,
+            "num_heads": 10,
+            "freeze_backbone": True,
+            "augmentation": "simclr",
+            "optim": {"name": "sgd", "lr": 5.0, "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant"},
+        },
+        "selflabel": {
+            "epochs": 25,
+            "batch_size": 512,
+            "class_balance": False,
+            "ema": 0.999,
+            "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant"},
+        },
     },
     # Ours: a small ConvNet for small images (digits, MNIST-likes) that trains on a laptop CPU.
     # Flip is off because mirrored glyphs are different classes; crops are milder on tiny images.
     "small": {
         "arch": "convnet",
-        "pretext": {"epochs": 60, "batch_size": 256, "flip": False, "crop_scale": (0.5, 1.0),
-                    "optim": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 5e-4,
-                              "schedule": "cosine"}},
+        "pretext": {
+            "epochs": 60,
+            "batch_size": 256,
+            "flip": False,
+            "crop_scale": (0.5, 1.0),
+            "optim": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"},
+        },
         "mining": {"num_neighbors": 20},
-        "clustering": {"epochs": 30, "batch_size": 256, "num_heads": 5,
-                       "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant"}},
-        "selflabel": {"epochs": 20, "batch_size": 512, "patience": 5,
-                      "optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "constant"}},
+        "clustering": {
+            "epochs": 30,
+            "batch_size": 256,
+            "num_heads": 5,
+            "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant"},
+        },
+        "selflabel": {
+            "epochs": 20,
+            "batch_size": 512,
+            "patience": 5,
+            "optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "constant"},
+        },
     },
 }

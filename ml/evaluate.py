@@ -9,6 +9,7 @@ documented as arrays, returns plain Python values that serialise to JSON unchang
     metrics = cluster_metrics(probs, labels)     # {"acc": 0.87, "nmi": ..., "confusion": [[...]], ...}
     baseline = kmeans_baseline(features, labels, k=10)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,8 +70,9 @@ def _cooccurrence(pred: np.ndarray, labels: np.ndarray, num_clusters: int, num_c
     return counts
 
 
-def hungarian_mapping(pred: Any, labels: Any, num_clusters: int | None = None,
-                      num_classes: int | None = None) -> np.ndarray:
+def hungarian_mapping(
+    pred: Any, labels: Any, num_clusters: int | None = None, num_classes: int | None = None
+) -> np.ndarray:
     """Cluster -> class map (int64, length num_clusters) maximising matched samples, one-to-one.
 
     The Hungarian matching of SCAN section 3.1, via scipy's `linear_sum_assignment` on the cluster x
@@ -160,11 +162,14 @@ def kmeans_assign(features: Any, k: int, seed: int = 0) -> np.ndarray:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if n * k <= SKLEARN_KMEANS_MAX_WORK:
         from sklearn.cluster import KMeans
+
         model = KMeans(n_clusters=k, n_init=KMEANS_RESTARTS, random_state=seed)
         return model.fit_predict(x).astype(np.int64)
     import faiss
-    km = faiss.Kmeans(x.shape[1], k, niter=25, nredo=KMEANS_RESTARTS, seed=seed,
-                      max_points_per_centroid=1024, verbose=False)
+
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=25, nredo=KMEANS_RESTARTS, seed=seed, max_points_per_centroid=1024, verbose=False
+    )
     km.train(x)
     _, assign = km.index.search(x, 1)
     return assign[:, 0].astype(np.int64)

@@ -10,6 +10,7 @@ numbers `/predict` answers. Beside the model goes `preprocessing.json`, all an a
 
     archive = export_archive(run_dir, "onnx")      # a zip, cached in run_dir/export/
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ class ProbabilityModel(nn.Module):
         return torch.softmax(logits.float(), dim=1)
 
 
-def export_model(classifier: nn.Module, fmt: Format, path: Path, *, channels: int, image_size: int,
-                 head: int = 0) -> Path:
+def export_model(
+    classifier: nn.Module, fmt: Format, path: Path, *, channels: int, image_size: int, head: int = 0
+) -> Path:
     """Write `classifier` (CPU, eval mode) to `path` in `fmt`, with a dynamic batch dimension."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -62,35 +64,56 @@ def export_model(classifier: nn.Module, fmt: Format, path: Path, *, channels: in
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         if fmt == "onnx":
+
             def write(f):
-                torch.onnx.export(module, (example,), f, input_names=["images"],
-                                  output_names=["probabilities"], opset_version=OPSET,
-                                  dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
-                                  dynamo=False)
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    f,
+                    input_names=["images"],
+                    output_names=["probabilities"],
+                    opset_version=OPSET,
+                    dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+                    dynamo=False,
+                )
         else:
             traced = torch.jit.trace(module, example)
 
             def write(f):
                 torch.jit.save(traced, f)
+
         atomic_write(path, write)
     return path
 
 
-def preprocessing_spec(fmt: Format, *, channels: int, image_size: int, num_clusters: int,
-                       cluster_labels: Sequence[str | None] | None = None) -> dict:
+def preprocessing_spec(
+    fmt: Format,
+    *,
+    channels: int,
+    image_size: int,
+    num_clusters: int,
+    cluster_labels: Sequence[str | None] | None = None,
+) -> dict:
     return {
         "format": fmt,
         "model_file": MODEL_FILES[fmt],
         "input": {
-            "name": "images", "layout": "NCHW", "dtype": "float32",
-            "channels": channels, "height": image_size, "width": image_size,
+            "name": "images",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": channels,
+            "height": image_size,
+            "width": image_size,
             "scale": "uint8 / 255",
             "resize": "other sizes: scale to cover height x width (PIL bicubic, antialiased), then "
-                      "centre-crop; gray->RGB by replication, RGB->gray by PIL's luma "
-                      "(ml.data.conform_images, the rule ingest used)",
+            "centre-crop; gray->RGB by replication, RGB->gray by PIL's luma "
+            "(ml.data.conform_images, the rule ingest used)",
         },
-        "output": {"name": "probabilities", "num_clusters": num_clusters,
-                   "meaning": "softmax over clusters; argmax is the cluster id"},
+        "output": {
+            "name": "probabilities",
+            "num_clusters": num_clusters,
+            "meaning": "softmax over clusters; argmax is the cluster id",
+        },
         "cluster_labels": list(cluster_labels) if cluster_labels is not None else None,
     }
 
@@ -114,19 +137,27 @@ def export_archive(run_dir: str | Path, fmt: Format, *, predictor=None) -> Path:
             return archive
         if predictor is None:
             from ml.predictor import Predictor
+
             predictor = Predictor.load(rd.path, device="cpu")
         classifier = _cpu_copy(predictor.model)
         num_clusters = int(predictor.num_clusters)
-        model_path = export_model(classifier, fmt, out_dir / MODEL_FILES[fmt],
-                                  channels=predictor.channels, image_size=predictor.image_size)
+        model_path = export_model(
+            classifier, fmt, out_dir / MODEL_FILES[fmt], channels=predictor.channels, image_size=predictor.image_size
+        )
         labels = matched_labels(read_clusters(rd.clusters_path), num_clusters)
-        spec = preprocessing_spec(fmt, channels=predictor.channels, image_size=predictor.image_size,
-                                  num_clusters=num_clusters, cluster_labels=labels)
+        spec = preprocessing_spec(
+            fmt,
+            channels=predictor.channels,
+            image_size=predictor.image_size,
+            num_clusters=num_clusters,
+            cluster_labels=labels,
+        )
 
         def write(f):
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 zf.write(model_path, MODEL_FILES[fmt])
                 zf.writestr("preprocessing.json", json.dumps(spec, indent=1))
+
         atomic_write(archive, write)
         model_path.unlink(missing_ok=True)
         return archive
@@ -134,5 +165,6 @@ def export_archive(run_dir: str | Path, fmt: Format, *, predictor=None) -> Path:
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
     import copy
+
     # Export on CPU: traced graphs must not capture a CUDA device, and the served copy stays put.
     return copy.deepcopy(model).cpu().float().eval()

@@ -18,6 +18,7 @@ Index choice (measured with `bench/mining.py`, 2 busy CPU cores, 128-d clustered
     scores, ids = search(index, queries, k=10)
     neighbors, sims = mine_neighbors(features, k=20)   # (N, 20), the image itself excluded
 """
+
 from __future__ import annotations
 
 import math
@@ -147,19 +148,20 @@ def _build_ivf(x: np.ndarray, ids: np.ndarray) -> faiss.Index:
     return index  # faiss's Python wrapper keeps `quantizer` alive with the index
 
 
-def build_index(features: Any, *, exact_threshold: int = 50_000, use_gpu: bool | None = None,
-                ids: Any = None) -> faiss.Index:
+def build_index(
+    features: Any, *, exact_threshold: int = 50_000, use_gpu: bool | None = None, ids: Any = None
+) -> faiss.Index:
     """Index features (N, d) for cosine search: exact up to `exact_threshold` vectors, IVF beyond.
 
     ids: int64 (N,) external ids returned by `search`; default 0..N-1 (row numbers).
     use_gpu: None = on a GPU when faiss has GPU support and sees one; True requires one.
     """
-    return _build(_normalized(features, "features"), exact_threshold=exact_threshold,
-                  use_gpu=use_gpu, ids=ids)
+    return _build(_normalized(features, "features"), exact_threshold=exact_threshold, use_gpu=use_gpu, ids=ids)
 
 
-def _build(x: np.ndarray, *, exact_threshold: int = 50_000, use_gpu: bool | None = None,
-           ids: Any = None) -> faiss.Index:
+def _build(
+    x: np.ndarray, *, exact_threshold: int = 50_000, use_gpu: bool | None = None, ids: Any = None
+) -> faiss.Index:
     use_all_cores()
     n = x.shape[0]
     ids = np.arange(n, dtype=np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
@@ -208,8 +210,9 @@ def _drop_self(ids: np.ndarray, scores: np.ndarray, self_ids: np.ndarray):
     return ids[keep].reshape(rows, width - 1), scores[keep].reshape(rows, width - 1)
 
 
-def mine_neighbors(features: Any, k: int = 20, *, index: faiss.Index | None = None,
-                   **build_kw: Any) -> tuple[np.ndarray, np.ndarray]:
+def mine_neighbors(
+    features: Any, k: int = 20, *, index: faiss.Index | None = None, **build_kw: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest neighbours of every sample, itself excluded (SCAN section 2.2).
 
     Returns (ids (N, k) int64, scores (N, k) float32), neighbours sorted by decreasing similarity.

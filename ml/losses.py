@@ -3,14 +3,14 @@
 Each is a small pure function. They compute in float32 whatever the logits' dtype, so they are safe
 to call on bf16 outputs under ``torch.autocast``.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["nt_xent_loss", "moco_loss", "scan_loss", "scan_loss_per_head", "scan_loss_all_neighbors",
-           "selflabel_loss"]
+__all__ = ["nt_xent_loss", "moco_loss", "scan_loss", "scan_loss_per_head", "scan_loss_all_neighbors", "selflabel_loss"]
 
 # Floor for probabilities inside a log: keeps the loss finite when softmax saturates to exact 0.
 _EPS = 1e-8
@@ -57,8 +57,9 @@ def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> 
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-def scan_loss_per_head(anchor_logits: Tensor, neighbor_logits: Tensor,
-                       entropy_weight: float = 5.0) -> tuple[Tensor, Tensor, Tensor]:
+def scan_loss_per_head(
+    anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: float = 5.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """SCAN loss (Van Gansbeke et al. 2020, Eq. 2) for each head separately.
 
     anchor_logits, neighbor_logits: (H, N, K) or (N, K) logits of N anchors and one mined neighbour
@@ -74,8 +75,9 @@ def scan_loss_per_head(anchor_logits: Tensor, neighbor_logits: Tensor,
     0.375, pbar = [0.625, 0.375], so consistency = -(ln 0.5 + ln 0.375) / 2.
     """
     if anchor_logits.shape != neighbor_logits.shape:
-        raise ValueError(f"anchor and neighbour logits differ: {tuple(anchor_logits.shape)} vs "
-                         f"{tuple(neighbor_logits.shape)}")
+        raise ValueError(
+            f"anchor and neighbour logits differ: {tuple(anchor_logits.shape)} vs {tuple(neighbor_logits.shape)}"
+        )
     if anchor_logits.ndim == 2:
         anchor_logits, neighbor_logits = anchor_logits.unsqueeze(0), neighbor_logits.unsqueeze(0)
     if anchor_logits.ndim != 3:
@@ -89,8 +91,7 @@ def scan_loss_per_head(anchor_logits: Tensor, neighbor_logits: Tensor,
     return total, consistency, entropy
 
 
-def scan_loss_all_neighbors(probs: Tensor, neighbors: Tensor, entropy_weight: float = 5.0,
-                            chunk: int = 8192) -> Tensor:
+def scan_loss_all_neighbors(probs: Tensor, neighbors: Tensor, entropy_weight: float = 5.0, chunk: int = 8192) -> Tensor:
     """Eq. 2 over a whole dataset without sampling: every image against every one of its mined
     neighbours (what the paper's "lowest loss" model selection evaluates, no augmentation).
 
@@ -106,7 +107,7 @@ def scan_loss_all_neighbors(probs: Tensor, neighbors: Tensor, entropy_weight: fl
     for p in probs:
         log_sum = p.new_zeros(())
         for i in range(0, p.shape[0], chunk):
-            log_sum += _log_agreement(p[i:i + chunk].unsqueeze(1), p[nb[i:i + chunk]]).sum()
+            log_sum += _log_agreement(p[i : i + chunk].unsqueeze(1), p[nb[i : i + chunk]]).sum()
         consistency = -log_sum / nb.numel()
         totals.append(consistency - entropy_weight * _mean_entropy(p))
     return torch.stack(totals)
@@ -123,8 +124,9 @@ def _mean_entropy(p: Tensor) -> Tensor:
     return -(mean_p * mean_p.clamp_min(_EPS).log()).sum(dim=-1)
 
 
-def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor,
-              entropy_weight: float = 5.0) -> tuple[Tensor, Tensor, Tensor]:
+def scan_loss(
+    anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: float = 5.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """SCAN loss (Eq. 2) summed over heads: returns scalar (total, consistency, entropy).
 
     Accepts (N, K) or (H, N, K) logits; with several heads each term is the sum over heads (the
@@ -140,8 +142,9 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor,
     return total.sum(), consistency.sum(), entropy.sum()
 
 
-def selflabel_loss(weak_logits: Tensor, strong_logits: Tensor, threshold: float = 0.99,
-                   class_balance: bool = True) -> tuple[Tensor, int]:
+def selflabel_loss(
+    weak_logits: Tensor, strong_logits: Tensor, threshold: float = 0.99, class_balance: bool = True
+) -> tuple[Tensor, int]:
     """Self-labeling loss (SCAN Sec. 2.3 and 3.1): cross-entropy on confident pseudo-labels.
 
     weak_logits, strong_logits: (N, K) logits of a weak and a strong view of the same images.
@@ -158,8 +161,9 @@ def selflabel_loss(weak_logits: Tensor, strong_logits: Tensor, threshold: float 
     Example: weak [[10, 0], [10, 0], [0, 10], [0, 0]] -> pseudo-labels 0, 0, 1 for the first three.
     """
     if weak_logits.shape != strong_logits.shape or weak_logits.ndim != 2:
-        raise ValueError(f"expected two (N, K) logit tensors, got {tuple(weak_logits.shape)} and "
-                         f"{tuple(strong_logits.shape)}")
+        raise ValueError(
+            f"expected two (N, K) logit tensors, got {tuple(weak_logits.shape)} and {tuple(strong_logits.shape)}"
+        )
     probs = F.softmax(weak_logits.detach().float(), dim=1)
     confidence, target = probs.max(dim=1)
     mask = confidence > threshold

@@ -9,6 +9,7 @@ torchvision-style and torchvision/MoCo/SimCLR checkpoints load with ``load_backb
     pretext = ContrastiveModel(backbone)                 # (N, 128) L2-normalised
     clusterer = ClusteringModel(backbone, num_clusters=10, num_heads=5)   # (5, N, 10) logits
 """
+
 from __future__ import annotations
 
 import pickle
@@ -21,8 +22,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["ARCHS", "Backbone", "Normalize", "build_backbone", "load_backbone_weights",
-           "ContrastiveModel", "ClusteringModel"]
+__all__ = [
+    "ARCHS",
+    "Backbone",
+    "Normalize",
+    "build_backbone",
+    "load_backbone_weights",
+    "ContrastiveModel",
+    "ClusteringModel",
+]
 
 ARCHS = ("resnet18_cifar", "resnet18_stl", "resnet18", "resnet50", "convnet")
 
@@ -63,15 +71,16 @@ def _resnet_layers(arch: str, in_channels: int) -> tuple[OrderedDict[str, nn.Mod
         net.maxpool = nn.MaxPool2d(kernel_size=2, stride=2, padding=1)
     elif in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    layers = OrderedDict((name, getattr(net, name)) for name in
-                         ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"))
+    layers = OrderedDict(
+        (name, getattr(net, name))
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
+    )
     layers["flatten"] = nn.Flatten(1)
     return layers, net.fc.in_features
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 def _convnet_layers(in_channels: int, width: int = 32) -> tuple[OrderedDict[str, nn.Module], int]:
@@ -92,8 +101,9 @@ def _convnet_layers(in_channels: int, width: int = 32) -> tuple[OrderedDict[str,
     return layers, 8 * width
 
 
-def build_backbone(arch: str, in_channels: int, mean: Sequence[float], std: Sequence[float],
-                   width: int = 32) -> Backbone:
+def build_backbone(
+    arch: str, in_channels: int, mean: Sequence[float], std: Sequence[float], width: int = 32
+) -> Backbone:
     """A backbone for float images in [0, 1] with ``in_channels`` channels (1 or 3).
 
     arch: "resnet18_cifar" (3x3 stride-1 conv1, no max-pool; 512-d), "resnet18_stl" (3x3 stride-1
@@ -138,7 +148,7 @@ def _unwrap_state_dict(obj) -> dict[str, Tensor]:
             changed = False
             for prefix in _PREFIXES:
                 if name.startswith(prefix):
-                    name, changed = name[len(prefix):], True
+                    name, changed = name[len(prefix) :], True
         out[name] = value
     return out
 
@@ -168,8 +178,9 @@ def load_backbone_weights(backbone: Backbone, path: Path) -> None:
     conv1 = matched.get("conv1.weight")
     if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3 and own["conv1.weight"].shape[1] == 1:
         matched["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items()
-                  if v.shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items() if v.shape != own[k].shape
+    ]
     if mismatched:
         raise ValueError(f"{path}: shapes differ from a {backbone.arch} backbone: {'; '.join(mismatched[:5])}")
     # Old checkpoints lack BatchNorm's num_batches_tracked; nothing else may be missing.
@@ -187,8 +198,9 @@ class ContrastiveModel(nn.Module):
     def __init__(self, backbone: Backbone, hidden_dim: int = 512, feature_dim: int = 128):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Linear(backbone.out_dim, hidden_dim), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden_dim, feature_dim))
+        self.head = nn.Sequential(
+            nn.Linear(backbone.out_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feature_dim)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.head(self.backbone(x)), dim=1)

@@ -1,6 +1,7 @@
 """Run one of SCAN's stages on a dataset (the worker's task and `scan train` both call it, stage by
 stage). A stage rerun after a crash resumes from its last checkpoint; a finished stage rerun
 returns at once."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 def missing_input(run_dir: str | Path, stage: str) -> tuple[str, str] | None:
     """(file, stage that writes it) of the first input of ``stage`` missing from the run directory,
     earliest producer first, so a resumed run re-runs what is needed instead of failing."""
-    missing = [(name, producer) for name, producer in STAGE_INPUTS.get(stage, ())
-               if not (Path(run_dir) / name).is_file()]
+    missing = [
+        (name, producer) for name, producer in STAGE_INPUTS.get(stage, ()) if not (Path(run_dir) / name).is_file()
+    ]
     order = {s: i for i, s in enumerate(STAGES)}
     return min(missing, key=lambda m: order[m[1]]) if missing else None
 
@@ -64,8 +66,9 @@ def load_config(run_dir: str | Path) -> RunConfig:
     return RunConfig.model_validate(json.loads(RunDir(run_dir).config_path.read_text()))
 
 
-def run_stage(stage: str, run_dir: str | Path, data, progress: ProgressFn | None = None,
-              should_cancel: CancelFn | None = None) -> dict[str, Any]:
+def run_stage(
+    stage: str, run_dir: str | Path, data, progress: ProgressFn | None = None, should_cancel: CancelFn | None = None
+) -> dict[str, Any]:
     fn = _stage_fn(stage)
     run = RunDir(run_dir).ensure()
     cfg = load_config(run_dir)

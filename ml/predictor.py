@@ -1,5 +1,6 @@
 """A finished run, loaded for inference: cluster probabilities for new images and embeddings in
 the space of the run's faiss index."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,8 +57,10 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """(N, K) cluster probabilities."""
-        out = [self.model(self._batch(images[i:i + batch_size]))[0].float().softmax(-1).cpu()
-               for i in range(0, len(images), batch_size)]
+        out = [
+            self.model(self._batch(images[i : i + batch_size]))[0].float().softmax(-1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_clusters), np.float32)
 
     @torch.inference_mode()
@@ -66,7 +69,7 @@ class Predictor:
         head = self.embed_meta.get("feature_space", "head") == "head"
         out = []
         for i in range(0, len(images), batch_size):
-            x = self._batch(images[i:i + batch_size])
+            x = self._batch(images[i : i + batch_size])
             z = self.embedder(x) if head else F.normalize(self.embedder.features(x), dim=1)
             out.append(z.float().cpu())
         return torch.cat(out).numpy()

@@ -1,4 +1,5 @@
 """Layout of a run directory: one place that names every file a run reads or writes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -74,4 +75,3 @@ def atomic_write(path: Path, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-

@@ -16,6 +16,7 @@ A warning in plain words is added when the trivial statistics explain the groupi
 as the features do. ``image size`` is not among the statistics: every image of a set is conformed to
 one size at ingest, so it cannot separate anything here.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -49,12 +50,19 @@ def image_statistics(images: np.ndarray, chunk: int = 4096) -> dict[str, np.ndar
         out["colour"] = []
     weights = np.array([0.299, 0.587, 0.114], np.float32)
     for i in range(0, n, chunk):
-        x = np.asarray(images[i:i + chunk], dtype=np.float32) / 255.0
+        x = np.asarray(images[i : i + chunk], dtype=np.float32) / 255.0
         luma = x[:, 0] if c == 1 else np.tensordot(x, weights, axes=([1], [0]))
         h, w = luma.shape[1:]
         b = max(1, min(h, w) // 8)
-        border = np.concatenate([luma[:, :b].reshape(len(x), -1), luma[:, -b:].reshape(len(x), -1),
-                                 luma[:, :, :b].reshape(len(x), -1), luma[:, :, -b:].reshape(len(x), -1)], axis=1)
+        border = np.concatenate(
+            [
+                luma[:, :b].reshape(len(x), -1),
+                luma[:, -b:].reshape(len(x), -1),
+                luma[:, :, :b].reshape(len(x), -1),
+                luma[:, :, -b:].reshape(len(x), -1),
+            ],
+            axis=1,
+        )
         ground = np.median(border, axis=1)
         out["brightness"].append(luma.mean(axis=(1, 2)))
         out["contrast"].append(luma.std(axis=(1, 2)))
@@ -81,15 +89,18 @@ def neighbor_shortcuts(stats: dict[str, np.ndarray], neighbors: np.ndarray) -> d
     worst = max(agreement, key=agreement.get)
     out: dict[str, Any] = {"neighbor_agreement": agreement, "worst": worst}
     if agreement[worst] >= NEIGHBOR_WARN:
-        out["warning"] = (f"Neighbours follow {_words(worst)}: an image and its mined neighbours agree on it "
-                          f"{agreement[worst]:.0%} of the way (0% would be no more than random pairs). "
-                          f"Clusters built on them may group images by {_words(worst)} rather than by what "
-                          f"they show; consider the pretext.invariances that remove it.")
+        out["warning"] = (
+            f"Neighbours follow {_words(worst)}: an image and its mined neighbours agree on it "
+            f"{agreement[worst]:.0%} of the way (0% would be no more than random pairs). "
+            f"Clusters built on them may group images by {_words(worst)} rather than by what "
+            f"they show; consider the pretext.invariances that remove it."
+        )
     return out
 
 
-def cluster_shortcuts(stats: dict[str, np.ndarray], features: np.ndarray, clusters: np.ndarray,
-                      seed: int = 0) -> dict[str, Any]:
+def cluster_shortcuts(
+    stats: dict[str, np.ndarray], features: np.ndarray, clusters: np.ndarray, seed: int = 0
+) -> dict[str, Any]:
     """How well each trivial statistic, all of them together, and the learned features predict the
     clusters: 3-fold cross-validated, as gain over the largest cluster's share."""
     from sklearn.model_selection import cross_val_score
@@ -117,17 +128,22 @@ def cluster_shortcuts(stats: dict[str, np.ndarray], features: np.ndarray, cluste
     trivial = gain(np.concatenate(list(columns.values()), axis=1), knn())
     learned = gain(features[idx], knn())
     worst = max(per_stat, key=per_stat.get)
-    out: dict[str, Any] = {"stat_gain": per_stat, "trivial_gain": trivial, "feature_gain": learned,
-                           "worst": worst}
+    out: dict[str, Any] = {"stat_gain": per_stat, "trivial_gain": trivial, "feature_gain": learned, "worst": worst}
     if trivial >= CLUSTER_WARN and trivial >= WARN_RATIO * learned:
-        out["warning"] = (f"Clusters follow trivial image statistics: {_words(worst)} alone predicts an image's "
-                          f"cluster with {per_stat[worst]:.0%} of the possible gain, all simple statistics together "
-                          f"{trivial:.0%}, the learned features {learned:.0%}. The clusters likely group images by "
-                          f"{_words(worst)}, not content; add the matching pretext.invariances and retrain.")
+        out["warning"] = (
+            f"Clusters follow trivial image statistics: {_words(worst)} alone predicts an image's "
+            f"cluster with {per_stat[worst]:.0%} of the possible gain, all simple statistics together "
+            f"{trivial:.0%}, the learned features {learned:.0%}. The clusters likely group images by "
+            f"{_words(worst)}, not content; add the matching pretext.invariances and retrain."
+        )
     return out
 
 
 def _words(stat: str) -> str:
-    return {"brightness": "brightness", "contrast": "contrast", "colour": "colour",
-            "polarity": "polarity (dark-on-light vs light-on-dark)",
-            "foreground": "how much of the image is foreground"}.get(stat, stat)
+    return {
+        "brightness": "brightness",
+        "contrast": "contrast",
+        "colour": "colour",
+        "polarity": "polarity (dark-on-light vs light-on-dark)",
+        "foreground": "how much of the image is foreground",
+    }.get(stat, stat)

@@ -4,6 +4,7 @@
 - ``services``: PostgreSQL (SCAN_DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/test) and
   Redis (SCAN_BROKER_URL, default redis://127.0.0.1:6379/15), as `make test-services` sets them.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -22,6 +22,7 @@ Reusable fixtures (all session-scoped unless noted):
                           ``timeout`` bounds a stall (no progress), never a slow run.
 - ``db_session()``     -> a SQLAlchemy Session on the test database (context manager).
 """
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,13 @@ MAX_UPLOAD = 4_000_000
 MAX_DATASET = 64 << 20  # above Fashion-MNIST's 47 MB, far below what a 100 KB bomb declares
 
 # Tiny enough for CI on 2 cores; still runs every stage for real.
-TINY = {"pretext.epochs": 2, "pretext.batch_size": 128, "clustering.epochs": 2, "clustering.num_heads": 2,
-        "selflabel.epochs": 1}
+TINY = {
+    "pretext.epochs": 2,
+    "pretext.batch_size": 128,
+    "clustering.epochs": 2,
+    "clustering.num_heads": 2,
+    "selflabel.epochs": 1,
+}
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
 
 
@@ -71,6 +77,7 @@ class Stack:
     @property
     def settings(self):
         from app.core.settings import get_settings
+
         return get_settings()
 
 
@@ -101,8 +108,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "SCAN_MAX_DATASET_BYTES": str(MAX_DATASET),
         "SCAN_INGEST_WAIT_S": "180",
         # Short heartbeats so a killed worker's stage is picked up within seconds in the tests.
-        "SCAN_HEARTBEAT_S": "1", "SCAN_STALE_AFTER_S": "6", "SCAN_RECOVER_INTERVAL_S": "1",
-        "SCAN_PROGRESS_INTERVAL_S": "0.5", "SCAN_CANCEL_CHECK_INTERVAL_S": "0.3",
+        "SCAN_HEARTBEAT_S": "1",
+        "SCAN_STALE_AFTER_S": "6",
+        "SCAN_RECOVER_INTERVAL_S": "1",
+        "SCAN_PROGRESS_INTERVAL_S": "0.5",
+        "SCAN_CANCEL_CHECK_INTERVAL_S": "0.3",
         "SCAN_DATABASE_URL": PG_URL if MODE == "services" else "",
         "SCAN_BROKER_URL": REDIS_URL if MODE == "services" else "",
     }
@@ -112,6 +122,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if MODE == "services":
         _reset_services()
     from app.bootstrap import migrate
+
     migrate(Stack(MODE, env, var_dir).settings)
     yield Stack(MODE, {**os.environ, **env, "PYTHONUNBUFFERED": "1"}, var_dir)
     for key, value in saved.items():
@@ -151,10 +162,32 @@ class WorkerProcess:
         self.count += 1
         log = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [PY, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", self.queues, "-c", "1",
-             "-P", "prefork", "-n", f"{self.name}{self.count}@%h", "--loglevel", "INFO", "--without-gossip",
-             "--without-mingle"], cwd=ROOT, env=self.stack.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                PY,
+                "-m",
+                "celery",
+                "-A",
+                "workers.celery_app",
+                "worker",
+                "-Q",
+                self.queues,
+                "-c",
+                "1",
+                "-P",
+                "prefork",
+                "-n",
+                f"{self.name}{self.count}@%h",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=ROOT,
+            env=self.stack.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if " ready." in self.log.read_text():
@@ -184,8 +217,14 @@ class WorkerProcess:
 def api_server(stack: Stack) -> Iterator[str]:
     port = _free_port()
     log = open(stack.var_dir / "api.log", "a")
-    proc = subprocess.Popen([PY, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=stack.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [PY, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=stack.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -278,12 +317,13 @@ def small_dataset(client: httpx.Client) -> str:
 
 
 def _progress_mark(run: dict) -> tuple:
-    return (run["state"], tuple((s.get("stage"), s.get("state"), s.get("epoch"), s.get("step"))
-                                for s in run.get("stages") or []))
+    return (
+        run["state"],
+        tuple((s.get("stage"), s.get("state"), s.get("epoch"), s.get("step")) for s in run.get("stages") or []),
+    )
 
 
-def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: float = 600,
-                 until=None) -> dict:
+def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: float = 600, until=None) -> dict:
     """Poll GET /v1/runs/{id} until its state is in `states` (or `until(run)` is true).
 
     `timeout` bounds a *stall*, not the run: it fails only after `timeout` seconds without any
@@ -293,7 +333,7 @@ def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: fl
     mark = None
     while True:
         run = client.get(f"/v1/runs/{run_id}").json()
-        if (until(run) if until else run["state"] in states):
+        if until(run) if until else run["state"] in states:
             return run
         if run["state"] in TERMINAL and not (until and until(run)):
             return run
@@ -306,8 +346,10 @@ def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: fl
 
 
 def start_run(client: httpx.Client, dataset_id: str, overrides: dict, **extra) -> dict:
-    r = client.post("/v1/runs", json={"dataset_id": dataset_id, "num_clusters": 10, "preset": "small",
-                                      "overrides": overrides, **extra})
+    r = client.post(
+        "/v1/runs",
+        json={"dataset_id": dataset_id, "num_clusters": 10, "preset": "small", "overrides": overrides, **extra},
+    )
     assert r.status_code == 202, r.text
     return r.json()
 

@@ -2,6 +2,7 @@
 loopback), and two training workers that share nothing but the database, the broker and the bucket:
 each has its own local folder, the stage killed on one is resumed on the other from the checkpoint
 the first pushed."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,12 @@ def s3_endpoint(tmp_path_factory):
     pytest.importorskip("moto.server", reason="moto[server] is in the test extra: pip install -e '.[test]'")
     port = _free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)
@@ -66,8 +71,7 @@ def store(request, tmp_path, s3_endpoint):
 
     if request.param == "folder":
         return open_store(f"file://{tmp_path / 'shared'}")
-    return open_store(f"s3://{_bucket(s3_endpoint, 'b-' + str(abs(hash(tmp_path)) % 10**8))}/pre/fix",
-                      s3_endpoint)
+    return open_store(f"s3://{_bucket(s3_endpoint, 'b-' + str(abs(hash(tmp_path)) % 10**8))}/pre/fix", s3_endpoint)
 
 
 def test_store_round_trip_and_sync_by_version(store, tmp_path):
@@ -162,10 +166,29 @@ def _python(code: str, env: dict, *args: str) -> str:
 
 
 def _worker(env: dict, name: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu",
-                             "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
-                            cwd=ROOT, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            "gpu",
+            "-c",
+            "1",
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _wait(what: str, ok, procs: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -181,14 +204,33 @@ def test_two_workers_with_separate_folders_finish_one_run_across_a_kill(s3_endpo
 
     bucket = _bucket(s3_endpoint, "fleet")
     var = tmp_path / "var"  # the shared part: SQLite + the filesystem broker stand in for PostgreSQL + Redis
-    base = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT), "SCAN_VAR_DIR": str(var),
-            "SCAN_DATABASE_URL": "", "SCAN_BROKER_URL": "", "SCAN_ARTIFACT_STORE": f"s3://{bucket}/scan",
-            "SCAN_S3_ENDPOINT": s3_endpoint, "SCAN_HEARTBEAT_S": "1", "SCAN_STALE_AFTER_S": "6",
-            "SCAN_RECOVER_INTERVAL_S": "1", "SCAN_PROGRESS_INTERVAL_S": "0.5"}
+    base = {
+        **os.environ,
+        **CREDENTIALS,
+        "PYTHONPATH": str(ROOT),
+        "SCAN_VAR_DIR": str(var),
+        "SCAN_DATABASE_URL": "",
+        "SCAN_BROKER_URL": "",
+        "SCAN_ARTIFACT_STORE": f"s3://{bucket}/scan",
+        "SCAN_S3_ENDPOINT": s3_endpoint,
+        "SCAN_HEARTBEAT_S": "1",
+        "SCAN_STALE_AFTER_S": "6",
+        "SCAN_RECOVER_INTERVAL_S": "1",
+        "SCAN_PROGRESS_INTERVAL_S": "0.5",
+    }
     env = {name: {**base, "SCAN_ARTIFACTS_DIR": str(tmp_path / name)} for name in ("api", "ingest", "a", "b")}
-    body = {"dataset_id": "ds1", "num_clusters": 10, "preset": "small",
-            "overrides": {"pretext.epochs": 8, "pretext.batch_size": 128, "clustering.epochs": 1,
-                          "clustering.num_heads": 1, "selflabel.epochs": 1}}
+    body = {
+        "dataset_id": "ds1",
+        "num_clusters": 10,
+        "preset": "small",
+        "overrides": {
+            "pretext.epochs": 8,
+            "pretext.batch_size": 128,
+            "clustering.epochs": 1,
+            "clustering.num_heads": 1,
+            "selflabel.epochs": 1,
+        },
+    }
     store = open_store(f"s3://{bucket}/scan", s3_endpoint)
     _python(API_UPLOAD, env["api"])
     assert list(store.versions("uploads/ds1")) == ["uploads/ds1/digits.npz"]
@@ -218,8 +260,15 @@ def test_two_workers_with_separate_folders_finish_one_run_across_a_kill(s3_endpo
 
         worker_b = _worker(env["b"], "b", log_b)
         try:
-            _wait("the run to finish", lambda: db.execute("SELECT state FROM runs WHERE id=?", (run_id,)).fetchone()[0]
-                  in ("SUCCEEDED", "FAILED", "CANCELED"), [worker_b], [log_b])
+            _wait(
+                "the run to finish",
+                lambda: (
+                    db.execute("SELECT state FROM runs WHERE id=?", (run_id,)).fetchone()[0]
+                    in ("SUCCEEDED", "FAILED", "CANCELED")
+                ),
+                [worker_b],
+                [log_b],
+            )
         finally:
             os.killpg(worker_b.pid, signal.SIGKILL)
             worker_b.wait()
@@ -233,7 +282,7 @@ def test_two_workers_with_separate_folders_finish_one_run_across_a_kill(s3_endpo
     history = json.loads((tmp_path / "b" / "runs" / run_id / "history.json").read_text())["pretext"]
     assert [h["epoch"] for h in history] == list(range(1, 9))
     assert all(h["time"] < b_started for h in history[: pushed + 1])
-    assert all(h["time"] > b_started for h in history[pushed + 1:])
+    assert all(h["time"] > b_started for h in history[pushed + 1 :])
     stored = json.loads(Path(store_path(store, f"runs/{run_id}/history.json", tmp_path)).read_text())
     assert stored["pretext"] == history
     # Every artifact of the run is in the bucket; A's folder never got past pretext.

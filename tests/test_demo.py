@@ -1,6 +1,7 @@
 """`make demo` (python -m cli.demo) as a user meets it: a rerun reuses the demo's own dataset and run
 even after the user imported digits themselves, and SIGTERM stops everything with exit status 0 and
 no traceback. Embedded mode in a private var/ folder; training sized to one epoch a stage."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,15 @@ TINY = ["--pretext-epochs", "1", "--clustering-epochs", "1", "--selflabel-epochs
 
 
 def _env(var: Path) -> dict[str, str]:
-    return {**os.environ, "SCAN_VAR_DIR": str(var), "SCAN_DATABASE_URL": "", "SCAN_BROKER_URL": "",
-            "PYTHONPATH": str(ROOT), "COLUMNS": "400", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "SCAN_VAR_DIR": str(var),
+        "SCAN_DATABASE_URL": "",
+        "SCAN_BROKER_URL": "",
+        "PYTHONPATH": str(ROOT),
+        "COLUMNS": "400",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _processes_of(var: Path) -> list[str]:
@@ -35,8 +43,9 @@ def _processes_of(var: Path) -> list[str]:
 
 
 def _demo_once(var: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "cli.demo", *TINY, "--exit"], cwd=ROOT, env=_env(var),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.demo", *TINY, "--exit"], cwd=ROOT, env=_env(var), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stdout + done.stderr
     return re.search(r"run (\S+) SUCCEEDED", done.stdout).group(1)
@@ -47,8 +56,15 @@ def test_demo_reruns_reuse_its_own_run_and_sigterm_exits_cleanly(tmp_path):
     first = _demo_once(var)
 
     # Second start, left running: it reuses the run; the user imports digits through its API; SIGTERM.
-    proc = subprocess.Popen([sys.executable, "-m", "cli.demo", *TINY], cwd=ROOT, env=_env(var), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.demo", *TINY],
+        cwd=ROOT,
+        env=_env(var),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out = ""
         while "Ctrl-C stops it" not in out:
@@ -58,8 +74,12 @@ def test_demo_reruns_reuse_its_own_run_and_sigterm_exits_cleanly(tmp_path):
         assert re.search(r"run (\S+) SUCCEEDED", out).group(1) == first
         base = re.search(r"API up at (http://\S+)", out).group(1)
         key = (var / "api-key.txt").read_text().strip()
-        r = httpx.post(f"{base}/v1/datasets/import", json={"source": "digits"},
-                       headers={"Authorization": f"Bearer {key}"}, timeout=600)
+        r = httpx.post(
+            f"{base}/v1/datasets/import",
+            json={"source": "digits"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=600,
+        )
         assert r.status_code == 201, r.text
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=300)[0]

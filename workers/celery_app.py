@@ -10,6 +10,7 @@
   The stage resumes from its checkpoint; a duplicate message is a no-op (the lease).
 - CUDA is touched only inside the child process that runs a task (ml is imported lazily there).
 """
+
 from __future__ import annotations
 
 import logging

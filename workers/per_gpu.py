@@ -9,6 +9,7 @@ SIGTERM/SIGINT are passed to every worker (a warm shutdown: each finishes or req
 one worker dies the others are stopped and the launcher exits non-zero, so the container's restart
 policy brings the whole set back rather than leaving a GPU idle.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,19 @@ def names(n: int) -> list[str]:
 def ping() -> int:
     """Exit 0 when every worker of this host answers a Celery ping (the compose healthcheck)."""
     want = names(gpu_count())
-    cmd = [sys.executable, "-m", "celery", "-A", APP, "inspect", "ping", "--timeout", "10",
-           "--destination", ",".join(want)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        APP,
+        "inspect",
+        "ping",
+        "--timeout",
+        "10",
+        "--destination",
+        ",".join(want),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     missing = [name for name in want if f"{name}: OK" not in out.stdout]
     if missing:
@@ -60,9 +72,29 @@ def main() -> int:
     procs = []
     for i, name in enumerate(names(n)):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", APP, "worker", "-Q", "gpu", "-c", "1", "-P", "prefork",
-             "-n", name, "--loglevel", os.environ.get("SCAN_LOG_LEVEL", "INFO")], env=env))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    APP,
+                    "worker",
+                    "-Q",
+                    "gpu",
+                    "-c",
+                    "1",
+                    "-P",
+                    "prefork",
+                    "-n",
+                    name,
+                    "--loglevel",
+                    os.environ.get("SCAN_LOG_LEVEL", "INFO"),
+                ],
+                env=env,
+            )
+        )
     stopping = {"signal": None}
 
     def forward(signum: int, _frame: object) -> None:

@@ -4,6 +4,7 @@ Each stage task enqueues the next one when it has finished, so the chain lives i
 run's ``stage``) rather than in a message: a redelivered or re-enqueued message simply resumes where
 the database says the run is.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,8 +43,13 @@ def run_stage(run_id: str, stage: str) -> str:
             return _run_next(session, settings, run_id, stage)
     except Exception as exc:
         if is_infrastructure_error(exc):
-            log.warning("run %s: %s interrupted by the infrastructure (%s: %s); the dispatcher resumes it",
-                        run_id, stage, type(exc).__name__, exc)
+            log.warning(
+                "run %s: %s interrupted by the infrastructure (%s: %s); the dispatcher resumes it",
+                run_id,
+                stage,
+                type(exc).__name__,
+                exc,
+            )
             return "interrupted"
         raise
 
@@ -75,13 +81,21 @@ def _run_next(session, settings, run_id: str, stage: str) -> str:
         try:
             gone = _missing_input(session, settings, run_id, stage)
             if gone is not None:
-                _infra(lambda: execution.rewind(session, run_id, stage, claim.token, gone[1], gone[0]),
-                       session, settings, "rewind")
+                _infra(
+                    lambda: execution.rewind(session, run_id, stage, claim.token, gone[1], gone[0]),
+                    session,
+                    settings,
+                    "rewind",
+                )
                 _wake(session, run_id, gone[1])
                 return "rewound"
             if stage == execution.FINALIZE:
-                _infra(lambda: results.write_results(session, (run := session.get(Run, run_id)),
-                                                     _pull_run(settings, run)), session, settings, "finalize")
+                _infra(
+                    lambda: results.write_results(session, (run := session.get(Run, run_id)), _pull_run(settings, run)),
+                    session,
+                    settings,
+                    "finalize",
+                )
                 return "succeeded"
             summary = _with_disk_retries(lambda: _run_ml_stage(session, run_id, stage, claim), run_id, stage)
         except execution.LeaseLost:
@@ -95,8 +109,9 @@ def _run_next(session, settings, run_id: str, stage: str) -> str:
                 return "interrupted"
             return _stage_failed(session, settings, run_id, stage, exc)
     try:
-        nxt = _infra(lambda: execution.finish_stage(session, run_id, stage, summary, claim.token), session,
-                     settings, "finish")
+        nxt = _infra(
+            lambda: execution.finish_stage(session, run_id, stage, summary, claim.token), session, settings, "finish"
+        )
     except execution.LeaseLost:
         return "superseded"
     if nxt:
@@ -138,8 +153,16 @@ def _missing_input(session, settings, run_id: str, stage: str) -> tuple[str, str
 
 # A read-only folder for a moment, a full or flaky disk: retried (the stage resumes from its last
 # checkpoint); a missing file or a bad path is the stage's own error and is not.
-_TRANSIENT_DISK = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EAGAIN,
-                   errno.ESTALE}
+_TRANSIENT_DISK = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EIO,
+    errno.EDQUOT,
+    errno.EAGAIN,
+    errno.ESTALE,
+}
 DISK_RETRIES = (2.0, 5.0, 15.0)
 
 
@@ -150,8 +173,9 @@ def _with_disk_retries(fn, run_id: str, stage: str):
         except OSError as exc:
             if wait is None or is_infrastructure_error(exc) or exc.errno not in _TRANSIENT_DISK:
                 raise
-            log.warning("run %s: %s hit a disk error (%s); retrying in %.0fs from its checkpoint",
-                        run_id, stage, exc, wait)
+            log.warning(
+                "run %s: %s hit a disk error (%s); retrying in %.0fs from its checkpoint", run_id, stage, exc, wait
+            )
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -160,14 +184,20 @@ def _stage_failed(session, settings, run_id: str, stage: str, exc: Exception) ->
     from ml.pipeline import Canceled
 
     if isinstance(exc, Canceled):
-        _infra(lambda: execution.mark_canceled(session, run_id, stage, f"canceled during {stage}"), session,
-               settings, "cancel")
+        _infra(
+            lambda: execution.mark_canceled(session, run_id, stage, f"canceled during {stage}"),
+            session,
+            settings,
+            "cancel",
+        )
         return "canceled"
     log.exception("run %s: %s failed", run_id, stage)
     message = f"{stage} failed: {public_message(exc)}"
     if _is_out_of_memory(exc):
-        message += (" (out of memory: retry with a smaller batch_size, or on a worker with more memory; "
-                    f"POST /v1/runs/{run_id}/retry resumes from the last checkpoint)")
+        message += (
+            " (out of memory: retry with a smaller batch_size, or on a worker with more memory; "
+            f"POST /v1/runs/{run_id}/retry resumes from the last checkpoint)"
+        )
     _infra(lambda: execution.mark_failed(session, run_id, stage, message), session, settings, "fail")
     return "failed"
 
@@ -219,8 +249,12 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
             # a worker that takes the stage over from here resumes from it.
             sync.push(f"runs/{run_id}")
         if epoch_end or epoch != last_epoch or now - last_write >= settings.progress_interval_s:
-            _infra(lambda: execution.record_progress(session, run_id, stage, claim.attempt, p, claim.token),
-                   session, settings, f"run {run_id}: progress")
+            _infra(
+                lambda: execution.record_progress(session, run_id, stage, claim.attempt, p, claim.token),
+                session,
+                settings,
+                f"run {run_id}: progress",
+            )
             last_write, last_epoch = now, epoch
 
     last_check, canceled = 0.0, False
@@ -229,8 +263,9 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
         nonlocal last_check, canceled
         now = time.monotonic()
         if not canceled and now - last_check >= settings.cancel_check_interval_s:
-            canceled = _infra(lambda: execution.cancel_requested(session, run_id), session, settings,
-                              f"run {run_id}: cancel poll")
+            canceled = _infra(
+                lambda: execution.cancel_requested(session, run_id), session, settings, f"run {run_id}: cancel poll"
+            )
             last_check = now
         return canceled
 

@@ -13,6 +13,7 @@ store is the copy that outlives the machine. Keys are those folders' relative pa
 Files are written whole and atomically by `ml/` (temp file + rename), so a pushed file is never half
 of one; a pull writes through a temporary name too.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,11 @@ class FolderStore:
         base = self.root / prefix
         if not base.is_dir():
             return {}
-        return {p.relative_to(self.root).as_posix(): self._version(p) for p in base.rglob("*")
-                if p.is_file() and not p.name.startswith(".")}
+        return {
+            p.relative_to(self.root).as_posix(): self._version(p)
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        }
 
     def delete(self, prefix: str) -> None:
         shutil.rmtree(self.root / prefix, ignore_errors=True)
@@ -103,7 +107,8 @@ class S3Store:
         out: dict[str, str] = {}
         strip = len(self.prefix) + 1 if self.prefix else 0
         for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key(prefix.rstrip("/") + "/")):
+            Bucket=self.bucket, Prefix=self._key(prefix.rstrip("/") + "/")
+        ):
             for obj in page.get("Contents", []):
                 out[obj["Key"][strip:]] = obj["ETag"]
         return out
@@ -111,7 +116,7 @@ class S3Store:
     def delete(self, prefix: str) -> None:
         keys = [{"Key": self._key(k)} for k in self.versions(prefix)]
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i:i + 1000]})
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
 
 
 def open_store(url: str, endpoint_url: str | None = None) -> ArtifactStore | None:
@@ -169,7 +174,7 @@ class Synced:
         path, manifest = self._manifest(prefix)
         count = 0
         for key, version in self.store.versions(prefix).items():
-            if key[len(prefix):].lstrip("/").startswith(skip):
+            if key[len(prefix) :].lstrip("/").startswith(skip):
                 continue
             local = self.root / key
             if local.is_file() and manifest.get(key, {}).get("version") == version:

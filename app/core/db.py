@@ -3,6 +3,7 @@
 SQLite runs in WAL mode with a busy timeout because the API and worker processes write to the same
 file; foreign keys are switched on so deleting a dataset cascades as it does on PostgreSQL.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -32,8 +33,9 @@ def make_engine(settings: Settings) -> Engine:
         return engine
     # connect_timeout: an unreachable server fails a request in seconds (a 503), not after the
     # kernel's TCP timeout.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10,
-                         connect_args={"connect_timeout": 5})
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10, connect_args={"connect_timeout": 5}
+    )
 
 
 @lru_cache

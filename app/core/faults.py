@@ -5,6 +5,7 @@ happened to be running: the API answers 503 with Retry-After, and a worker pause
 instead of failing the stage. Only errors of the stage itself (bad data, out of memory, a bug) fail
 a run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,14 @@ class InfrastructureUnavailable(Exception):
 def _infra_types() -> tuple[type[BaseException], ...]:
     import sqlalchemy.exc as sa_exc
 
-    types: list[type[BaseException]] = [sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
-                                        ConnectionError, TimeoutError, InfrastructureUnavailable]
+    types: list[type[BaseException]] = [
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        ConnectionError,
+        TimeoutError,
+        InfrastructureUnavailable,
+    ]
     try:
         import psycopg
 
@@ -69,8 +76,15 @@ def which_service(exc: BaseException) -> str:
     return "broker" if module.startswith(("kombu", "redis", "amqp", "celery")) else "database"
 
 
-def retry_infra(fn: Callable[[], T], *, what: str, budget_s: float, on_error: Callable[[], None] | None = None,
-                first_wait_s: float = 0.2, max_wait_s: float = 5.0) -> T:
+def retry_infra(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    budget_s: float,
+    on_error: Callable[[], None] | None = None,
+    first_wait_s: float = 0.2,
+    max_wait_s: float = 5.0,
+) -> T:
     """Call ``fn`` until it stops failing for infrastructure reasons, backing off exponentially, for at
     most ``budget_s`` seconds; then raise InfrastructureUnavailable. Other errors pass through at once.
     ``on_error`` runs after each failure (e.g. ``session.rollback``) and may fail itself."""
@@ -91,10 +105,12 @@ def retry_infra(fn: Callable[[], T], *, what: str, budget_s: float, on_error: Ca
             if time.monotonic() + wait > deadline:
                 raise InfrastructureUnavailable(
                     f"{what}: the {which_service(exc)} stayed unreachable for {budget_s:.0f}s "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from exc
             if failures == 1:
-                log.warning("%s: %s unreachable (%s); retrying with backoff", what, which_service(exc),
-                            type(exc).__name__)
+                log.warning(
+                    "%s: %s unreachable (%s); retrying with backoff", what, which_service(exc), type(exc).__name__
+                )
             time.sleep(wait)
             wait = min(wait * 2, max_wait_s)
             continue

@@ -1,4 +1,5 @@
 """/livez (the process answers) and /readyz (database, broker and storage reachable); no auth."""
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,11 @@ def _check_storage() -> str:
     return "ok"
 
 
-@router.get("/readyz", summary="Readiness: database, broker and artifact storage reachable",
-            responses={503: {"description": "a dependency is down; detail names it"}})
+@router.get(
+    "/readyz",
+    summary="Readiness: database, broker and artifact storage reachable",
+    responses={503: {"description": "a dependency is down; detail names it"}},
+)
 async def readyz() -> JSONResponse:
     checks: dict[str, str] = {}
     for name, check in (("database", _check_db), ("broker", _check_broker), ("storage", _check_storage)):
@@ -53,6 +57,7 @@ async def readyz() -> JSONResponse:
             checks[name] = f"error: {type(exc).__name__}: {exc}"
     failed = [name for name, value in checks.items() if not value.startswith("ok")]
     if failed:
-        return JSONResponse({"detail": "not ready: " + "; ".join(f"{n} {checks[n]}" for n in failed),
-                             "checks": checks}, 503)
+        return JSONResponse(
+            {"detail": "not ready: " + "; ".join(f"{n} {checks[n]}" for n in failed), "checks": checks}, 503
+        )
     return JSONResponse({"status": "ready", "checks": checks})

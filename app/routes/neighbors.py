@@ -8,6 +8,7 @@ mining time (`index.faiss`: exact below a size threshold, IVF above), loaded onc
 JSON:      {"k": 10, "query": {"items": [3, 17]} | {"vectors": [[...], ...]}, "combine": "mean"}
 multipart: files=<image>..., k=10, combine=separate
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -33,6 +34,7 @@ SCHEMA_MAX_DIM = 8_192
 
 def max_k() -> int:
     from app.core.settings import get_settings
+
     return min(int(get_settings().neighbors_max_k), MAX_K)
 
 
@@ -40,11 +42,17 @@ class NeighborQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Bounds in the schema; the checks themselves answer with the dataset's real range.
     items: list[Annotated[int, Field(json_schema_extra={"minimum": 0, "maximum": MAX_INT})]] | None = Field(
-        None, min_length=1, max_length=SCHEMA_MAX_QUERIES,
-        description="dataset item indices (at most SCAN_NEIGHBORS_MAX_QUERIES)")
+        None,
+        min_length=1,
+        max_length=SCHEMA_MAX_QUERIES,
+        description="dataset item indices (at most SCAN_NEIGHBORS_MAX_QUERIES)",
+    )
     vectors: list[Annotated[list[float], Field(min_length=1, max_length=SCHEMA_MAX_DIM)]] | None = Field(
-        None, min_length=1, max_length=SCHEMA_MAX_QUERIES,
-        description="vectors in the index's space (any norm; at most SCAN_NEIGHBORS_MAX_QUERIES)")
+        None,
+        min_length=1,
+        max_length=SCHEMA_MAX_QUERIES,
+        description="vectors in the index's space (any norm; at most SCAN_NEIGHBORS_MAX_QUERIES)",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> NeighborQuery:
@@ -55,18 +63,34 @@ class NeighborQuery(BaseModel):
 
 class NeighborsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    k: int = Field(10, ge=1, json_schema_extra={"maximum": MAX_K},
-                   description="neighbours per query; at most `neighbors_max_k` (<= 2048)")
+    k: int = Field(
+        10,
+        ge=1,
+        json_schema_extra={"maximum": MAX_K},
+        description="neighbours per query; at most `neighbors_max_k` (<= 2048)",
+    )
     query: NeighborQuery
     combine: Literal["mean", "separate"] = "mean"
 
 
-_BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/NeighborsRequest"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
-        "combine": {"type": "string", "enum": ["mean", "separate"]}}}}}}}
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/NeighborsRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+                        "combine": {"type": "string", "enum": ["mean", "separate"]},
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 def _check_k(k: int) -> int:
@@ -76,8 +100,9 @@ def _check_k(k: int) -> int:
     return k
 
 
-async def _parse(request: Request) -> tuple[int, str, list[int] | None, list[list[float]] | None,
-                                            list[tuple[str, bytes]] | None]:
+async def _parse(
+    request: Request,
+) -> tuple[int, str, list[int] | None, list[list[float]] | None, list[tuple[str, bytes]] | None]:
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         limit = max_images()
@@ -112,13 +137,21 @@ def _validate_json(raw: bytes) -> NeighborsRequest:
         raise HTTPException(422, "invalid request: " + describe(exc.errors())) from exc
 
 
-@router.post("/v1/runs/{run_id}/neighbors", openapi_extra=_BODY_DOC,
-             summary="Nearest dataset items to items, vectors or uploaded images",
-             responses={**ERRORS, 200: {"content": {"application/json": {"schema": {"type": "object"}}}},
-                        400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
-                        413: {"model": ErrorBody, "description": "body over SCAN_MAX_SERVING_BODY_BYTES, or "
-                                                                "more images than SCAN_MAX_PREDICT_IMAGES"},
-                        415: {"model": ErrorBody, "description": "neither JSON nor multipart"}})
+@router.post(
+    "/v1/runs/{run_id}/neighbors",
+    openapi_extra=_BODY_DOC,
+    summary="Nearest dataset items to items, vectors or uploaded images",
+    responses={
+        **ERRORS,
+        200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+        400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
+        413: {
+            "model": ErrorBody,
+            "description": "body over SCAN_MAX_SERVING_BODY_BYTES, or more images than SCAN_MAX_PREDICT_IMAGES",
+        },
+        415: {"model": ErrorBody, "description": "neither JSON nor multipart"},
+    },
+)
 async def neighbors(run_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
     run = run_service.get(session, tenant, run_id)
     run_dir = run_service.servable_run_dir(run)

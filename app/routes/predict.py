@@ -5,6 +5,7 @@ image is decoded and converted to the run's size and channel count by the ingest
 the run's dynamic batcher (`predict_max_batch_size`, `predict_max_delay_ms`) together with the
 images of concurrent requests, and run through the model in a worker thread.
 """
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -24,11 +25,25 @@ _BODY_DOC = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-            "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "byte"},
-                           "description": "base64-encoded image files (PNG, JPEG, ...)"}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "byte"},
+                            "description": "base64-encoded image files (PNG, JPEG, ...)",
+                        }
+                    },
+                }
+            },
         },
     }
 }
@@ -45,23 +60,38 @@ async def read_request_images(request: Request) -> list[tuple[str, bytes]]:
             raise HTTPException(422, 'JSON body must be {"images": ["<base64>", ...]}')
         named = decode_base64_images(body["images"])
     else:
-        raise HTTPException(415, "send images as multipart/form-data `files` or application/json "
-                                 '{"images": [base64, ...]}')
+        raise HTTPException(
+            415, 'send images as multipart/form-data `files` or application/json {"images": [base64, ...]}'
+        )
     check_count(len(named), limit)
     return named
 
 
-@router.post("/v1/runs/{run_id}/predict", openapi_extra=_BODY_DOC,
-             summary="Cluster of each image, its confidence and the top-k clusters",
-             responses={**ERRORS, 200: {"content": {"application/json": {"schema": {"type": "object"}}}},
-                        400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
-                        413: {"model": ErrorBody, "description": "more images than SCAN_MAX_PREDICT_IMAGES, or a "
-                                                                "body over SCAN_MAX_SERVING_BODY_BYTES"},
-                        415: {"model": ErrorBody, "description": "neither multipart nor JSON"}})
-async def predict(run_id: str, request: Request, session: SessionDep, tenant: TenantDep,
-                  k: Annotated[int, Query(ge=1, le=1000, description="how many clusters to list per "
-                                          "image; capped at the run's number of clusters")] = 5
-                  ) -> Response:
+@router.post(
+    "/v1/runs/{run_id}/predict",
+    openapi_extra=_BODY_DOC,
+    summary="Cluster of each image, its confidence and the top-k clusters",
+    responses={
+        **ERRORS,
+        200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+        400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
+        413: {
+            "model": ErrorBody,
+            "description": "more images than SCAN_MAX_PREDICT_IMAGES, or a body over SCAN_MAX_SERVING_BODY_BYTES",
+        },
+        415: {"model": ErrorBody, "description": "neither multipart nor JSON"},
+    },
+)
+async def predict(
+    run_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    k: Annotated[
+        int,
+        Query(ge=1, le=1000, description="how many clusters to list per image; capped at the run's number of clusters"),
+    ] = 5,
+) -> Response:
     run = run_service.get(session, tenant, run_id)
     run_dir = run_service.servable_run_dir(run)
     session.close()  # nothing more to read; do not hold a connection while the model runs

@@ -32,7 +32,13 @@ class ORMModel(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
-    400: "malformed request body (not parseable as the declared content type)",
-    401: "missing or invalid API key", 404: "no such resource for this tenant",
-    409: "conflicts with the resource's state", 422: "invalid request (detail names the field)"}.items()}
+ERRORS = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "malformed request body (not parseable as the declared content type)",
+        401: "missing or invalid API key",
+        404: "no such resource for this tenant",
+        409: "conflicts with the resource's state",
+        422: "invalid request (detail names the field)",
+    }.items()
+}

@@ -3,6 +3,7 @@
 The secret has 256 bits of entropy, so a plain (unsalted, fast) hash is safe: there is nothing to
 brute-force, unlike a password.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ Bad input never leaves anything behind: an upload lives under ``uploads/<id>/`` 
 written the decoded cache atomically to ``datasets/<id>/``; a failed ingest removes both folders and
 the API, which waits for the ingest task, deletes the row and answers 4xx with the reason.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,12 +37,21 @@ def safe_filename(name: str | None) -> str:
     return base[:120] or "upload"
 
 
-def create(settings: Settings, tenant: Tenant, dataset_id: str, *, name: str, source: str, split: str,
-           upload_path: str | None) -> None:
+def create(
+    settings: Settings, tenant: Tenant, dataset_id: str, *, name: str, source: str, split: str, upload_path: str | None
+) -> None:
     """Commit the PENDING row and queue its ingest; if the broker is down, nothing stays behind."""
     with new_session() as session:
-        session.add(Dataset(id=dataset_id, tenant_id=tenant.id, name=name[:200], source=source[:500],
-                            split=split, upload_path=upload_path))
+        session.add(
+            Dataset(
+                id=dataset_id,
+                tenant_id=tenant.id,
+                name=name[:200],
+                source=source[:500],
+                split=split,
+                upload_path=upload_path,
+            )
+        )
         session.commit()
     try:
         # With an artifact store, the cpu worker may be on another machine: the upload goes through it.
@@ -133,7 +143,7 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
             # The API's path names its own folder: fetch the upload and find it under ours.
             synced(settings).pull(f"uploads/{dataset.id}")
             parts = Path(dataset.upload_path).parts
-            source = str(upload_dir(settings, dataset.id).joinpath(*parts[parts.index(dataset.id) + 1:]))
+            source = str(upload_dir(settings, dataset.id).joinpath(*parts[parts.index(dataset.id) + 1 :]))
         # One decoded copy per dataset: an upload is decoded straight into datasets/<id> (a cache
         # keyed on a deleted upload would only be a second copy that nothing owns); the built-ins,
         # shared by every tenant, keep their cache.
@@ -191,11 +201,13 @@ def _deleted_meanwhile(session: Session, settings: Settings, dataset_id: str) ->
 
 def delete(session: Session, settings: Settings, tenant: Tenant, dataset_id: str) -> None:
     dataset = get(session, tenant, dataset_id)
-    active = session.scalar(select(func.count()).select_from(Run).where(
-        Run.dataset_id == dataset.id, Run.state.in_(RunState.ACTIVE)))
+    active = session.scalar(
+        select(func.count()).select_from(Run).where(Run.dataset_id == dataset.id, Run.state.in_(RunState.ACTIVE))
+    )
     if active:
-        raise Conflict(f"dataset {dataset_id} has {active} run(s) in progress; cancel them first "
-                       "(POST /v1/runs/{id}/cancel)")
+        raise Conflict(
+            f"dataset {dataset_id} has {active} run(s) in progress; cancel them first (POST /v1/runs/{{id}}/cancel)"
+        )
     runs = session.execute(select(Run.id, Run.run_dir).where(Run.dataset_id == dataset.id)).all()
     session.delete(dataset)  # runs and their results follow by ON DELETE CASCADE
     session.commit()

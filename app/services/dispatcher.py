@@ -6,6 +6,7 @@ message for every run owed one (app.services.execution.due_for_dispatch): never 
 ago while the queue is empty. Several dispatchers never send the same run twice in one round (a
 conditional UPDATE), and a duplicate message is a no-op anyway (the lease).
 """
+
 from __future__ import annotations
 
 import logging

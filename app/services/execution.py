@@ -11,6 +11,7 @@ that should be moving and that no live worker holds is re-sent by ``due_for_disp
 message is older than ``dispatch_after_s``, so a lost message costs latency, never a run. An
 interruption by the infrastructure (``release``) hands the run back without spending an attempt.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,9 +67,16 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
     cutoff = now - timedelta(seconds=settings.stale_after_s)
     # State and cancel flag are in the condition too: an API cancel of an idle run races with this.
     won = session.execute(
-        update(Run).where(Run.id == run_id, Run.state.in_(RunState.ACTIVE), Run.cancel_requested.is_(False),
-                          or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None), Run.heartbeat_at < cutoff))
-        .values(lease_token=token, heartbeat_at=now).execution_options(synchronize_session=False)).rowcount
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.state.in_(RunState.ACTIVE),
+            Run.cancel_requested.is_(False),
+            or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None), Run.heartbeat_at < cutoff),
+        )
+        .values(lease_token=token, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
     session.commit()
     if won != 1:
         return None
@@ -81,28 +89,43 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
             run.redeliveries += 1
         if attempt > settings.max_stage_attempts:
             session.commit()
-            mark_failed(session, run_id, stage,
-                        f"stage {stage} was started {attempt} times and never finished: the worker running "
-                        f"it stopped heart-beating each time without reporting an error (process killed, "
-                        f"e.g. SIGKILL or the kernel's OOM killer, or its machine lost); giving up after "
-                        f"max_stage_attempts={settings.max_stage_attempts}. The worker's log names the "
-                        f"signal; POST /v1/runs/{run_id}/retry resumes from the last checkpoint.")
+            mark_failed(
+                session,
+                run_id,
+                stage,
+                f"stage {stage} was started {attempt} times and never finished: the worker running "
+                f"it stopped heart-beating each time without reporting an error (process killed, "
+                f"e.g. SIGKILL or the kernel's OOM killer, or its machine lost); giving up after "
+                f"max_stage_attempts={settings.max_stage_attempts}. The worker's log names the "
+                f"signal; POST /v1/runs/{run_id}/retry resumes from the last checkpoint.",
+            )
             return None
         status.state = StageState.RUNNING
         status.started_at = status.started_at or now
         status.finished_at = None
     run.state = RUNNING_STATES.get(stage, run.state)
     run.started_at = run.started_at or now
-    session.add(RunEvent(run_id=run_id, kind="stage_started", stage=stage, attempt=attempt,
-                         message=f"{stage} started" + (f" (attempt {attempt}, resuming)" if attempt > 1 else "")))
+    session.add(
+        RunEvent(
+            run_id=run_id,
+            kind="stage_started",
+            stage=stage,
+            attempt=attempt,
+            message=f"{stage} started" + (f" (attempt {attempt}, resuming)" if attempt > 1 else ""),
+        )
+    )
     session.commit()
     return Claim(token, attempt)
 
 
 def heartbeat(session: Session, run_id: str, token: str) -> bool:
     """Refresh the lease; False when it is no longer ours."""
-    held = session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token)
-                           .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)).rowcount
+    held = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.lease_token == token)
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
     session.commit()
     return held == 1
 
@@ -112,9 +135,15 @@ def waiting_runs(session: Session, settings: Settings, limit: int = 20) -> list[
     what a free worker should take when ``queue_order`` is ``oldest_run``."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     rows = session.execute(
-        select(Run.id, Run.stage).where(Run.state.in_(RunState.ACTIVE), Run.stage.is_not(None),
-                                        or_(Run.lease_token.is_(None), Run.heartbeat_at < cutoff))
-        .order_by(Run.created_at, Run.id).limit(limit)).all()
+        select(Run.id, Run.stage)
+        .where(
+            Run.state.in_(RunState.ACTIVE),
+            Run.stage.is_not(None),
+            or_(Run.lease_token.is_(None), Run.heartbeat_at < cutoff),
+        )
+        .order_by(Run.created_at, Run.id)
+        .limit(limit)
+    ).all()
     return [(r[0], r[1]) for r in rows]
 
 
@@ -134,13 +163,18 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def record_progress(session: Session, run_id: str, stage: str, attempt: int, progress: Any,
-                    token: str) -> None:
+def record_progress(session: Session, run_id: str, stage: str, attempt: int, progress: Any, token: str) -> None:
     """One progress report from ml.pipeline (a Progress object) into stage_status and run_events."""
-    get = (progress.get if isinstance(progress, dict) else lambda k, d=None: getattr(progress, k, d))
-    fields = dict(epoch=_int(get("epoch")), epochs=_int(get("epochs")), step=_int(get("step")),
-                  steps=_int(get("steps")), loss=_num(get("loss")),
-                  images_per_s=_num(get("images_per_s")), eta_s=_num(get("eta_s")))
+    get = progress.get if isinstance(progress, dict) else lambda k, d=None: getattr(progress, k, d)
+    fields = dict(
+        epoch=_int(get("epoch")),
+        epochs=_int(get("epochs")),
+        step=_int(get("step")),
+        steps=_int(get("steps")),
+        loss=_num(get("loss")),
+        images_per_s=_num(get("images_per_s")),
+        eta_s=_num(get("eta_s")),
+    )
     status = session.get(StageStatus, (run_id, stage))
     if status is not None:
         for key, value in fields.items():
@@ -148,20 +182,38 @@ def record_progress(session: Session, run_id: str, stage: str, attempt: int, pro
                 setattr(status, key, value)
     extra = get("extra") or get("metrics") or None
     message = get("message")
-    session.add(RunEvent(run_id=run_id, kind="progress", stage=stage, attempt=attempt, epoch=fields["epoch"],
-                         epochs=fields["epochs"], step=fields["step"], steps=fields["steps"],
-                         loss=fields["loss"], message=str(message) if message else None,
-                         data=_jsonable({k: v for k, v in fields.items() if k in ("images_per_s", "eta_s")}
-                                        | ({"extra": extra} if extra else {}))))
-    held = session.execute(update(Run).where(Run.id == run_id, Run.lease_token == token)
-                           .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)).rowcount
+    session.add(
+        RunEvent(
+            run_id=run_id,
+            kind="progress",
+            stage=stage,
+            attempt=attempt,
+            epoch=fields["epoch"],
+            epochs=fields["epochs"],
+            step=fields["step"],
+            steps=fields["steps"],
+            loss=fields["loss"],
+            message=str(message) if message else None,
+            data=_jsonable(
+                {k: v for k, v in fields.items() if k in ("images_per_s", "eta_s")}
+                | ({"extra": extra} if extra else {})
+            ),
+        )
+    )
+    held = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.lease_token == token)
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
     session.commit()
     if held != 1:
         raise LeaseLost(f"run {run_id}: the lease on {stage} was taken over or the run ended")
 
 
-def finish_stage(session: Session, run_id: str, stage: str, summary: dict[str, Any] | None,
-                 token: str | None = None) -> str | None:
+def finish_stage(
+    session: Session, run_id: str, stage: str, summary: dict[str, Any] | None, token: str | None = None
+) -> str | None:
     """Mark the stage done, move the run to the next one and release the lease; returns the next.
     With ``token``, only while that lease is still held (else LeaseLost: another task owns it)."""
     session.rollback()
@@ -185,8 +237,15 @@ def finish_stage(session: Session, run_id: str, stage: str, summary: dict[str, A
     # dispatched_at=None: a wake-up for the next stage is owed (sent right after this commit; if
     # that send fails, the dispatcher sends it).
     run.lease_token, run.heartbeat_at, run.dispatched_at = None, now, None
-    session.add(RunEvent(run_id=run_id, kind="stage_finished", stage=stage, message=f"{stage} finished",
-                         data=_jsonable(summary or {})))
+    session.add(
+        RunEvent(
+            run_id=run_id,
+            kind="stage_finished",
+            stage=stage,
+            message=f"{stage} finished",
+            data=_jsonable(summary or {}),
+        )
+    )
     session.commit()
     return nxt
 
@@ -200,8 +259,7 @@ def mark_failed(session: Session, run_id: str, stage: str | None, message: str) 
     if status is not None:
         status.state, status.finished_at = StageState.FAILED, utcnow()
     run.state, run.error, run.finished_at, run.lease_token = RunState.FAILED, message, utcnow(), None
-    session.add(RunEvent(run_id=run_id, kind="error", stage=stage, message=message,
-                         data={"state": RunState.FAILED}))
+    session.add(RunEvent(run_id=run_id, kind="error", stage=stage, message=message, data={"state": RunState.FAILED}))
     session.commit()
 
 
@@ -214,8 +272,15 @@ def mark_canceled(session: Session, run_id: str, stage: str | None, summary: str
     if status is not None and status.state == StageState.RUNNING:
         status.state, status.finished_at = StageState.CANCELED, utcnow()
     run.state, run.finished_at, run.lease_token = RunState.CANCELED, utcnow(), None
-    session.add(RunEvent(run_id=run_id, kind="state", stage=stage, message=summary or "run canceled",
-                         data={"state": RunState.CANCELED}))
+    session.add(
+        RunEvent(
+            run_id=run_id,
+            kind="state",
+            stage=stage,
+            message=summary or "run canceled",
+            data={"state": RunState.CANCELED},
+        )
+    )
     session.commit()
 
 
@@ -230,8 +295,14 @@ def release(session: Session, run_id: str, stage: str, token: str, why: str) -> 
     if status is not None and status.attempts > 0:
         status.attempts -= 1
     run.lease_token, run.heartbeat_at, run.dispatched_at = None, utcnow(), None
-    session.add(RunEvent(run_id=run_id, kind="interrupted", stage=stage,
-                         message=f"{stage} paused: {why}; it resumes from its last checkpoint"))
+    session.add(
+        RunEvent(
+            run_id=run_id,
+            kind="interrupted",
+            stage=stage,
+            message=f"{stage} paused: {why}; it resumes from its last checkpoint",
+        )
+    )
     session.commit()
 
 
@@ -243,15 +314,20 @@ def rewind(session: Session, run_id: str, stage: str, token: str, producer: str,
     run = session.get(Run, run_id, populate_existing=True)
     if run is None or run.lease_token != token:
         return
-    redo = STAGES[STAGES.index(producer):]
-    for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run_id,
-                                                           StageStatus.stage.in_(redo))):
+    redo = STAGES[STAGES.index(producer) :]
+    for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run_id, StageStatus.stage.in_(redo))):
         status.state, status.finished_at = StageState.PENDING, None
     run.stage, run.state = producer, RUNNING_STATES[producer]
     run.lease_token, run.heartbeat_at, run.dispatched_at = None, utcnow(), None
-    session.add(RunEvent(run_id=run_id, kind="rewound", stage=stage,
-                         message=f"{missing} is missing from the run directory; re-running {producer} "
-                                 f"(from its checkpoint) before {stage}"))
+    session.add(
+        RunEvent(
+            run_id=run_id,
+            kind="rewound",
+            stage=stage,
+            message=f"{missing} is missing from the run directory; re-running {producer} "
+            f"(from its checkpoint) before {stage}",
+        )
+    )
     session.commit()
 
 
@@ -260,14 +336,26 @@ def stale_runs(session: Session, settings: Settings) -> list[tuple[str, str]]:
     died). Only leased runs count: a run waiting between stages holds no lease and is not dead.
     Drops the dead lease and owes the run a wake-up (``dispatched_at=None``)."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
-    rows = session.scalars(select(Run).where(Run.state.in_(RunState.ACTIVE), Run.lease_token.is_not(None),
-                                             Run.heartbeat_at < cutoff, Run.stage.is_not(None))).all()
+    rows = session.scalars(
+        select(Run).where(
+            Run.state.in_(RunState.ACTIVE),
+            Run.lease_token.is_not(None),
+            Run.heartbeat_at < cutoff,
+            Run.stage.is_not(None),
+        )
+    ).all()
     found = []
     for run in rows:
         found.append((run.id, run.stage))
         run.lease_token, run.heartbeat_at, run.dispatched_at = None, utcnow(), None
-        session.add(RunEvent(run_id=run.id, kind="recovered", stage=run.stage,
-                             message=f"no heartbeat for {settings.stale_after_s:.0f}s; re-enqueued {run.stage}"))
+        session.add(
+            RunEvent(
+                run_id=run.id,
+                kind="recovered",
+                stage=run.stage,
+                message=f"no heartbeat for {settings.stale_after_s:.0f}s; re-enqueued {run.stage}",
+            )
+        )
     session.commit()
     return found
 
@@ -285,31 +373,45 @@ def due_for_dispatch(session: Session, settings: Settings, queue_empty: bool) ->
     # heartbeat_at is "when the lease was last dropped" for an unleased run (finish, release, recovery).
     never = Run.dispatched_at.is_(None) & (func.coalesce(Run.heartbeat_at, Run.created_at) < grace)
     owed = or_(never, Run.dispatched_at < old) if queue_empty else never
-    rows = session.execute(select(Run.id, Run.stage, Run.dispatched_at).where(
-        Run.state.in_(RunState.ACTIVE), Run.stage.is_not(None), Run.lease_token.is_(None), owed)
-        .order_by(Run.created_at)).all()
+    rows = session.execute(
+        select(Run.id, Run.stage, Run.dispatched_at)
+        .where(Run.state.in_(RunState.ACTIVE), Run.stage.is_not(None), Run.lease_token.is_(None), owed)
+        .order_by(Run.created_at)
+    ).all()
     due = []
     for run_id, stage, seen in rows:
         same = Run.dispatched_at.is_(None) if seen is None else Run.dispatched_at == seen
-        if session.execute(update(Run).where(Run.id == run_id, Run.lease_token.is_(None), same)
-                           .values(dispatched_at=now).execution_options(synchronize_session=False)).rowcount:
+        if session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.lease_token.is_(None), same)
+            .values(dispatched_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount:
             due.append((run_id, stage))
             if seen is not None:
-                session.add(RunEvent(run_id=run_id, kind="redispatched", stage=stage,
-                                     message=f"no worker took {stage} within {settings.dispatch_after_s:.0f}s "
-                                             "and the queue is empty (message lost); sent it again"))
+                session.add(
+                    RunEvent(
+                        run_id=run_id,
+                        kind="redispatched",
+                        stage=stage,
+                        message=f"no worker took {stage} within {settings.dispatch_after_s:.0f}s "
+                        "and the queue is empty (message lost); sent it again",
+                    )
+                )
     session.commit()
     return due
 
 
 def mark_dispatched(session: Session, run_id: str) -> None:
-    session.execute(update(Run).where(Run.id == run_id).values(dispatched_at=utcnow())
-                    .execution_options(synchronize_session=False))
+    session.execute(
+        update(Run).where(Run.id == run_id).values(dispatched_at=utcnow()).execution_options(synchronize_session=False)
+    )
     session.commit()
 
 
 def _aware(dt):  # SQLite gives naive datetimes back
     from datetime import timezone
+
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 

@@ -6,6 +6,7 @@ readers' DataError, and the ValueErrors ml/ raises for a bad configuration. Any 
 is cut to its last component. Running out of memory gets its own advice; anything else is an
 internal error named only by its type.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,16 +24,19 @@ def strip_paths(text: str) -> str:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() \
-        or "unable to allocate" in str(exc).lower()
+    return (
+        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or "unable to allocate" in str(exc).lower()
+    )
 
 
 def public_message(exc: BaseException) -> str:
     from ml.data import DataError
 
     if _out_of_memory(exc):
-        return ("the worker ran out of memory (the input, or the run's batch_size, image_size or "
-                "hidden_dim, is too large for it)")
+        return (
+            "the worker ran out of memory (the input, or the run's batch_size, image_size or "
+            "hidden_dim, is too large for it)"
+        )
     if isinstance(exc, ServiceError):
         text = exc.detail
     elif isinstance(exc, DataError):

@@ -1,4 +1,5 @@
 """Results in the database: written once by the finalize task (bulk), read by the API."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,8 +36,14 @@ def write_results(session: Session, run: Run, run_dir: Any = None) -> int:
         session.execute(insert(Cluster), [_cluster_row(run.id, c) for c in clusters])
     session.add(RunMetrics(run_id=run.id, metrics=metrics))
     run.state, run.finished_at, run.lease_token, run.stage = RunState.SUCCEEDED, utcnow(), None, None
-    session.add(RunEvent(run_id=run.id, kind="state", message=f"run succeeded: {len(cluster)} items assigned",
-                         data={"state": RunState.SUCCEEDED}))
+    session.add(
+        RunEvent(
+            run_id=run.id,
+            kind="state",
+            message=f"run succeeded: {len(cluster)} items assigned",
+            data={"state": RunState.SUCCEEDED},
+        )
+    )
     session.commit()
     return len(cluster)
 
@@ -45,19 +52,32 @@ def _bulk_assignments(session: Session, run_id: str, cluster, confidence) -> Non
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         raw = connection.connection.driver_connection  # psycopg 3, same transaction as the session
-        with raw.cursor() as cur, cur.copy(
-                "COPY assignments (run_id, item_index, cluster, confidence) FROM STDIN") as copy:
+        with (
+            raw.cursor() as cur,
+            cur.copy("COPY assignments (run_id, item_index, cluster, confidence) FROM STDIN") as copy,
+        ):
             for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist())):
                 copy.write_row((run_id, i, c, p))
         return
-    session.execute(insert(Assignment), [
-        {"run_id": run_id, "item_index": i, "cluster": c, "confidence": p}
-        for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist()))])
+    session.execute(
+        insert(Assignment),
+        [
+            {"run_id": run_id, "item_index": i, "cluster": c, "confidence": p}
+            for i, (c, p) in enumerate(zip(cluster.tolist(), confidence.tolist()))
+        ],
+    )
 
 
 def _cluster_row(run_id: str, c: ClusterSummary) -> dict[str, Any]:
-    return {"run_id": run_id, "index": c.cluster, "size": c.size, "mean_confidence": c.mean_confidence,
-            "prototype": c.prototype, "top_items": c.top_items, "matched_label": c.matched_label}
+    return {
+        "run_id": run_id,
+        "index": c.cluster,
+        "size": c.size,
+        "mean_confidence": c.mean_confidence,
+        "prototype": c.prototype,
+        "top_items": c.top_items,
+        "matched_label": c.matched_label,
+    }
 
 
 def _require_finished(run: Run) -> None:
@@ -78,13 +98,23 @@ def cluster(session: Session, run: Run, index: int) -> Cluster:
     return row
 
 
-ORDERS = {"item": (Assignment.item_index,),
-          "confidence_desc": (Assignment.confidence.desc(), Assignment.item_index),
-          "confidence_asc": (Assignment.confidence.asc(), Assignment.item_index)}
+ORDERS = {
+    "item": (Assignment.item_index,),
+    "confidence_desc": (Assignment.confidence.desc(), Assignment.item_index),
+    "confidence_asc": (Assignment.confidence.asc(), Assignment.item_index),
+}
 
 
-def assignments(session: Session, run: Run, *, cluster: int | None, min_confidence: float | None,
-                page: int, page_size: int, order: str = "item") -> tuple[list[Assignment], int]:
+def assignments(
+    session: Session,
+    run: Run,
+    *,
+    cluster: int | None,
+    min_confidence: float | None,
+    page: int,
+    page_size: int,
+    order: str = "item",
+) -> tuple[list[Assignment], int]:
     _require_finished(run)
     query = select(Assignment).where(Assignment.run_id == run.id)
     if cluster is not None:

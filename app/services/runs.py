@@ -1,4 +1,5 @@
 """Runs as the API sees them: submit (validated against ml.config), list, read, cancel, retry, events."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,9 @@ def validate_config(preset: str, num_clusters: int, overrides: dict[str, Any]) -
         raise Invalid(f"invalid run configuration: {exc}") from exc
 
 
-def submit(session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any],
-           idempotency_key: str | None) -> tuple[Run, bool]:
+def submit(
+    session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any], idempotency_key: str | None
+) -> tuple[Run, bool]:
     """create, then wake a worker. The run is committed before the broker hears of it; if the
     broker cannot be reached the run is withdrawn and the client gets 503 (its key stays free)."""
     run, created = create(session, settings, tenant, body, idempotency_key)
@@ -54,14 +56,17 @@ def submit(session: Session, settings: Settings, tenant: Tenant, body: dict[str,
             if not is_infrastructure_error(exc):
                 raise
             withdraw(session, run)
-            raise Unavailable(f"the {which_service(exc)} is unreachable, so the run was not started "
-                              f"({type(exc).__name__}); retry the same request (same Idempotency-Key) "
-                              "in a few seconds") from exc
+            raise Unavailable(
+                f"the {which_service(exc)} is unreachable, so the run was not started "
+                f"({type(exc).__name__}); retry the same request (same Idempotency-Key) "
+                "in a few seconds"
+            ) from exc
     return run, created
 
 
-def create(session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any],
-           idempotency_key: str | None) -> tuple[Run, bool]:
+def create(
+    session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any], idempotency_key: str | None
+) -> tuple[Run, bool]:
     """Returns (run, created). Same Idempotency-Key and body: the first run, created=False."""
     digest = request_hash(body)
     if idempotency_key:
@@ -74,11 +79,18 @@ def create(session: Session, settings: Settings, tenant: Tenant, body: dict[str,
     config = validate_config(body["preset"], body["num_clusters"], body.get("overrides") or {})
     weights.check_reference(session, tenant, config)
     if dataset.count is not None and body["num_clusters"] >= dataset.count:
-        raise Invalid(f"num_clusters: {body['num_clusters']} must be below the dataset's "
-                      f"{dataset.count} images")
-    run = Run(tenant_id=tenant.id, dataset_id=dataset.id, num_clusters=body["num_clusters"],
-              preset=body["preset"], overrides=body.get("overrides") or {}, config=config,
-              idempotency_key=idempotency_key, request_hash=digest, stage=STAGES[0])
+        raise Invalid(f"num_clusters: {body['num_clusters']} must be below the dataset's {dataset.count} images")
+    run = Run(
+        tenant_id=tenant.id,
+        dataset_id=dataset.id,
+        num_clusters=body["num_clusters"],
+        preset=body["preset"],
+        overrides=body.get("overrides") or {},
+        config=config,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        stage=STAGES[0],
+    )
     session.add(run)
     try:
         session.flush()
@@ -102,8 +114,10 @@ def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Run | Non
 
 def _replay(existing: Run, digest: str, key: str) -> Run:
     if existing.request_hash != digest:
-        raise Conflict(f"Idempotency-Key {key!r} was already used with a different request body "
-                       f"(run {existing.id}); use a new key for a new run")
+        raise Conflict(
+            f"Idempotency-Key {key!r} was already used with a different request body "
+            f"(run {existing.id}); use a new key for a new run"
+        )
     return existing
 
 
@@ -133,8 +147,9 @@ def servable_run_dir(run: Run) -> Path:
     return Path(run.run_dir)
 
 
-def list_(session: Session, tenant: Tenant, *, state: str | None, dataset_id: str | None,
-          limit: int, offset: int) -> tuple[list[Run], int]:
+def list_(
+    session: Session, tenant: Tenant, *, state: str | None, dataset_id: str | None, limit: int, offset: int
+) -> tuple[list[Run], int]:
     query = select(Run).where(Run.tenant_id == tenant.id)
     if state:
         query = query.where(Run.state == state)
@@ -158,14 +173,20 @@ def history(session: Session, run: Run) -> dict[str, list[dict[str, Any]]]:
         data = rd.read_json(rd.history_path, default={}) or {}
         history = {k: v for k, v in data.items() if isinstance(v, list)}
     live: dict[str, dict[int, dict[str, Any]]] = {}
-    for ev in session.scalars(select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.kind == "progress",
-                                                     RunEvent.epoch.is_not(None)).order_by(RunEvent.id)):
+    for ev in session.scalars(
+        select(RunEvent)
+        .where(RunEvent.run_id == run.id, RunEvent.kind == "progress", RunEvent.epoch.is_not(None))
+        .order_by(RunEvent.id)
+    ):
         if ev.stage in history or ev.loss is None:
             continue
         data = ev.data or {}
         fields = {**data, **(data.get("extra") if isinstance(data.get("extra"), dict) else {})}
-        rec = {"epoch": ev.epoch, "loss": ev.loss,
-               **{k: v for k, v in fields.items() if isinstance(v, (int, float)) and k not in ("epoch", "loss")}}
+        rec = {
+            "epoch": ev.epoch,
+            "loss": ev.loss,
+            **{k: v for k, v in fields.items() if isinstance(v, (int, float)) and k not in ("epoch", "loss")},
+        }
         live.setdefault(ev.stage, {})[ev.epoch] = rec  # the last report of an epoch wins
     for stage, by_epoch in live.items():
         history[stage] = [by_epoch[e] for e in sorted(by_epoch)]
@@ -183,23 +204,45 @@ def cancel(session: Session, settings: Settings, tenant: Tenant, run_id: str) ->
     # One conditional UPDATE: a worker's claim sets the lease only while the run is active and not
     # flagged, so exactly one of the two wins.
     idle = session.execute(
-        update(Run).where(Run.id == run.id, Run.state.in_(RunState.ACTIVE),
-                          or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None), Run.heartbeat_at < stale))
+        update(Run)
+        .where(
+            Run.id == run.id,
+            Run.state.in_(RunState.ACTIVE),
+            or_(Run.lease_token.is_(None), Run.heartbeat_at.is_(None), Run.heartbeat_at < stale),
+        )
         .values(state=RunState.CANCELED, finished_at=now, lease_token=None, cancel_requested=True)
-        .execution_options(synchronize_session=False)).rowcount
+        .execution_options(synchronize_session=False)
+    ).rowcount
     if idle:
-        for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run.id,
-                                                               StageStatus.state == StageState.RUNNING)):
+        for status in session.scalars(
+            select(StageStatus).where(StageStatus.run_id == run.id, StageStatus.state == StageState.RUNNING)
+        ):
             status.state, status.finished_at = StageState.CANCELED, now
         started = run.state != RunState.QUEUED
-        session.add(RunEvent(run_id=run.id, kind="state", stage=run.stage,
-                             message=("canceled while no worker was running it" if started
-                                      else "canceled before it started"), data={"state": RunState.CANCELED}))
+        session.add(
+            RunEvent(
+                run_id=run.id,
+                kind="state",
+                stage=run.stage,
+                message=("canceled while no worker was running it" if started else "canceled before it started"),
+                data={"state": RunState.CANCELED},
+            )
+        )
     else:
-        session.execute(update(Run).where(Run.id == run.id).values(cancel_requested=True)
-                        .execution_options(synchronize_session=False))
-        session.add(RunEvent(run_id=run.id, kind="cancel_requested", stage=run.stage,
-                             message="cancel requested; the stage stops at its next step"))
+        session.execute(
+            update(Run)
+            .where(Run.id == run.id)
+            .values(cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+        session.add(
+            RunEvent(
+                run_id=run.id,
+                kind="cancel_requested",
+                stage=run.stage,
+                message="cancel requested; the stage stops at its next step",
+            )
+        )
     session.commit()
     session.refresh(run)
     return run
@@ -215,21 +258,30 @@ def retry(session: Session, settings: Settings, tenant: Tenant, run_id: str) -> 
         raise Conflict(f"run {run.id} has no stage left to run")
     ended = run.state
     why = run.error or "canceled"
-    redo = STAGES[STAGES.index(run.stage):] if run.stage in STAGES else ()
-    for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run.id,
-                                                           StageStatus.stage.in_(redo))):
+    redo = STAGES[STAGES.index(run.stage) :] if run.stage in STAGES else ()
+    for status in session.scalars(select(StageStatus).where(StageStatus.run_id == run.id, StageStatus.stage.in_(redo))):
         if status.state != StageState.SUCCEEDED:
             status.state, status.finished_at = StageState.PENDING, None
         if status.stage == run.stage:
             status.attempts = 0
-    run.state = RunState.QUEUED if run.stage == STAGES[0] else (
-        run.stage.upper() if run.stage in STAGES else RunState.SELFLABEL)
+    run.state = (
+        RunState.QUEUED
+        if run.stage == STAGES[0]
+        else (run.stage.upper() if run.stage in STAGES else RunState.SELFLABEL)
+    )
     run.error, run.finished_at, run.cancel_requested = None, None, False
     run.lease_token, run.heartbeat_at, run.dispatched_at = None, None, None
-    session.add(RunEvent(run_id=run.id, kind="retried", stage=run.stage,
-                         message=f"retry requested after the run ended {ended} ({why}); resuming {run.stage} "
-                                 f"from its last checkpoint with a fresh budget of "
-                                 f"{settings.max_stage_attempts} attempts", data={"state": run.state}))
+    session.add(
+        RunEvent(
+            run_id=run.id,
+            kind="retried",
+            stage=run.stage,
+            message=f"retry requested after the run ended {ended} ({why}); resuming {run.stage} "
+            f"from its last checkpoint with a fresh budget of "
+            f"{settings.max_stage_attempts} attempts",
+            data={"state": run.state},
+        )
+    )
     session.commit()
     wake(session, run)
     return run
@@ -262,8 +314,9 @@ def withdraw(session: Session, run: Run) -> None:
 
 
 def events(session: Session, run: Run, *, after: int, limit: int) -> list[RunEvent]:
-    rows = session.scalars(select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.id > after)
-                           .order_by(RunEvent.id).limit(limit)).all()
+    rows = session.scalars(
+        select(RunEvent).where(RunEvent.run_id == run.id, RunEvent.id > after).order_by(RunEvent.id).limit(limit)
+    ).all()
     return list(rows)
 
 

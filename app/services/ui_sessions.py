@@ -6,6 +6,7 @@ truncated cookie is refused before the database is asked. The row keeps only the
 key that opened it (revoking the key ends its sessions) and a CSRF token that every state-changing
 form of the session echoes. Logging out deletes the row: a copied cookie dies with it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,13 @@ def open_session(session: Session, settings: Settings, api_key: str) -> tuple[st
     if row is None:
         return None
     session_id = secrets.token_urlsafe(32)
-    ui = UiSession(id_hash=_hash(session_id), tenant_id=row.tenant_id, api_key_id=row.id,
-                   csrf_token=secrets.token_urlsafe(32), expires_at=utcnow() + LIFETIME)
+    ui = UiSession(
+        id_hash=_hash(session_id),
+        tenant_id=row.tenant_id,
+        api_key_id=row.id,
+        csrf_token=secrets.token_urlsafe(32),
+        expires_at=utcnow() + LIFETIME,
+    )
     session.execute(delete(UiSession).where(UiSession.expires_at < utcnow()))  # keep the table small
     session.add(ui)
     session.commit()

@@ -8,6 +8,7 @@ user's own machine, keeps taking local paths (ml.config knows nothing of tenants
 The reference is checked when the run is created (owner, stage finished) and resolved to the file
 only inside the worker, so the stored config and everything a tenant reads shows the reference.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,10 @@ FIELD = "pretext.backbone_weights"
 def _source_run(session: Session, tenant_id: str, reference: Any) -> Run:
     match = RUN_REF.match(reference) if isinstance(reference, str) else None
     if match is None:
-        raise Invalid(f'{FIELD}: give "run:<run id>" naming one of your finished runs; file paths and '
-                      "other values are not accepted over the API")
+        raise Invalid(
+            f'{FIELD}: give "run:<run id>" naming one of your finished runs; file paths and '
+            "other values are not accepted over the API"
+        )
     run = session.get(Run, match.group(1))
     # Another tenant's run reads exactly like one that does not exist: no oracle on foreign ids.
     if run is None or run.tenant_id != tenant_id:
@@ -46,8 +49,9 @@ def check_reference(session: Session, tenant: Tenant, config: dict[str, Any]) ->
         _source_run(session, tenant.id, reference)
 
 
-def resolve(session: Session, run: Run, config: dict[str, Any],
-            local_dir: Callable[[Run], str] | None = None) -> dict[str, Any]:
+def resolve(
+    session: Session, run: Run, config: dict[str, Any], local_dir: Callable[[Run], str] | None = None
+) -> dict[str, Any]:
     """The config with its weights reference replaced by the file the worker loads (checked again:
     the source run may have been deleted, or the row edited, since the run was queued).
     ``local_dir(source_run)`` gives the source run's folder on this machine (pulled from the

@@ -8,6 +8,7 @@ and each caller gets back its own rows.
     batcher = DynamicBatcher(predictor.predict, max_batch_size=64, max_delay_ms=5)
     probs = await batcher.submit(images)      # images: (n, C, H, W) uint8 -> (n, K)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,9 +41,15 @@ class DynamicBatcher:
     grow under load without waiting longer than `max_delay_ms` when idle.
     """
 
-    def __init__(self, fn: BatchFn, *, max_batch_size: int = 64, max_delay_ms: float = 5.0,
-                 executor: Executor | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        fn: BatchFn,
+        *,
+        max_batch_size: int = 64,
+        max_delay_ms: float = 5.0,
+        executor: Executor | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_delay_ms < 0:
@@ -67,7 +74,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         requests = []
         for start in range(0, len(inputs), self.max_batch_size):
-            req = _Request(inputs[start:start + self.max_batch_size], loop.create_future())
+            req = _Request(inputs[start : start + self.max_batch_size], loop.create_future())
             requests.append(req)
             queue.put_nowait(req)
         outputs = await asyncio.gather(*(r.future for r in requests))
@@ -150,5 +157,5 @@ class DynamicBatcher:
         start = 0
         for r in live:
             if not r.future.done():
-                r.future.set_result(outputs[start:start + r.size])
+                r.future.set_result(outputs[start : start + r.size])
             start += r.size

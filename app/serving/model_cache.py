@@ -8,6 +8,7 @@ being served. The parts a route does not need (the index, the features) load on 
     served = model_cache().get(run_dir)         # blocking: call it from a worker thread
     probs = await served.batcher.submit(images)
 """
+
 from __future__ import annotations
 
 import threading
@@ -27,6 +28,7 @@ from ml.rundir import RunDir
 
 def _settings():
     from app.core.settings import get_settings
+
     return get_settings()
 
 
@@ -35,6 +37,7 @@ def serving_device() -> str:
     if configured != "auto":
         return configured
     import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -79,6 +82,7 @@ class ServedRun:
         with self._lock:
             if self._index is None:
                 from ml.index import gpu_available, load_index
+
                 gpu = gpu_available()
                 self._index = load_index(self.rundir.index_path, use_gpu=gpu)
                 # faiss GPU indexes are not thread-safe even for searches; CPU ones are.
@@ -87,6 +91,7 @@ class ServedRun:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         from ml.index import search
+
         index = self.index
         if self._index_lock is None:
             return search(index, queries, k)
@@ -142,9 +147,14 @@ class ModelCache:
 
     def _load(self, run_dir: Path) -> ServedRun:
         from ml.predictor import Predictor
+
         predictor = Predictor.load(run_dir, device=serving_device())
-        batcher = DynamicBatcher(predictor.predict, max_batch_size=self.max_batch_size,
-                                 max_delay_ms=self.max_delay_ms, on_batch=observe_batch)
+        batcher = DynamicBatcher(
+            predictor.predict,
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            on_batch=observe_batch,
+        )
         return ServedRun(run_dir=run_dir, predictor=predictor, batcher=batcher)
 
     def loaded(self) -> list[str]:
@@ -173,6 +183,7 @@ async def served_run(run_dir: Path) -> ServedRun:
     """The loaded run: straight from the cache when it is there, else loaded in a worker thread
     (a thread hop costs more than the lookup itself on a busy machine)."""
     from starlette.concurrency import run_in_threadpool
+
     return model_cache().peek(run_dir) or await run_in_threadpool(load_served, run_dir)
 
 
@@ -186,9 +197,11 @@ def model_cache() -> ModelCache:
     with _cache_lock:
         if _cache is None:
             s = _settings()
-            _cache = ModelCache(capacity=s.model_cache_size,
-                                max_batch_size=s.predict_max_batch_size,
-                                max_delay_ms=s.predict_max_delay_ms)
+            _cache = ModelCache(
+                capacity=s.model_cache_size,
+                max_batch_size=s.predict_max_batch_size,
+                max_delay_ms=s.predict_max_delay_ms,
+            )
             cache = _cache
             PREDICT_QUEUE.set_function(lambda: float(cache.queue_rows()))
         return _cache

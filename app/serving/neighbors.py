@@ -4,6 +4,7 @@ Several queries are averaged into one (``combine="mean"``, FiftyOne's default ag
 answered one by one (``combine="separate"``); every query is L2-normalised first so each weighs the
 same whatever its norm.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,40 +23,59 @@ def check_size(n_queries: int, k: int, combine: str) -> None:
     """Before any work: a 30 KB request once asked for 10,000 x 1,024 neighbours (539 MB of JSON)."""
     settings = get_settings()
     if n_queries > settings.neighbors_max_queries:
-        raise Invalid(f"query: {n_queries} queries in one request; at most "
-                      f"{settings.neighbors_max_queries} (SCAN_NEIGHBORS_MAX_QUERIES)")
+        raise Invalid(
+            f"query: {n_queries} queries in one request; at most "
+            f"{settings.neighbors_max_queries} (SCAN_NEIGHBORS_MAX_QUERIES)"
+        )
     lists = n_queries if combine == "separate" else 1
     if lists * k > settings.neighbors_max_results:
-        raise Invalid(f"k: {lists} queries x k={k} = {lists * k} neighbours; at most "
-                      f"{settings.neighbors_max_results} per request (SCAN_NEIGHBORS_MAX_RESULTS): "
-                      "lower k or send fewer queries")
+        raise Invalid(
+            f"k: {lists} queries x k={k} = {lists * k} neighbours; at most "
+            f"{settings.neighbors_max_results} per request (SCAN_NEIGHBORS_MAX_RESULTS): "
+            "lower k or send fewer queries"
+        )
 
 
-async def find_neighbors(served: ServedRun, k: int, combine: str, *, items: list[int] | None,
-                         vectors: list[list[float]] | None, named: list[tuple[str, bytes]] | None,
-                         run_id: str) -> bytes:
+async def find_neighbors(
+    served: ServedRun,
+    k: int,
+    combine: str,
+    *,
+    items: list[int] | None,
+    vectors: list[list[float]] | None,
+    named: list[tuple[str, bytes]] | None,
+    run_id: str,
+) -> bytes:
     """The answer as JSON bytes. Decoding, embedding, the faiss search and the JSON of the answer
     all run in one worker thread: the event loop keeps answering /livez and other requests."""
     check_size(len(items or vectors or named or ()), k, combine)
     return await run_in_threadpool(_find, served, k, combine, items, vectors, named, run_id)
 
 
-def _find(served: ServedRun, k: int, combine: str, items: list[int] | None,
-          vectors: list[list[float]] | None, named: list[tuple[str, bytes]] | None, run_id: str) -> bytes:
+def _find(
+    served: ServedRun,
+    k: int,
+    combine: str,
+    items: list[int] | None,
+    vectors: list[list[float]] | None,
+    named: list[tuple[str, bytes]] | None,
+    run_id: str,
+) -> bytes:
     features = served.features
     n_items, dim = features.shape
 
     if items is not None:
         bad = [i for i in items if not 0 <= i < n_items]
         if bad:
-            raise Invalid(f"item index {bad[0]} is out of range: the dataset has {n_items} "
-                          f"items (0..{n_items - 1})")
+            raise Invalid(f"item index {bad[0]} is out of range: the dataset has {n_items} items (0..{n_items - 1})")
         queries = np.asarray(features[np.asarray(items)], dtype=np.float32)
     elif vectors is not None:
         wrong = next((i for i, v in enumerate(vectors) if len(v) != dim), None)
         if wrong is not None:
-            raise Invalid(f"vectors[{wrong}] has dimension {len(vectors[wrong])}; this run's "
-                          f"index holds {dim}-dimensional vectors")
+            raise Invalid(
+                f"vectors[{wrong}] has dimension {len(vectors[wrong])}; this run's "
+                f"index holds {dim}-dimensional vectors"
+            )
         queries = np.asarray(vectors, dtype=np.float32)
         if not np.isfinite(queries).all():
             raise Invalid("vectors contain NaN or infinite values")
@@ -78,10 +98,12 @@ def _find(served: ServedRun, k: int, combine: str, items: list[int] | None,
         own = _own_item(items, combine, q)
         if own is not None:
             hits = _self_first(hits, own)
-        results.append({
-            "query": _describe_query(items, vectors, named, combine, q),
-            "neighbors": [{"item": i, "score": s, "cluster": int(cluster[i])} for i, s in hits],
-        })
+        results.append(
+            {
+                "query": _describe_query(items, vectors, named, combine, q),
+                "neighbors": [{"item": i, "score": s, "cluster": int(cluster[i])} for i, s in hits],
+            }
+        )
     return json.dumps({"run_id": run_id, "k": k_eff, "combine": combine, "results": results}).encode()
 
 
@@ -99,7 +121,7 @@ def _self_first(hits: list[tuple[int, float]], own: int) -> list[tuple[int, floa
     for pos, (i, s) in enumerate(hits):
         if i == own:
             if pos and s >= hits[0][1] - 1e-5:
-                hits = [hits[pos]] + hits[:pos] + hits[pos + 1:]
+                hits = [hits[pos]] + hits[:pos] + hits[pos + 1 :]
             break
     return hits
 

@@ -8,6 +8,7 @@ below reads. Every form carries a CSRF token and every POST must come from this 
 come from `/ui/datasets/{id}/items/{i}.png` (cookie-authenticated, so `<img>` tags load without
 scripts setting headers).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -44,8 +45,9 @@ TOP_ITEMS_SHOWN = 8
 _APP_DIR = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=str(_APP_DIR / "templates"))
 # Every page's logout form echoes its session's CSRF token (set by the UiTenant dependency).
-templates.env.globals["csrf_token"] = lambda request: getattr(getattr(request.state, "ui_session", None),
-                                                               "csrf_token", "")
+templates.env.globals["csrf_token"] = lambda request: getattr(
+    getattr(request.state, "ui_session", None), "csrf_token", ""
+)
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
@@ -58,8 +60,9 @@ def _cookie_tenant(request: Request, session: SessionDep, settings: SettingsDep)
         if request.url.path.endswith((".png", "/progress")):
             raise HTTPException(401, "log in at /ui/login first")
         # Pages send the browser to the login form and back here afterwards.
-        raise HTTPException(303, "log in at /ui/login first",
-                            headers={"Location": f"/ui/login?next={quote(request.url.path)}"})
+        raise HTTPException(
+            303, "log in at /ui/login first", headers={"Location": f"/ui/login?next={quote(request.url.path)}"}
+        )
     return tenant
 
 
@@ -73,8 +76,9 @@ def static_file(path: str):
     # A fixed list, not a directory mount: nothing else under app/ can be fetched by name.
     if path not in _STATIC:
         raise HTTPException(404, f"no static file {path}")
-    return FileResponse(_APP_DIR / "static" / path, media_type=_STATIC[path],
-                        headers={"Cache-Control": "public, max-age=300"})
+    return FileResponse(
+        _APP_DIR / "static" / path, media_type=_STATIC[path], headers={"Cache-Control": "public, max-age=300"}
+    )
 
 
 def _secure(request: Request, settings) -> bool:
@@ -96,11 +100,19 @@ def _same_origin(request: Request) -> None:
 
 def _login_page(request: Request, settings, next: str, error: str | None, status: int = 200):
     token = secrets.token_urlsafe(32)
-    response = templates.TemplateResponse(request, "login.html", {
-        "tenant": None, "next": next, "error": error, "login_csrf": token}, status_code=status)
+    response = templates.TemplateResponse(
+        request, "login.html", {"tenant": None, "next": next, "error": error, "login_csrf": token}, status_code=status
+    )
     # Double-submit: the form's hidden token must equal this cookie, which another site cannot read.
-    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
-                        secure=_secure(request, settings), max_age=3600, path="/ui/login")
+    response.set_cookie(
+        LOGIN_CSRF_COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request, settings),
+        max_age=3600,
+        path="/ui/login",
+    )
     return response
 
 
@@ -110,9 +122,14 @@ def login_form(request: Request, settings: SettingsDep, next: Annotated[str, Que
 
 
 @router.post("/login", name="ui_login")
-def login(request: Request, session: SessionDep, settings: SettingsDep,
-          api_key: Annotated[str, Form(max_length=200)] = "", next: Annotated[str, Form(max_length=500)] = "",
-          csrf_token: Annotated[str, Form(max_length=100)] = ""):
+def login(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    api_key: Annotated[str, Form(max_length=200)] = "",
+    next: Annotated[str, Form(max_length=500)] = "",
+    csrf_token: Annotated[str, Form(max_length=100)] = "",
+):
     _same_origin(request)
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not expected or not hmac.compare_digest(expected, csrf_token):
@@ -123,15 +140,23 @@ def login(request: Request, session: SessionDep, settings: SettingsDep,
     # Only local paths: an attacker-supplied next=https://evil must not turn login into a redirector.
     target = next if next.startswith("/ui") and not next.startswith("//") else "/ui"
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, opened[0], httponly=True, samesite="strict", secure=_secure(request, settings),
-                        max_age=int(ui_sessions.LIFETIME.total_seconds()), path="/")
+    response.set_cookie(
+        COOKIE,
+        opened[0],
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request, settings),
+        max_age=int(ui_sessions.LIFETIME.total_seconds()),
+        path="/",
+    )
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/ui/login")
     return response
 
 
 @router.post("/logout", name="ui_logout")
-def logout(request: Request, session: SessionDep, settings: SettingsDep,
-           csrf_token: Annotated[str, Form(max_length=100)] = ""):
+def logout(
+    request: Request, session: SessionDep, settings: SettingsDep, csrf_token: Annotated[str, Form(max_length=100)] = ""
+):
     _same_origin(request)
     found = ui_sessions.find(session, settings, request.cookies.get(COOKIE))
     if found is not None:
@@ -144,6 +169,7 @@ def logout(request: Request, session: SessionDep, settings: SettingsDep,
 
 
 # -- runs list and progress -------------------------------------------------------------------
+
 
 def _progress(run: Run, stages: list[StageStatus]) -> tuple[float, str]:
     """Overall fraction done (the four stages weigh the same) and a short label."""
@@ -164,10 +190,20 @@ def _progress(run: Run, stages: list[StageStatus]) -> tuple[float, str]:
 
 def _run_view(run: Run, stages: list[StageStatus], dataset: Dataset | None) -> dict[str, Any]:
     progress, label = _progress(run, stages)
-    return {"id": run.id, "state": run.state, "stage": run.stage, "num_clusters": run.num_clusters,
-            "preset": run.preset, "error": run.error, "created_at": run.created_at,
-            "dataset_id": run.dataset_id, "dataset_name": dataset.name if dataset else run.dataset_id,
-            "progress": progress, "progress_label": label, "terminal": run.state in RunState.TERMINAL}
+    return {
+        "id": run.id,
+        "state": run.state,
+        "stage": run.stage,
+        "num_clusters": run.num_clusters,
+        "preset": run.preset,
+        "error": run.error,
+        "created_at": run.created_at,
+        "dataset_id": run.dataset_id,
+        "dataset_name": dataset.name if dataset else run.dataset_id,
+        "progress": progress,
+        "progress_label": label,
+        "terminal": run.state in RunState.TERMINAL,
+    }
 
 
 @router.get("", name="ui_runs", response_class=HTMLResponse)
@@ -182,24 +218,40 @@ def runs_page(request: Request, session: SessionDep, tenant: UiTenant):
 def run_progress(run_id: str, session: SessionDep, tenant: UiTenant) -> dict[str, Any]:
     run = run_service.get(session, tenant, run_id)
     progress, label = _progress(run, run_service.stages(session, run))
-    return {"id": run.id, "state": run.state, "stage": run.stage, "progress": progress,
-            "label": label, "terminal": run.state in RunState.TERMINAL}
+    return {
+        "id": run.id,
+        "state": run.state,
+        "stage": run.stage,
+        "progress": progress,
+        "label": label,
+        "terminal": run.state in RunState.TERMINAL,
+    }
 
 
 # -- run page ---------------------------------------------------------------------------------
+
 
 def _charts(history: dict[str, list[dict[str, Any]]]) -> list:
     charts = []
     for stage in [s for s in STAGES if s in history] + [s for s in history if s not in STAGES]:
         pts = [(h["epoch"], h.get("loss")) for h in history[stage] if "epoch" in h]
         if pts:
-            charts.append(line_chart({stage: pts}, title=f"{stage} loss", x_label="epoch",
-                                     css_class=f"chart chart-loss chart-{stage}"))
+            charts.append(
+                line_chart(
+                    {stage: pts}, title=f"{stage} loss", x_label="epoch", css_class=f"chart chart-loss chart-{stage}"
+                )
+            )
     selflabel = history.get("selflabel", [])
     confident = [(h["epoch"], h["confident"]) for h in selflabel if "confident" in h]
     if confident:  # the paper's Fig. 4: confident samples grow, then plateau
-        charts.append(line_chart({"confident samples": confident}, title="self-labeling: confident samples",
-                                 x_label="epoch", css_class="chart chart-confident"))
+        charts.append(
+            line_chart(
+                {"confident samples": confident},
+                title="self-labeling: confident samples",
+                x_label="epoch",
+                css_class="chart chart-confident",
+            )
+        )
     return charts
 
 
@@ -213,17 +265,27 @@ def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
     if not stages and any(isinstance(v, (int, float)) for v in data.values()):
         stages = {"final": data}  # a flat dict of one evaluation
     names = [n for n in METRIC_NAMES if any(n in v for v in stages.values())]
-    names += sorted({k for v in stages.values() for k, x in v.items()
-                     if isinstance(x, (int, float)) and not isinstance(x, bool) and k not in names})
+    names += sorted(
+        {
+            k
+            for v in stages.values()
+            for k, x in v.items()
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and k not in names
+        }
+    )
     table = None
     columns = [s for s in stages if any(n in stages[s] for n in names)]
     if names and columns:
+
         def fmt(x):
             if isinstance(x, float):
                 return f"{x:.4f}"
             return "" if x is None else str(x)
-        table = {"columns": columns,
-                 "rows": [{"name": n, "cells": [fmt(stages[c].get(n)) for c in columns]} for n in names]}
+
+        table = {
+            "columns": columns,
+            "rows": [{"name": n, "cells": [fmt(stages[c].get(n)) for c in columns]} for n in names],
+        }
     final = stages.get(data.get("final")) if isinstance(data.get("final"), str) else None
     final = final or next((stages[s] for s in ("selflabel", "scan", "final") if s in stages), None)
     return table, final.get("confusion") if final else None
@@ -233,8 +295,11 @@ def _shortcut_warnings(run: Run, session: Session) -> list[dict[str, str]]:
     """The plain-words warnings of ml.shortcuts (neighbours or clusters following brightness,
     colour, polarity...), per stage that raised one."""
     data = results.stage_metrics(session, run)
-    return [{"stage": stage, "text": v["shortcuts"]["warning"]} for stage, v in data.items()
-            if isinstance(v, dict) and isinstance(v.get("shortcuts"), dict) and v["shortcuts"].get("warning")]
+    return [
+        {"stage": stage, "text": v["shortcuts"]["warning"]}
+        for stage, v in data.items()
+        if isinstance(v, dict) and isinstance(v.get("shortcuts"), dict) and v["shortcuts"].get("warning")
+    ]
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -259,9 +324,16 @@ def _confusion(matrix, class_names: list[str] | None) -> dict | None:
     def label(i: int) -> str:
         return names[i] if i < len(names) else str(i)
 
-    return {"columns": [label(j) for j in range(m.shape[1])],
-            "rows": [{"name": label(i), "cells": [{"value": int(m[i, j]), "shade": float(shade[i, j])}
-                                                  for j in range(m.shape[1])]} for i in range(m.shape[0])]}
+    return {
+        "columns": [label(j) for j in range(m.shape[1])],
+        "rows": [
+            {
+                "name": label(i),
+                "cells": [{"value": int(m[i, j]), "shade": float(shade[i, j])} for j in range(m.shape[1])],
+            }
+            for i in range(m.shape[0])
+        ],
+    }
 
 
 @router.get("/runs/{run_id}", name="ui_run", response_class=HTMLResponse)
@@ -273,19 +345,41 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
     clusters = []
     finished = results.clusters(session, run) if run.state == RunState.SUCCEEDED else []
     for c in finished:
-        clusters.append({"index": c.index, "size": c.size, "mean_confidence": c.mean_confidence,
-                         "prototype": c.prototype, "matched_label": c.matched_label,
-                         "top_items": [int(i) for i in (c.top_items or [])[:TOP_ITEMS_SHOWN]]})
-    return templates.TemplateResponse(request, "run.html", {
-        "tenant": tenant, "run": _run_view(run, stages, dataset), "stages": stages,
-        "charts": _charts(run_service.history(session, run)), "metrics": table,
-        "confusion": _confusion(confusion, dataset.class_names if dataset else None),
-        "clusters": clusters, "shortcut_warnings": _shortcut_warnings(run, session)})
+        clusters.append(
+            {
+                "index": c.index,
+                "size": c.size,
+                "mean_confidence": c.mean_confidence,
+                "prototype": c.prototype,
+                "matched_label": c.matched_label,
+                "top_items": [int(i) for i in (c.top_items or [])[:TOP_ITEMS_SHOWN]],
+            }
+        )
+    return templates.TemplateResponse(
+        request,
+        "run.html",
+        {
+            "tenant": tenant,
+            "run": _run_view(run, stages, dataset),
+            "stages": stages,
+            "charts": _charts(run_service.history(session, run)),
+            "metrics": table,
+            "confusion": _confusion(confusion, dataset.class_names if dataset else None),
+            "clusters": clusters,
+            "shortcut_warnings": _shortcut_warnings(run, session),
+        },
+    )
 
 
 @router.post("/runs/{run_id}/retry", name="ui_run_retry")
-def retry_run(request: Request, run_id: str, session: SessionDep, tenant: UiTenant, settings: SettingsDep,
-              csrf_token: Annotated[str, Form(max_length=100)] = ""):
+def retry_run(
+    request: Request,
+    run_id: str,
+    session: SessionDep,
+    tenant: UiTenant,
+    settings: SettingsDep,
+    csrf_token: Annotated[str, Form(max_length=100)] = "",
+):
     # Same origin and the session's CSRF token, like every UI form; then the same service as
     # POST /v1/runs/{id}/retry (same owner and state checks), and back to the page.
     _same_origin(request)
@@ -296,17 +390,42 @@ def retry_run(request: Request, run_id: str, session: SessionDep, tenant: UiTena
 
 
 @router.get("/runs/{run_id}/clusters/{cluster}", name="ui_cluster", response_class=HTMLResponse)
-def cluster_page(request: Request, run_id: str, cluster: ClusterIndex, session: SessionDep, tenant: UiTenant,
-                 order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1, le=MAX_INT)):
+def cluster_page(
+    request: Request,
+    run_id: str,
+    cluster: ClusterIndex,
+    session: SessionDep,
+    tenant: UiTenant,
+    order: str = Query("desc", pattern="^(asc|desc)$"),
+    page: int = Query(1, ge=1, le=MAX_INT),
+):
     run = run_service.get(session, tenant, run_id)
     row = results.cluster(session, run, cluster)
     pages = max(1, math.ceil(row.size / MEMBERS_PER_PAGE))
     page = min(page, pages)
-    members, total = results.assignments(session, run, cluster=cluster, min_confidence=None, page=page,
-                                         page_size=MEMBERS_PER_PAGE, order=f"confidence_{order}")
-    return templates.TemplateResponse(request, "cluster.html", {
-        "tenant": tenant, "run": _run_view(run, [], dataset_service.get(session, tenant, run.dataset_id)),
-        "cluster": row, "members": members, "total": total, "order": order, "page": page, "pages": pages})
+    members, total = results.assignments(
+        session,
+        run,
+        cluster=cluster,
+        min_confidence=None,
+        page=page,
+        page_size=MEMBERS_PER_PAGE,
+        order=f"confidence_{order}",
+    )
+    return templates.TemplateResponse(
+        request,
+        "cluster.html",
+        {
+            "tenant": tenant,
+            "run": _run_view(run, [], dataset_service.get(session, tenant, run.dataset_id)),
+            "cluster": row,
+            "members": members,
+            "total": total,
+            "order": order,
+            "page": page,
+            "pages": pages,
+        },
+    )
 
 
 @router.get("/runs/{run_id}/items/{item}/neighbors", name="ui_neighbors", response_class=HTMLResponse)
@@ -317,23 +436,39 @@ async def neighbors_page(request: Request, run_id: str, item: ItemIndex, session
     if not 0 <= item < n_items:
         raise HTTPException(404, f"item {item} is out of range: the dataset has {n_items} items")
     k = min(NEIGHBORS_SHOWN + 1, n_items)
-    scores, ids = await run_in_threadpool(served.search, np.asarray(served.features[item:item + 1]), k)
+    scores, ids = await run_in_threadpool(served.search, np.asarray(served.features[item : item + 1]), k)
     cluster = served.assignments["cluster"]
-    neighbors = [{"item": int(i), "score": float(s), "cluster": int(cluster[i])}
-                 for s, i in zip(scores[0], ids[0]) if i >= 0 and i != item]
+    neighbors = [
+        {"item": int(i), "score": float(s), "cluster": int(cluster[i])}
+        for s, i in zip(scores[0], ids[0])
+        if i >= 0 and i != item
+    ]
     labels = served.cluster_labels
     c = int(cluster[item])
-    return templates.TemplateResponse(request, "neighbors.html", {
-        "tenant": tenant, "run": _run_view(run, [], None), "item": item, "cluster": c,
-        "label": labels[c] if labels else None,
-        "confidence": float(served.assignments["confidence"][item]), "neighbors": neighbors})
+    return templates.TemplateResponse(
+        request,
+        "neighbors.html",
+        {
+            "tenant": tenant,
+            "run": _run_view(run, [], None),
+            "item": item,
+            "cluster": c,
+            "label": labels[c] if labels else None,
+            "confidence": float(served.assignments["confidence"][item]),
+            "neighbors": neighbors,
+        },
+    )
 
 
 # -- images ---------------------------------------------------------------------------------
+
 
 @router.get("/datasets/{dataset_id}/items/{item}.png", name="ui_item_png")
 def item_image(dataset_id: str, item: ItemIndex, session: SessionDep, tenant: UiTenant, settings: SettingsDep):
     """The API's `/v1/datasets/{id}/items/{i}.png`, authenticated by the cookie so `<img>` works."""
     dataset = dataset_service.get(session, tenant, dataset_id)
-    return Response(dataset_service.item_png(settings, dataset, item), media_type="image/png",
-                    headers={"Cache-Control": "private, max-age=86400"})
+    return Response(
+        dataset_service.item_png(settings, dataset, item),
+        media_type="image/png",
+        headers={"Cache-Control": "private, max-age=86400"},
+    )

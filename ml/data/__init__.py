@@ -29,10 +29,19 @@ non-image files, decompression bombs (``Limits.max_image_pixels``), archive entr
 links or devices in archives or folders, archives over ``Limits.max_total_bytes`` (declared size,
 checked before reading) or ``Limits.max_files``, empty sources, malformed npz/IDX/CIFAR/STL files.
 """
+
 from .errors import DataError, Limits
 from .imageset import ImageSet
 from .imaging import conform_images, decode_conformed, decode_image, resize_to
 from .load import load_source
 
-__all__ = ["DataError", "ImageSet", "Limits", "conform_images", "decode_conformed", "decode_image", "load_source",
-           "resize_to"]
+__all__ = [
+    "DataError",
+    "ImageSet",
+    "Limits",
+    "conform_images",
+    "decode_conformed",
+    "decode_image",
+    "load_source",
+    "resize_to",
+]

@@ -3,6 +3,7 @@
 Every entry is checked before any member is read: paths must stay inside the archive, links and
 device entries are refused, and the declared sizes and entry count must fit `Limits`.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,16 +41,14 @@ def sniff_archive(path: Path) -> str | None:
         return None
 
 
-def read_archive(path: Path, split: str, limits: Limits, image_size: int | None,
-                 kind: str | None = None) -> ImageSet:
+def read_archive(path: Path, split: str, limits: Limits, image_size: int | None, kind: str | None = None) -> ImageSet:
     """A zip or tar archive; `kind` ("zip" or "tar") overrides the guess from the suffix."""
     path = Path(path)
     if kind is None:
         kind = "zip" if path.name.lower().endswith(ZIP_SUFFIXES) else "tar"
     read = _read_zip if kind == "zip" else _read_tar
     items, layout = read(path, split, limits)
-    return images_from_encoded(items, layout.labels, layout.class_names, str(path), limits,
-                               image_size)
+    return images_from_encoded(items, layout.labels, layout.class_names, str(path), limits, image_size)
 
 
 def member_name(archive: Path, name: str) -> str:
@@ -95,8 +94,15 @@ def _read_zip(path: Path, split: str, limits: Limits):
                 budget.used += len(data)
             except DataError:
                 raise
-            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError,
-                    RuntimeError, ValueError) as e:
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                OSError,
+                EOFError,
+                NotImplementedError,
+                RuntimeError,
+                ValueError,
+            ) as e:
                 raise DataError(member_name(path, info.filename), f"corrupt archive member ({e})") from e
             items.append((member_name(path, p), data))
     return items, layout
@@ -104,6 +110,7 @@ def _read_zip(path: Path, split: str, limits: Limits):
 
 class _Budget:
     """Inflated bytes read so far from one archive (real bytes, not the headers' claims)."""
+
     used = 0
 
 
@@ -118,7 +125,7 @@ def read_capped(f, where: str, limits: Limits, budget: _Budget) -> bytes:
             return b"".join(chunks)
         size += len(chunk)
         if size > cap:
-            limit = ("per member" if cap == limits.max_member_bytes else "for the whole archive")
+            limit = "per member" if cap == limits.max_member_bytes else "for the whole archive"
             raise DataError(where, f"inflates past {cap:,} bytes, the limit {limit} (archive bomb?)")
         chunks.append(chunk)
 
@@ -129,8 +136,9 @@ def check_zip_infos(path: Path, infos: list[zipfile.ZipInfo], limits: Limits) ->
         raise DataError(path, f"{len(infos)} entries is more than the limit of {limits.max_files}")
     total = sum(i.file_size for i in infos)
     if total > limits.max_total_bytes:
-        raise DataError(path, f"uncompressed size {total} bytes is more than the limit of "
-                              f"{limits.max_total_bytes} (zip bomb?)")
+        raise DataError(
+            path, f"uncompressed size {total} bytes is more than the limit of {limits.max_total_bytes} (zip bomb?)"
+        )
     for info in infos:
         kind = stat.S_IFMT(info.external_attr >> 16)
         if kind == stat.S_IFLNK:
@@ -167,8 +175,9 @@ def _read_tar(path: Path, split: str, limits: Limits):
                 posix = check_member_path(path, m.name)
                 total += m.size
                 if total > limits.max_total_bytes:
-                    raise DataError(path, f"uncompressed size is more than the limit of "
-                                          f"{limits.max_total_bytes} bytes (tar bomb?)")
+                    raise DataError(
+                        path, f"uncompressed size is more than the limit of {limits.max_total_bytes} bytes (tar bomb?)"
+                    )
                 if not is_junk(posix) and is_image_name(posix):
                     files[posix] = m
             layout = arrange(list(files), split, str(path))

@@ -3,6 +3,7 @@
 The size rule still applies: such a set is resized only when `image_size` asks for another size or a
 side is above `Limits.max_side`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +13,14 @@ from .imageset import ImageSet
 from .imaging import choose_size, conform_images
 
 
-def image_set_from_array(images: np.ndarray, labels: np.ndarray | None,
-                         class_names: list[str] | None, source: str, limits: Limits,
-                         image_size: int | None) -> ImageSet:
+def image_set_from_array(
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    class_names: list[str] | None,
+    source: str,
+    limits: Limits,
+    image_size: int | None,
+) -> ImageSet:
     """uint8 (N, C, H, W) -> ImageSet, checking labels and applying the size rule."""
     n, channels, h, w = images.shape
     if n == 0:
@@ -29,8 +35,9 @@ def image_set_from_array(images: np.ndarray, labels: np.ndarray | None,
     return ImageSet(np.ascontiguousarray(images), labels, class_names, source)
 
 
-def check_labels(labels: np.ndarray, n: int, class_names: list[str] | None,
-                 source: str) -> tuple[np.ndarray, list[str]]:
+def check_labels(
+    labels: np.ndarray, n: int, class_names: list[str] | None, source: str
+) -> tuple[np.ndarray, list[str]]:
     """Integer labels and their class names. Without names, ids below MAX_CLASSES are kept as they
     are (so the train and test splits of a set agree); larger ones are remapped to dense ids 0..C-1
     named by their value, so [0, 1, 2, 10_000_000] is four classes, not ten million."""

@@ -5,6 +5,7 @@
 - ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` package (IDX .gz files under
   /usr/share/datasets/fashion-mnist); "train" is the 60k training images, "test" the 10k t10k images.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,18 @@ from .idx import find_idx_pair, read_idx
 from .imageset import ImageSet
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 BUILTINS = ("digits", "fashion-mnist")
 
 
@@ -41,10 +52,13 @@ def fashion_mnist_dir() -> Path:
     for d in FASHION_MNIST_DIRS:
         if d.is_dir():
             return d
-    raise DataError("fashion-mnist", "data files not found in "
-                    f"{', '.join(map(str, FASHION_MNIST_DIRS))}; install them with "
-                    "`apt-get install dataset-fashion-mnist` (or `make fashion-mnist`), or pass a "
-                    "directory holding the IDX files as the source")
+    raise DataError(
+        "fashion-mnist",
+        "data files not found in "
+        f"{', '.join(map(str, FASHION_MNIST_DIRS))}; install them with "
+        "`apt-get install dataset-fashion-mnist` (or `make fashion-mnist`), or pass a "
+        "directory holding the IDX files as the source",
+    )
 
 
 def load_builtin(name: str, split: str, limits: Limits, image_size: int | None) -> ImageSet:
@@ -56,10 +70,17 @@ def load_builtin(name: str, split: str, limits: Limits, image_size: int | None) 
     try:
         find_idx_pair(directory, split)
     except DataError as e:
-        raise DataError("fashion-mnist", f"{e}; reinstall with `apt-get install --reinstall "
-                                         "dataset-fashion-mnist`") from e
-    return read_idx(directory, split, limits, image_size, class_names=FASHION_MNIST_CLASSES,
-                    source="fashion-mnist" if split == "train" else "fashion-mnist (test)")
+        raise DataError(
+            "fashion-mnist", f"{e}; reinstall with `apt-get install --reinstall dataset-fashion-mnist`"
+        ) from e
+    return read_idx(
+        directory,
+        split,
+        limits,
+        image_size,
+        class_names=FASHION_MNIST_CLASSES,
+        source="fashion-mnist" if split == "train" else "fashion-mnist (test)",
+    )
 
 
 def _digits(limits: Limits, image_size: int | None) -> ImageSet:
@@ -67,5 +88,6 @@ def _digits(limits: Limits, image_size: int | None) -> ImageSet:
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    return image_set_from_array(images, bunch.target.astype(np.int64), [str(i) for i in range(10)],
-                                "digits", limits, image_size)
+    return image_set_from_array(
+        images, bunch.target.astype(np.int64), [str(i) for i in range(10)], "digits", limits, image_size
+    )

@@ -4,6 +4,7 @@ The key covers the source's resolved path, the split, the image size asked for, 
 image-set format, and a fingerprint of the files (size and mtime of the file, or of every file below
 a directory), so an edited source is decoded again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,11 +35,21 @@ def fingerprint(path: Path | None) -> list:
     return [hashlib.sha256(json.dumps(entries).encode()).hexdigest()]
 
 
-def cache_entry(cache_dir: Path, label: str, files: Path | None, split: str,
-                image_size: int | None, limits: object) -> Path:
-    key = json.dumps({"source": label, "split": split, "image_size": image_size,
-                      "limits": repr(limits), "files": fingerprint(files),
-                      "format": FORMAT_VERSION, "reader": READER_VERSION}, sort_keys=True)
+def cache_entry(
+    cache_dir: Path, label: str, files: Path | None, split: str, image_size: int | None, limits: object
+) -> Path:
+    key = json.dumps(
+        {
+            "source": label,
+            "split": split,
+            "image_size": image_size,
+            "limits": repr(limits),
+            "files": fingerprint(files),
+            "format": FORMAT_VERSION,
+            "reader": READER_VERSION,
+        },
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(label).name or "source")[:40]
     return Path(cache_dir) / f"{slug}-{split}-{digest}"

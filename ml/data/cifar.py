@@ -8,6 +8,7 @@ split suffix ``-fine`` (``"train-fine"``, ``"test-fine"``) gives the 100 fine cl
 The batches are pickles, and a pickle can run code: they are read with an unpickler that only lets
 through the numpy names an array needs, so a hostile file raises DataError instead.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,20 +22,39 @@ from .arrays import image_set_from_array
 from .errors import DataError, Limits
 from .imageset import ImageSet
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_SUPERCLASSES = [
-    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
-    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
-    "large_man-made_outdoor_things", "large_natural_outdoor_scenes",
-    "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates", "people",
-    "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2"]
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "food_containers",
+    "fruit_and_vegetables",
+    "household_electrical_devices",
+    "household_furniture",
+    "insects",
+    "large_carnivores",
+    "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores",
+    "medium_mammals",
+    "non-insect_invertebrates",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+    "vehicles_1",
+    "vehicles_2",
+]
 
 _ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),  # how protocol-2 pickles spell bytes
 }
 
@@ -61,12 +81,14 @@ def load_pickle(path: Path, limits: Limits) -> dict:
 
 
 def is_cifar_dir(path: Path) -> bool:
-    return ((path / "data_batch_1").is_file() or (path / "test_batch").is_file()
-            or ((path / "train").is_file() and ((path / "meta").is_file() or (path / "test").is_file())))
+    return (
+        (path / "data_batch_1").is_file()
+        or (path / "test_batch").is_file()
+        or ((path / "train").is_file() and ((path / "meta").is_file() or (path / "test").is_file()))
+    )
 
 
-def read_cifar(directory: Path, split: str, variant: str, limits: Limits,
-               image_size: int | None) -> ImageSet:
+def read_cifar(directory: Path, split: str, variant: str, limits: Limits, image_size: int | None) -> ImageSet:
     directory = Path(directory)
     if split not in ("train", "test"):
         raise DataError(directory, f"CIFAR has splits 'train' and 'test', not '{split}'")
@@ -75,8 +97,7 @@ def read_cifar(directory: Path, split: str, variant: str, limits: Limits,
     if variant:
         raise DataError(directory, f"split suffix '-{variant}' applies only to CIFAR-100")
     if split == "train":
-        batches = sorted(directory.glob("data_batch_*"),
-                         key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        batches = sorted(directory.glob("data_batch_*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
     else:
         batches = [directory / "test_batch"]
     batches = [b for b in batches if b.is_file()]
@@ -89,8 +110,7 @@ def read_cifar(directory: Path, split: str, variant: str, limits: Limits,
     return image_set_from_array(images, labels, names, str(directory), limits, image_size)
 
 
-def _cifar100(directory: Path, split: str, variant: str, limits: Limits,
-              image_size: int | None) -> ImageSet:
+def _cifar100(directory: Path, split: str, variant: str, limits: Limits, image_size: int | None) -> ImageSet:
     if variant not in ("coarse", "fine"):
         raise DataError(directory, f"unknown CIFAR-100 label set '{variant}' (use coarse or fine)")
     path = directory / split
@@ -107,8 +127,7 @@ def _cifar100(directory: Path, split: str, variant: str, limits: Limits,
 def _batch(path: Path, label_key: str, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
     batch = load_pickle(path, limits)
     if "data" not in batch or label_key not in batch:
-        raise DataError(path, f"CIFAR batch without 'data' or '{label_key}' "
-                              f"(keys: {', '.join(map(str, batch))})")
+        raise DataError(path, f"CIFAR batch without 'data' or '{label_key}' (keys: {', '.join(map(str, batch))})")
     data = np.asarray(batch["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(path, f"CIFAR 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")

@@ -5,6 +5,7 @@ sets are decoded once and kept in memory until the rules are decided; when the d
 pass `DECODED_BUDGET` bytes, a header-only pass decides the rules instead and each image is decoded
 again and written, already conformed, straight into the (N, C, H, W) array.
 """
+
 from __future__ import annotations
 
 import threading
@@ -24,9 +25,14 @@ DECODED_BUDGET = 1 << 30
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
-def images_from_encoded(items: Sequence[Encoded], labels: Sequence[int] | None,
-                        class_names: list[str] | None, source: str, limits: Limits,
-                        image_size: int | None) -> ImageSet:
+def images_from_encoded(
+    items: Sequence[Encoded],
+    labels: Sequence[int] | None,
+    class_names: list[str] | None,
+    source: str,
+    limits: Limits,
+    image_size: int | None,
+) -> ImageSet:
     if not items:
         raise DataError(source, "no images found")
     labels_array = None if labels is None else np.asarray(labels, np.int64)

@@ -1,4 +1,5 @@
 """The one error type for unreadable or hostile input, and the bounds that define "hostile"."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,11 @@ def check_decoded_size(shape: tuple[int, ...], limits: Limits, where: object) ->
     for dim in shape:
         size *= int(dim)  # Python ints: no overflow on hostile dims
     if size > limits.max_decoded_bytes:
-        raise DataError(where, f"decodes to {size:,} bytes ({' x '.join(str(int(d)) for d in shape)}); "
-                               f"at most {limits.max_decoded_bytes:,} are accepted (SCAN_MAX_DATASET_BYTES)")
+        raise DataError(
+            where,
+            f"decodes to {size:,} bytes ({' x '.join(str(int(d)) for d in shape)}); "
+            f"at most {limits.max_decoded_bytes:,} are accepted (SCAN_MAX_DATASET_BYTES)",
+        )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """A folder of images; one subfolder per class gives labels (see `layout`)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,7 @@ def read_folder(root: Path, split: str, limits: Limits, image_size: int | None) 
     relpaths = list_folder(root, limits)
     layout = arrange(relpaths, split, str(root))
     items = [(str(root / p), root / p) for p in layout.paths]
-    return images_from_encoded(items, layout.labels, layout.class_names, str(root), limits,
-                               image_size)
+    return images_from_encoded(items, layout.labels, layout.class_names, str(root), limits, image_size)
 
 
 def list_folder(root: Path, limits: Limits) -> list[str]:

@@ -3,6 +3,7 @@
 A directory holds ``train-images-idx3-ubyte[.gz]`` / ``train-labels-idx1-ubyte[.gz]`` for split
 "train" and ``t10k-*`` (or ``test-*``) for split "test"; ``-`` or ``.`` may separate the parts.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,7 +29,7 @@ def declared_dims(path: Path) -> tuple[int, ...] | None:
     try:
         with open(path, "rb") as f:
             gz = f.read(2) == _GZIP_MAGIC
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
             head = f.read(4)
             if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _DTYPES or not 1 <= head[3] <= 4:
                 return None
@@ -37,7 +38,7 @@ def declared_dims(path: Path) -> tuple[int, ...] | None:
         return None
     if len(raw) < 4 * head[3]:
         return None
-    return tuple(int.from_bytes(raw[4 * i: 4 * i + 4], "big") for i in range(head[3]))
+    return tuple(int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in range(head[3]))
 
 
 def read_raw(path: Path, limits: Limits) -> bytes:
@@ -68,13 +69,12 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(name, "truncated IDX file (header cut short)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_DTYPES[data[2]])
     expected = header + math.prod(dims) * dtype.itemsize  # Python ints: no overflow on hostile dims
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "trailing bytes in"
-        raise DataError(name, f"{what} IDX file: dimensions {dims} need {expected} bytes, "
-                              f"file has {len(data)}")
+        raise DataError(name, f"{what} IDX file: dimensions {dims} need {expected} bytes, file has {len(data)}")
     return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -97,8 +97,14 @@ def is_idx_dir(path: Path) -> bool:
     return any("idx3" in p.name.lower() for p in Path(path).iterdir() if p.is_file())
 
 
-def read_idx(path: Path, split: str, limits: Limits, image_size: int | None,
-             class_names: list[str] | None = None, source: str | None = None) -> ImageSet:
+def read_idx(
+    path: Path,
+    split: str,
+    limits: Limits,
+    image_size: int | None,
+    class_names: list[str] | None = None,
+    source: str | None = None,
+) -> ImageSet:
     """An IDX images file (labels from its ``*-labels-idx1-*`` sibling, if any) or a directory."""
     path = Path(path)
     if path.is_dir():
@@ -115,10 +121,10 @@ def read_idx(path: Path, split: str, limits: Limits, image_size: int | None,
     if labels_path is not None:
         labels = parse_idx(read_raw(labels_path, limits), str(labels_path))
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(labels_path, f"labels shape {labels.shape} does not match "
-                                         f"{images.shape[0]} images")
-    return image_set_from_array(to_nchw(images, str(images_path)), labels, class_names,
-                                source or str(path), limits, image_size)
+            raise DataError(labels_path, f"labels shape {labels.shape} does not match {images.shape[0]} images")
+    return image_set_from_array(
+        to_nchw(images, str(images_path)), labels, class_names, source or str(path), limits, image_size
+    )
 
 
 def find_idx_pair(directory: Path, split: str) -> tuple[Path, Path | None]:
@@ -137,8 +143,7 @@ def find_idx_pair(directory: Path, split: str) -> tuple[Path, Path | None]:
 
     images = find("images", "idx3")
     if images is None:
-        raise DataError(directory, f"no {prefixes[0]}-images-idx3-ubyte[.gz] file for split "
-                                   f"'{split}'")
+        raise DataError(directory, f"no {prefixes[0]}-images-idx3-ubyte[.gz] file for split '{split}'")
     return images, find("labels", "idx1")
 
 

@@ -1,4 +1,5 @@
 """`ImageSet`: every source ends up as one uint8 (N, C, H, W) array, saved as .npy and memory-mapped."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,7 @@ class ImageSet:
     def __post_init__(self) -> None:
         im = self.images
         if im.dtype != np.uint8 or im.ndim != 4 or im.shape[1] not in (1, 3):
-            raise ValueError(f"images must be uint8 (N, C, H, W) with C in {{1, 3}}, got "
-                             f"{im.dtype} {im.shape}")
+            raise ValueError(f"images must be uint8 (N, C, H, W) with C in {{1, 3}}, got {im.dtype} {im.shape}")
         if not im.flags.c_contiguous:
             self.images = np.ascontiguousarray(im)
         if self.labels is not None:
@@ -72,8 +72,13 @@ class ImageSet:
             np.save(tmp / "images.npy", self.images, allow_pickle=False)
             if self.labels is not None:
                 np.save(tmp / "labels.npy", self.labels, allow_pickle=False)
-            meta = {"format": FORMAT_VERSION, "source": self.source, "class_names": self.class_names,
-                    "shape": list(self.images.shape), "has_labels": self.labels is not None}
+            meta = {
+                "format": FORMAT_VERSION,
+                "source": self.source,
+                "class_names": self.class_names,
+                "shape": list(self.images.shape),
+                "has_labels": self.labels is not None,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             _replace_dir(tmp, directory)
         except BaseException:
@@ -86,20 +91,19 @@ class ImageSet:
         try:
             meta = json.loads((directory / "meta.json").read_text())
             if meta.get("format") != FORMAT_VERSION:
-                raise DataError(directory, f"image set format {meta.get('format')} is not "
-                                           f"{FORMAT_VERSION}")
+                raise DataError(directory, f"image set format {meta.get('format')} is not {FORMAT_VERSION}")
             mode = "r" if mmap else None
             images = np.load(directory / "images.npy", mmap_mode=mode, allow_pickle=False)
-            labels = (np.load(directory / "labels.npy", mmap_mode=mode, allow_pickle=False)
-                      if meta["has_labels"] else None)
+            labels = (
+                np.load(directory / "labels.npy", mmap_mode=mode, allow_pickle=False) if meta["has_labels"] else None
+            )
         except (OSError, ValueError, KeyError) as e:
             if isinstance(e, DataError):
                 raise
             raise DataError(directory, f"not a readable image set ({e})") from e
         if list(images.shape) != meta["shape"]:
             raise DataError(directory, "images.npy does not match meta.json")
-        return cls(images=images, labels=labels, class_names=meta["class_names"],
-                   source=meta["source"])
+        return cls(images=images, labels=labels, class_names=meta["class_names"], source=meta["source"])
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

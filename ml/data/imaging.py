@@ -3,6 +3,7 @@
 Ingest and /predict both go through `conform_pil`, so a new image is resized and converted exactly
 like the training images were. The rules themselves are documented in `ml/data/__init__.py`.
 """
+
 from __future__ import annotations
 
 import io
@@ -54,8 +55,9 @@ def open_image(data: bytes | Path, name: str, limits: Limits) -> Image.Image:
     cap = min(limits.max_image_pixels, Image.MAX_IMAGE_PIXELS or limits.max_image_pixels)
     if pixels > cap:
         img.close()
-        raise DataError(name, f"decompression bomb: {img.width}x{img.height} = {pixels} pixels is "
-                              f"more than the limit of {cap}")
+        raise DataError(
+            name, f"decompression bomb: {img.width}x{img.height} = {pixels} pixels is more than the limit of {cap}"
+        )
     if img.width < 1 or img.height < 1:
         raise DataError(name, "corrupt image (empty)")
     return img
@@ -77,8 +79,9 @@ def is_gray(img: Image.Image) -> bool:
     return img.mode in _GRAY_MODES
 
 
-def decode_pil(data: bytes | Path, name: str, limits: Limits = Limits(),
-               at_least: tuple[int, int] | None = None) -> Image.Image:
+def decode_pil(
+    data: bytes | Path, name: str, limits: Limits = Limits(), at_least: tuple[int, int] | None = None
+) -> Image.Image:
     """Decode into mode "L" (gray modes) or "RGB" (everything else).
 
     With ``at_least=(H, W)``, a JPEG much larger than that is decoded at a reduced scale (libjpeg's
@@ -90,11 +93,14 @@ def decode_pil(data: bytes | Path, name: str, limits: Limits = Limits(),
     try:
         with img:
             if at_least is not None and img.format == "JPEG":
-                scale = max(at_least[0] / img.height, at_least[1] / img.width,
-                            at_least[0] / img.width, at_least[1] / img.height)
+                scale = max(
+                    at_least[0] / img.height, at_least[1] / img.width, at_least[0] / img.width, at_least[1] / img.height
+                )
                 if scale < 0.5:
-                    img.draft(img.mode if img.mode in ("L", "RGB") else None,
-                              (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+                    img.draft(
+                        img.mode if img.mode in ("L", "RGB") else None,
+                        (math.ceil(img.width * scale), math.ceil(img.height * scale)),
+                    )
             img.load()
             if orientation(img) != 1:  # photos are stored sideways with an EXIF flag
                 img = ImageOps.exif_transpose(img)
@@ -137,8 +143,7 @@ def _hwc(img: Image.Image) -> np.ndarray:
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def choose_size(sizes: Sequence[tuple[int, int]], limits: Limits,
-                image_size: int | None = None) -> tuple[int, int]:
+def choose_size(sizes: Sequence[tuple[int, int]], limits: Limits, image_size: int | None = None) -> tuple[int, int]:
     """The size rule: (H, W) for the whole set from the images' (h, w).
 
     Same-size sets keep their size (if no side exceeds `limits.max_side`); otherwise a square side
@@ -193,8 +198,9 @@ def array_to_pil(image: np.ndarray, name: str = "image") -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a[:, :, :3]), "RGB")
 
 
-def decode_conformed(data: bytes, name: str, size: tuple[int, int], channels: int,
-                     limits: Limits = Limits()) -> np.ndarray:
+def decode_conformed(
+    data: bytes, name: str, size: tuple[int, int], channels: int, limits: Limits = Limits()
+) -> np.ndarray:
     """One encoded image straight to uint8 (channels, H, W) by the ingest rule, decoding a large
     JPEG at a reduced scale first (see `decode_pil`). Raises DataError naming `name`."""
     return conform_pil(decode_pil(data, name, limits, at_least=size), size, channels).transpose(2, 0, 1)

@@ -8,6 +8,7 @@
 - Hidden files and OS junk (``__MACOSX/``, ``.DS_Store``, ``Thumbs.db``) are ignored, and so are
   files whose suffix is not an image suffix.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,9 @@ _ALL_SPLIT_DIRS = frozenset(name for names in SPLIT_DIRS.values() for name in na
 
 
 def is_junk(relpath: str) -> bool:
-    return any(part.startswith(".") or part.lower() in _JUNK_NAMES
-               for part in relpath.split("/") if part not in ("", "."))
+    return any(
+        part.startswith(".") or part.lower() in _JUNK_NAMES for part in relpath.split("/") if part not in ("", ".")
+    )
 
 
 def is_image_name(relpath: str) -> bool:

@@ -1,4 +1,5 @@
 """`load_source`: pick the reader for a source, with the on-disk cache in front of it."""
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,14 @@ from .npz import read_npz
 from .stl import is_stl_dir, read_stl
 
 
-def load_source(source: str | Path, *, split: str = "train", cache_dir: Path | None = None,
-                limits: Limits = Limits(), image_size: int | None = None) -> ImageSet:
+def load_source(
+    source: str | Path,
+    *,
+    split: str = "train",
+    cache_dir: Path | None = None,
+    limits: Limits = Limits(),
+    image_size: int | None = None,
+) -> ImageSet:
     """Read any supported source into an `ImageSet` (see the package docstring for the list).
 
     With `cache_dir`, the decoded set is saved there and later calls load it memory-mapped.
@@ -34,8 +41,7 @@ def load_source(source: str | Path, *, split: str = "train", cache_dir: Path | N
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise DataError(path, "no such file or directory (and not a builtin: digits, "
-                                  "fashion-mnist)")
+            raise DataError(path, "no such file or directory (and not a builtin: digits, fashion-mnist)")
         path = path.resolve()
         label, files = str(path), path
         read = partial(_read_path, path, base, variant, limits, image_size)
@@ -60,8 +66,7 @@ def _parse_split(split: str) -> tuple[str, str]:
     return m.group(1).lower(), (m.group(2) or "").lower()
 
 
-def _read_path(path: Path, split: str, variant: str, limits: Limits,
-               image_size: int | None) -> ImageSet:
+def _read_path(path: Path, split: str, variant: str, limits: Limits, image_size: int | None) -> ImageSet:
     if path.is_dir():
         directory = _look_through(path)
         if is_cifar_dir(directory):
@@ -87,8 +92,9 @@ def _read_path(path: Path, split: str, variant: str, limits: Limits,
         return read_npz(path, limits, image_size)
     if kind is not None:
         return read_archive(path, split, limits, image_size, kind=kind)
-    raise DataError(path, "unknown source type (expected an image folder, .zip, .tar[.gz], .npz, "
-                          "IDX, CIFAR or STL-10 data)")
+    raise DataError(
+        path, "unknown source type (expected an image folder, .zip, .tar[.gz], .npz, IDX, CIFAR or STL-10 data)"
+    )
 
 
 def _look_through(directory: Path) -> Path:

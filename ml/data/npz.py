@@ -4,6 +4,7 @@ A 4-d array whose last axis is 1, 3 or 4 is read as NHWC, else one whose axis 1 
 (NHWC wins when both fit); a 4th channel is alpha and dropped. Pixel types follow `imaging.to_uint8`.
 Pickled (object) arrays are refused.
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -52,8 +53,11 @@ def _check_declared_shapes(path: Path, zf: zipfile.ZipFile, limits: Limits) -> N
         with zf.open(member) as f:
             try:
                 version = np.lib.format.read_magic(f)
-                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0(f))
+                shape, _, dtype = (
+                    np.lib.format.read_array_header_1_0(f)
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0(f)
+                )
             except ValueError as e:
                 raise DataError(path, f"{member}: not a valid .npy header ({e})") from e
         raw = int(np.prod(shape, dtype=object)) * max(dtype.itemsize, 1)

@@ -3,6 +3,7 @@
 
 Images are 3x96x96 uint8 stored column-major per channel, labels uint8 1..10.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@ both strongly augmented, are pushed to agree, while the entropy term keeps clust
 collapsing. Several heads train at once; after every epoch Eq. 2 is measured for each head over the whole
 dataset, and the (epoch, head) with the lowest loss is the model kept (the paper's criterion).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,9 +39,19 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     params = model.heads.parameters() if cc.freeze_backbone else model.parameters()
     trainer = Trainer(ctx, model, params, cc.optim, epochs=cc.epochs, batch_size=cc.batch_size, n=n, stream=2)
     pc = cfg.pretext
-    aug = (StrongAugment(size, cutout=cc.cutout, flip=pc.flip) if cc.augmentation == "strong" else
-           SimCLRAugment(size, crop_scale=pc.crop_scale, flip=pc.flip, jitter=pc.jitter, jitter_p=pc.jitter_p,
-                         gray_p=pc.gray_p, invariances=pc.invariances))
+    aug = (
+        StrongAugment(size, cutout=cc.cutout, flip=pc.flip)
+        if cc.augmentation == "strong"
+        else SimCLRAugment(
+            size,
+            crop_scale=pc.crop_scale,
+            flip=pc.flip,
+            jitter=pc.jitter,
+            jitter_p=pc.jitter_p,
+            gray_p=pc.gray_p,
+            invariances=pc.invariances,
+        )
+    )
     heads = _HeadInputs(model, images, rt, cc, aug, trainer.g)
     best = trainer.resume().get("best")
 
@@ -51,7 +62,7 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
             # One partner per anchor, drawn uniformly from itself and its K neighbours.
             pick = torch.randint(neighbors.shape[1], (idx.numel(),), generator=trainer.g, device=rt.device)
             logits = heads.logits(torch.cat([idx, neighbors[idx, pick]]))
-            total, _, _ = scan_loss_per_head(logits[:, :idx.numel()], logits[:, idx.numel():], cc.entropy_weight)
+            total, _, _ = scan_loss_per_head(logits[:, : idx.numel()], logits[:, idx.numel() :], cc.entropy_weight)
             trainer.step(total.sum() / cc.num_heads, idx.numel())
         # The paper's validation criterion: keep the model (and head) with the lowest loss, measured
         # without augmentation over every image and all of its neighbours.
@@ -67,13 +78,24 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     kept = int(np.argmin(head_losses))
     model.keep_head(kept)
     model.eval()
-    out_meta = {**meta, "num_clusters": cfg.num_clusters, "num_heads": 1, "head": kept,
-                "head_losses": head_losses, "kept_epoch": best["epoch"] if best else 0}
+    out_meta = {
+        **meta,
+        "num_clusters": cfg.num_clusters,
+        "num_heads": 1,
+        "head": kept,
+        "head_losses": head_losses,
+        "kept_epoch": best["epoch"] if best else 0,
+    }
     save_clustering(run.scan_model_path, model, out_meta)
     run.update_json(run.history_path, "clustering", trainer.history)
     results = write_results(ctx, model, images, data, "scan", final=not cfg.selflabel.enabled)
-    return {"epochs": len(trainer.history), "head": kept, "kept_epoch": out_meta["kept_epoch"],
-            "head_losses": head_losses, **results}
+    return {
+        "epochs": len(trainer.history),
+        "head": kept,
+        "kept_epoch": out_meta["kept_epoch"],
+        "head_losses": head_losses,
+        **results,
+    }
 
 
 class _HeadInputs:

@@ -1,5 +1,6 @@
 """What every SCAN stage shares: progress reports, cancellation, and the dataset resident on the
 device. The training loop itself is ml/stages/loop.py."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,9 +24,9 @@ class Canceled(Exception):
 @dataclass
 class Progress:
     stage: str
-    epoch: int | None   # 1-based epoch in progress (0 before the first; None: a note, no progress)
+    epoch: int | None  # 1-based epoch in progress (0 before the first; None: a note, no progress)
     epochs: int | None
-    step: int | None    # 1-based step within the epoch
+    step: int | None  # 1-based step within the epoch
     steps: int | None
     loss: float | None = None
     images_per_s: float | None = None
@@ -59,8 +60,9 @@ class StageContext:
     def note(self, message: str, metrics: dict[str, Any] | None = None) -> None:
         """A plain-words event outside the epoch count (epoch/step None leave the stage's progress
         as it is)."""
-        self.report(Progress(self.stage, None, None, None, None, epoch_end=True, metrics=metrics or {},
-                             message=message))
+        self.report(
+            Progress(self.stage, None, None, None, None, epoch_end=True, metrics=metrics or {}, message=message)
+        )
 
     def generator(self, offset: int) -> torch.Generator:
         """A generator on the stage's device, seeded from the run seed and the stage, so runs are
@@ -73,6 +75,7 @@ class StageContext:
 # ---------------------------------------------------------------------------------------------
 # Data resident on the device
 # ---------------------------------------------------------------------------------------------
+
 
 def resident_images(images: np.ndarray, rt: Runtime, size: int | None) -> torch.Tensor:
     """The whole uint8 dataset as one tensor, on the GPU when it fits (a quarter of free memory),
@@ -103,12 +106,13 @@ def channel_stats(images: np.ndarray, sample: int = 10_000, seed: int = 0) -> tu
 
 
 @torch.no_grad()
-def predict_all(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, rt: Runtime,
-                batch_size: int = 1024) -> torch.Tensor:
+def predict_all(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, rt: Runtime, batch_size: int = 1024
+) -> torch.Tensor:
     """forward() over every image, no augmentation, in eval batches; result on the CPU, float32."""
     outs = []
     for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size].to(rt.device, non_blocking=True)
+        x = images[i : i + batch_size].to(rt.device, non_blocking=True)
         x = rt.prepare(x.float().div_(255))
         with rt.autocast():
             y = forward(x)

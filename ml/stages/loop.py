@@ -11,6 +11,7 @@ every epoch that a rerun resumes from. A stage reads as a recipe over it:
             trainer.step(loss, idx.numel())
         trainer.end_epoch(metrics={...}, stop=False, extra={...})  # checkpoint + report
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def set_lr(opt: torch.optim.Optimizer, cfg: OptimConfig, progress: float) -> flo
     if cfg.schedule == "constant":
         lr = cfg.lr
     else:
-        floor = cfg.lr * 0.1 ** 3
+        floor = cfg.lr * 0.1**3
         lr = floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     for group in opt.param_groups:
         group["lr"] = lr
@@ -64,8 +65,18 @@ def load_checkpoint(ctx: StageContext) -> dict[str, Any] | None:
 class Trainer:
     """Owns the optimiser, the stage's random stream, the history and the checkpoint of one stage."""
 
-    def __init__(self, ctx: StageContext, model: torch.nn.Module, params, optim: OptimConfig, *,
-                 epochs: int, batch_size: int, n: int, stream: int):
+    def __init__(
+        self,
+        ctx: StageContext,
+        model: torch.nn.Module,
+        params,
+        optim: OptimConfig,
+        *,
+        epochs: int,
+        batch_size: int,
+        n: int,
+        stream: int,
+    ):
         self.ctx, self.model, self.optim = ctx, model, optim
         self.opt = make_optimizer(params, optim)
         self.g = ctx.generator(stream)
@@ -121,28 +132,55 @@ class Trainer:
         self._steps_total += 1
         elapsed = max(time.perf_counter() - self._timer_start, 1e-9)
         remaining = (self.num_epochs - self.start) * self.steps - self._steps_total
-        self.ctx.report(Progress(self.ctx.stage, self.epoch + 1, self.num_epochs, len(self._losses),
-                                 self.steps, loss, self._images_total / elapsed,
-                                 elapsed / self._steps_total * max(remaining, 0)))
+        self.ctx.report(
+            Progress(
+                self.ctx.stage,
+                self.epoch + 1,
+                self.num_epochs,
+                len(self._losses),
+                self.steps,
+                loss,
+                self._images_total / elapsed,
+                elapsed / self._steps_total * max(remaining, 0),
+            )
+        )
 
     @property
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
-    def end_epoch(self, metrics: dict[str, Any] | None = None, stop: bool = False,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def end_epoch(
+        self, metrics: dict[str, Any] | None = None, stop: bool = False, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Append the epoch to the history (mean loss plus `metrics`), checkpoint it with the
         stage's `extra` state, report it, and end the loop after this epoch if `stop`."""
         mean_loss = sum(self._losses) / max(len(self._losses), 1)
         record = {"epoch": self.epoch + 1, "loss": mean_loss, **(metrics or {})}
         self.history.append(record)
-        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "rng": self.g.get_state(),
-                 "epoch": self.epoch, "history": self.history, **(extra or {})}
+        state = {
+            "model": self.model.state_dict(),
+            "optim": self.opt.state_dict(),
+            "rng": self.g.get_state(),
+            "epoch": self.epoch,
+            "history": self.history,
+            **(extra or {}),
+        }
         save_torch(self.ctx.run.checkpoint(self.ctx.stage), state)
         elapsed = max(time.perf_counter() - self._timer_start, 1e-9)
-        self.ctx.report(Progress(self.ctx.stage, self.epoch + 1, self.num_epochs, self.steps, self.steps,
-                                 mean_loss, self._images_total / elapsed, 0.0 if stop else None,
-                                 epoch_end=True, metrics=_scalars(metrics or {})))
+        self.ctx.report(
+            Progress(
+                self.ctx.stage,
+                self.epoch + 1,
+                self.num_epochs,
+                self.steps,
+                self.steps,
+                mean_loss,
+                self._images_total / elapsed,
+                0.0 if stop else None,
+                epoch_end=True,
+                metrics=_scalars(metrics or {}),
+            )
+        )
         self.ctx.check_cancel()
         self._stopped = stop
         return record

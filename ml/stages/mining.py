@@ -1,6 +1,7 @@
 """Stage 2: mine the K nearest neighbours of every image in pretext-feature space (SCAN section
 2.1), build the faiss index the service answers /neighbors from, and, when labels exist, record the
 neighbours' purity and the K-means-on-pretext-features baseline of the paper's Table 1."""
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,7 @@ def run_mining(ctx: StageContext, data) -> dict[str, Any]:
     ctx.check_cancel()
     if not run.neighbors_path.exists():
         t0 = time.perf_counter()
-        ids, _ = faiss_index.mine_neighbors(features, k=min(cfg.mining.num_neighbors, len(features) - 1),
-                                            index=idx)
+        ids, _ = faiss_index.mine_neighbors(features, k=min(cfg.mining.num_neighbors, len(features) - 1), index=idx)
         summary["mining_s"] = time.perf_counter() - t0
         atomic_write(run.neighbors_path, lambda f: np.save(f, ids.astype(np.int64)))
     neighbors = np.load(run.neighbors_path)
@@ -41,11 +41,13 @@ def run_mining(ctx: StageContext, data) -> dict[str, Any]:
     metrics["shortcuts"] = shortcuts.neighbor_shortcuts(shortcuts.image_statistics(data.images), neighbors)
     if data.labels is not None:
         metrics["neighbor_purity"] = float(faiss_index.neighbor_purity(neighbors, np.asarray(data.labels)))
-        metrics["kmeans"] = evaluate.kmeans_baseline(features, np.asarray(data.labels), cfg.num_clusters,
-                                                     seed=cfg.seed)
+        metrics["kmeans"] = evaluate.kmeans_baseline(features, np.asarray(data.labels), cfg.num_clusters, seed=cfg.seed)
     run.update_json(run.metrics_path, "mining", metrics)
-    ctx.report(Progress("mining", 1, 1, 1, 1, epoch_end=True, metrics=_scalars(metrics),
-                        message=metrics["shortcuts"].get("warning")))
+    ctx.report(
+        Progress(
+            "mining", 1, 1, 1, 1, epoch_end=True, metrics=_scalars(metrics), message=metrics["shortcuts"].get("warning")
+        )
+    )
     return {**summary, **_scalars(metrics)}
 
 

@@ -1,6 +1,7 @@
 """Stage 1: the pretext task (SCAN section 2.1). Instance discrimination with SimCLR's NT-Xent, or
 MoCo v2 (queue + momentum encoder) for ImageNet-scale data. Writes the trained model and the
 L2-normalised features every later stage mines neighbours from."""
+
 from __future__ import annotations
 
 import copy
@@ -34,10 +35,18 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     if pc.backbone_weights:
         load_backbone_weights(backbone, Path(pc.backbone_weights))
     model = rt.model(ContrastiveModel(backbone, hidden_dim=pc.hidden_dim, feature_dim=pc.feature_dim))
-    aug = SimCLRAugment(size, crop_scale=pc.crop_scale, flip=pc.flip, jitter=pc.jitter,
-                        jitter_p=pc.jitter_p, gray_p=pc.gray_p, invariances=pc.invariances)
-    trainer = Trainer(ctx, model, model.parameters(), pc.optim, epochs=pc.epochs,
-                      batch_size=pc.batch_size, n=n, stream=1)
+    aug = SimCLRAugment(
+        size,
+        crop_scale=pc.crop_scale,
+        flip=pc.flip,
+        jitter=pc.jitter,
+        jitter_p=pc.jitter_p,
+        gray_p=pc.gray_p,
+        invariances=pc.invariances,
+    )
+    trainer = Trainer(
+        ctx, model, model.parameters(), pc.optim, epochs=pc.epochs, batch_size=pc.batch_size, n=n, stream=1
+    )
     moco = _Moco(model, pc, n, trainer.g, rt.device) if pc.method == "moco" else None
     extras = trainer.resume()
     if moco is not None and extras:
@@ -51,14 +60,13 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
             with rt.autocast():
                 if moco is None:
                     z = model(torch.cat([v1, v2])).float()
-                    loss = nt_xent_loss(z[: len(idx)], z[len(idx):], pc.temperature)
+                    loss = nt_xent_loss(z[: len(idx)], z[len(idx) :], pc.temperature)
                 else:
                     loss = moco.loss(model(v1).float(), v2)
             trainer.step(loss, x.shape[0])
             if moco is not None:
                 moco.enqueue()
-        trainer.end_epoch({"lr": trainer.lr, "time": time.time()},
-                          extra=moco.state() if moco is not None else None)
+        trainer.end_epoch({"lr": trainer.lr, "time": time.time()}, extra=moco.state() if moco is not None else None)
 
     # With imported weights and no training the MLP head is random: mine on the backbone then.
     feature_space = pc.feature_space if pc.epochs > 0 else "backbone"
@@ -66,13 +74,25 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     forward = model if feature_space == "head" else (lambda x: F.normalize(model.features(x), dim=1))
     features = predict_all(forward, images, rt).numpy().astype(np.float32)
     atomic_write(run.features_path, lambda f: np.save(f, features))
-    meta = model_meta(cfg.arch, channels, size, mean, std, width=cfg.width, hidden_dim=pc.hidden_dim,
-                      feature_dim=pc.feature_dim, feature_space=feature_space)
+    meta = model_meta(
+        cfg.arch,
+        channels,
+        size,
+        mean,
+        std,
+        width=cfg.width,
+        hidden_dim=pc.hidden_dim,
+        feature_dim=pc.feature_dim,
+        feature_space=feature_space,
+    )
     save_contrastive(run.pretext_path, model, meta)
     history = trainer.history
     run.update_json(run.history_path, "pretext", history)
-    return {"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
-            "feature_dim": int(features.shape[1])}
+    return {
+        "epochs": len(history),
+        "final_loss": history[-1]["loss"] if history else None,
+        "feature_dim": int(features.shape[1]),
+    }
 
 
 class _Moco:
@@ -81,8 +101,7 @@ class _Moco:
     def __init__(self, model, pc, n: int, g: torch.Generator, device):
         self.key_model = copy.deepcopy(model).requires_grad_(False)
         self.model, self.momentum, self.temperature = model, pc.moco_momentum, pc.temperature
-        self.queue = F.normalize(torch.randn(min(pc.moco_queue, n), pc.feature_dim, generator=g,
-                                             device=device), dim=1)
+        self.queue = F.normalize(torch.randn(min(pc.moco_queue, n), pc.feature_dim, generator=g, device=device), dim=1)
         self.ptr = [0]
         self._keys = None
 
@@ -118,9 +137,9 @@ def _enqueue(queue: torch.Tensor, ptr: list[int], keys: torch.Tensor) -> None:
     keys = keys[:q]
     end = ptr[0] + keys.shape[0]
     if end <= q:
-        queue[ptr[0]:end] = keys
+        queue[ptr[0] : end] = keys
     else:
         first = q - ptr[0]
-        queue[ptr[0]:] = keys[:first]
+        queue[ptr[0] :] = keys[:first]
         queue[: end - q] = keys[first:]
     ptr[0] = end % q

@@ -1,5 +1,6 @@
 """What a finished clustering model says about the dataset: assignments, per-cluster summaries
 (size, confidence, prototype, most confident members, matched label) and the metrics."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,12 +27,17 @@ def write_results(ctx: StageContext, model, images: torch.Tensor, data, name: st
     if labels is not None:
         metrics = evaluate.cluster_metrics(probs, labels)
     # Label-free: could brightness, colour or polarity alone tell the clusters apart?
-    metrics["shortcuts"] = shortcuts.cluster_shortcuts(shortcuts.image_statistics(data.images),
-                                                       np.load(run.features_path), probs.argmax(1), seed=ctx.cfg.seed)
+    metrics["shortcuts"] = shortcuts.cluster_shortcuts(
+        shortcuts.image_statistics(data.images), np.load(run.features_path), probs.argmax(1), seed=ctx.cfg.seed
+    )
     if metrics["shortcuts"].get("warning"):
-        ctx.note(metrics["shortcuts"]["warning"],
-                 {"shortcut_trivial_gain": metrics["shortcuts"]["trivial_gain"],
-                  "shortcut_feature_gain": metrics["shortcuts"]["feature_gain"]})
+        ctx.note(
+            metrics["shortcuts"]["warning"],
+            {
+                "shortcut_trivial_gain": metrics["shortcuts"]["trivial_gain"],
+                "shortcut_feature_gain": metrics["shortcuts"]["feature_gain"],
+            },
+        )
     run.update_json(run.metrics_path, name, metrics)
     if final:
         _write_final(ctx, probs, labels, data, name)
@@ -42,8 +48,10 @@ def _write_final(ctx: StageContext, probs: np.ndarray, labels, data, name: str) 
     run = ctx.run
     cluster = probs.argmax(1).astype(np.int64)
     confidence = probs.max(1).astype(np.float32)
-    atomic_write(run.assignments_path,
-                 lambda f: np.savez(f, cluster=cluster, confidence=confidence, probs=probs.astype(np.float32)))
+    atomic_write(
+        run.assignments_path,
+        lambda f: np.savez(f, cluster=cluster, confidence=confidence, probs=probs.astype(np.float32)),
+    )
     features = np.load(run.features_path)
     prototypes = evaluate.cluster_prototypes(probs, features, top=TOP_ITEMS)
     mapping = evaluate.hungarian_mapping(cluster, labels, probs.shape[1]) if labels is not None else None
@@ -55,14 +63,16 @@ def _write_final(ctx: StageContext, probs: np.ndarray, labels, data, name: str) 
         matched = None
         if mapping is not None and mapping[c] >= 0:
             matched = names[mapping[c]] if names else str(int(mapping[c]))
-        clusters.append(ClusterSummary(
-            cluster=c,
-            size=int(members.size),
-            mean_confidence=float(confidence[members].mean()) if members.size else 0.0,
-            prototype=prototypes[c],
-            top_items=[int(i) for i in order[:TOP_ITEMS]],
-            matched_label=matched,
-            matched_class=int(mapping[c]) if mapping is not None and mapping[c] >= 0 else None,
-        ))
+        clusters.append(
+            ClusterSummary(
+                cluster=c,
+                size=int(members.size),
+                mean_confidence=float(confidence[members].mean()) if members.size else 0.0,
+                prototype=prototypes[c],
+                top_items=[int(i) for i in order[:TOP_ITEMS]],
+                matched_label=matched,
+                matched_class=int(mapping[c]) if mapping is not None and mapping[c] >= 0 else None,
+            )
+        )
     write_clusters(run.clusters_path, clusters)
     run.update_json(run.metrics_path, "final", name)

@@ -3,6 +3,7 @@ on a weakly augmented view become pseudo-labels for the strongly augmented view;
 weighted against class imbalance. Training stops once the number of confident samples plateaus
 (the paper's Fig. 4), which is also what the history records each epoch; the weights with the most
 confident samples are the ones kept."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,9 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
 
     n, size = images.shape[0], images.shape[-1]
     model = rt.model(model)
-    trainer = Trainer(ctx, model, model.parameters(), sl.optim, epochs=sl.epochs,
-                      batch_size=sl.batch_size, n=n, stream=3)
+    trainer = Trainer(
+        ctx, model, model.parameters(), sl.optim, epochs=sl.epochs, batch_size=sl.batch_size, n=n, stream=3
+    )
     strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=cfg.pretext.flip)
     weak = WeakAugment(size, flip=cfg.pretext.flip) if sl.weak_view == "shift" else (lambda x, g: to_float(x))
     extras = trainer.resume()
@@ -71,18 +73,18 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
         if confident > best["confident"]:
             best = {"epoch": trainer.epoch + 1, "confident": confident, "state": cpu_state(final)}
         stop = _plateaued([*trainer.history, {"confident": confident}], sl.patience, sl.min_gain * n)
-        trainer.end_epoch({"confident": confident, "confident_fraction": confident / n,
-                           "skipped_batches": skipped}, stop=stop,
-                          extra={"best": best})
+        trainer.end_epoch(
+            {"confident": confident, "confident_fraction": confident / n, "skipped_batches": skipped},
+            stop=stop,
+            extra={"best": best},
+        )
 
     final.load_state_dict(best["state"])
     save_clustering(run.model_path, final, {**meta, "selflabel_epoch": best["epoch"]})
     run.update_json(run.history_path, "selflabel", trainer.history)
-    run.update_json(run.history_path, "selflabel_kept",
-                    {"epoch": best["epoch"], "confident": best["confident"]})
+    run.update_json(run.history_path, "selflabel_kept", {"epoch": best["epoch"], "confident": best["confident"]})
     results = write_results(ctx, final, images, data, "selflabel", final=True)
-    return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"],
-            **results}
+    return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}
 
 
 def _plateaued(history: list[dict[str, Any]], patience: int, min_gain: float) -> bool:

@@ -2,6 +2,7 @@
 
 Pixel ops are checked against PIL, whose ops define the semantics of SCAN's Table S2.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -43,6 +44,7 @@ def pil_batch(x: torch.Tensor, fn) -> torch.Tensor:
 
 
 # --- contract ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", AUGMENTS)
 @pytest.mark.parametrize("channels", [1, 3])
@@ -101,6 +103,7 @@ def test_bad_shapes_are_rejected():
 
 # --- SimCLR view -------------------------------------------------------------------------------------
 
+
 def test_simclr_full_scale_crop_without_jitter_is_identity_or_mirror():
     x = random_images(6, 3, 16, dtype=torch.float32)
     plain = SimCLRAugment(16, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0)
@@ -140,11 +143,11 @@ def test_per_sample_color_factors_match_torchvision_per_image():
     for name in ("brightness", "contrast", "saturation", "sharpness"):
         ours = getattr(augment, f"adjust_{name}")(x, torch.tensor(factors))
         for i, f in enumerate(factors):
-            ref = getattr(TF, f"adjust_{name}")(x[i:i + 1], f)
-            assert torch.allclose(ours[i:i + 1], ref, atol=1e-5), name
+            ref = getattr(TF, f"adjust_{name}")(x[i : i + 1], f)
+            assert torch.allclose(ours[i : i + 1], ref, atol=1e-5), name
     ours = augment.adjust_hue(x, torch.tensor(shifts))
     for i, s in enumerate(shifts):
-        assert torch.allclose(ours[i:i + 1], TF.adjust_hue(x[i:i + 1], s), atol=1e-5)
+        assert torch.allclose(ours[i : i + 1], TF.adjust_hue(x[i : i + 1], s), atol=1e-5)
     assert torch.equal(augment.adjust_hue(x, torch.zeros(3)), x)
 
 
@@ -199,7 +202,7 @@ def test_solarize_extremes():
 
 def test_translate_moves_content_by_a_fraction_of_the_side():
     x = random_images(2, 1, 8, dtype=torch.float32)
-    y = apply_op(x, "translate_x", 0.25)   # 2 px right, zero fill
+    y = apply_op(x, "translate_x", 0.25)  # 2 px right, zero fill
     assert torch.equal(y[..., 2:], x[..., :-2]) and (y[..., :2] == 0).all()
     y = apply_op(x, "translate_y", -0.25)  # 2 px up
     assert torch.equal(y[..., :-2, :], x[..., 2:, :]) and (y[..., -2:, :] == 0).all()
@@ -225,7 +228,7 @@ def test_shear_slants_a_line_around_the_centre():
     x[..., :, size // 2] = 1.0  # vertical line
     y = apply_op(x, "shear_x", 0.1)[0, 0]
     column = y.argmax(dim=1).float()
-    assert column[size // 2] == size // 2                       # centre row stays
+    assert column[size // 2] == size // 2  # centre row stays
     assert abs(column[0] - column[-1]) == pytest.approx(0.1 * size, abs=1.0)  # +-1.6 px at the ends
     x = x.transpose(2, 3)  # horizontal line
     y = apply_op(x, "shear_y", -0.1)[0, 0]
@@ -257,6 +260,7 @@ def test_every_table_s2_op_is_exposed():
 
 # --- strong augmentation: composition and Cutout ------------------------------------------------------
 
+
 def test_cutout_leaves_one_square_hole():
     x = random_images(64, 3, 16, dtype=torch.float32)  # k/255 is never exactly 0.5
     y = StrongAugment(16, num_ops=0, cutout=4, flip=False)(x, seeded())
@@ -265,12 +269,12 @@ def test_cutout_leaves_one_square_hole():
     for mask in hole:
         rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
         height, width = len(rows), len(cols)
-        assert 1 <= height <= 4 and 1 <= width <= 4        # side drawn from 1..4, maybe clipped
-        assert mask.sum() == height * width                 # a filled rectangle
+        assert 1 <= height <= 4 and 1 <= width <= 4  # side drawn from 1..4, maybe clipped
+        assert mask.sum() == height * width  # a filled rectangle
         if 0 < rows.min() and rows.max() < 15 and 0 < cols.min() and cols.max() < 15:
-            assert height == width                          # a square where not clipped
+            assert height == width  # a square where not clipped
             sides.add(height)
-    assert len(sides) >= 3                                  # the side varies per sample
+    assert len(sides) >= 3  # the side varies per sample
     assert torch.equal(y[~hole.unsqueeze(1).expand_as(y)], x[~hole.unsqueeze(1).expand_as(x)])
 
 
@@ -289,6 +293,7 @@ def test_strong_without_ops_and_cutout_is_flip_only():
 
 # --- weak view -----------------------------------------------------------------------------------------
 
+
 def test_weak_view_is_a_shifted_and_maybe_mirrored_crop_of_the_reflect_padded_image():
     size, pad = 16, 2
     x = random_images(6, 3, size, dtype=torch.float32)
@@ -299,7 +304,7 @@ def test_weak_view_is_a_shifted_and_maybe_mirrored_crop_of_the_reflect_padded_im
         found = None
         for oy in range(2 * pad + 1):
             for ox in range(2 * pad + 1):
-                crop = padded[i, :, oy:oy + size, ox:ox + size]
+                crop = padded[i, :, oy : oy + size, ox : ox + size]
                 for flipped in (False, True):
                     if torch.equal(y[i], crop.flip(-1) if flipped else crop):
                         found = (oy, ox, flipped)
@@ -318,8 +323,12 @@ def test_strong_posterize_draws_4_to_7_bits_never_the_no_op_8():
 
 def test_invariances_invert_permute_hue_and_gray_each_sample_independently():
     x = random_images(64, 3, 8)
-    always = lambda name: SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0,  # noqa: E731
-                                        invariances={name: 1.0})(x, seeded())
+
+    def always(name):
+        return SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0, invariances={name: 1.0})(
+            x, seeded()
+        )
+
     plain = SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0)(x, seeded())
     assert torch.allclose(always("invert"), 1.0 - plain, atol=1e-6)
     permuted = always("channel_permute")
@@ -329,8 +338,9 @@ def test_invariances_invert_permute_hue_and_gray_each_sample_independently():
     gray = always("grayscale")
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
     assert not torch.allclose(always("hue"), plain, atol=1e-3)
-    half = SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0,
-                         invariances={"invert": 0.5})(x, seeded())
+    half = SimCLRAugment(8, crop_scale=(1.0, 1.0), flip=False, jitter_p=0.0, gray_p=0.0, invariances={"invert": 0.5})(
+        x, seeded()
+    )
     inverted = torch.isclose(half, 1.0 - plain, atol=1e-6).flatten(1).all(1)
     assert 10 < int(inverted.sum()) < 54
     with pytest.raises(ValueError, match="unknown invariances"):

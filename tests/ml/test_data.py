@@ -1,4 +1,5 @@
 """ml.data: every reader on small real files, the size/channel rules, the cache, hostile input."""
+
 from __future__ import annotations
 
 import gzip
@@ -65,8 +66,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
-def write_idx_dir(directory: Path, prefix: str, images: np.ndarray, labels: np.ndarray,
-                  gz: bool) -> None:
+def write_idx_dir(directory: Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for kind, idx, arr in (("images", "idx3", images), ("labels", "idx1", labels)):
         data = idx_bytes(arr)
@@ -138,7 +138,7 @@ def test_rgba_palette_and_16_bit_are_converted(tmp_path):
     rgba = np.dstack([pattern(10, 10, 0), np.full((10, 10, 1), 128, np.uint8)])
     save(root / "rgba.png", rgba)
     Image.fromarray(pattern(10, 10, 1)).convert("P").save(root / "pal.png")
-    sixteen = (pattern(10, 10, 2, channels=1)[:, :, 0].astype(np.uint16) * 257)
+    sixteen = pattern(10, 10, 2, channels=1)[:, :, 0].astype(np.uint16) * 257
     Image.fromarray(sixteen).save(root / "z16.png")
     s = load_source(root)
     assert s.images.shape == (3, 3, 10, 10)
@@ -188,18 +188,20 @@ def test_conform_images_to_one_channel_takes_luma():
     rgb = pattern(12, 20, 5)
     out = conform_images([rgb, rgb[:, :, :1]], (6, 6), 1)
     assert out.shape == (2, 1, 6, 6) and out.dtype == np.uint8
-    expected = np.asarray(Image.fromarray(rgb).resize((10, 6), Image.Resampling.BICUBIC)
-                          .crop((2, 0, 8, 6)).convert("L"))
+    expected = np.asarray(
+        Image.fromarray(rgb).resize((10, 6), Image.Resampling.BICUBIC).crop((2, 0, 8, 6)).convert("L")
+    )
     assert np.array_equal(out[0, 0], expected)
 
 
 def test_zip_and_tar_gz_equal_the_folder(class_folder, tmp_path):
     expected = load_source(class_folder)
     # a wrapper folder inside the archive is looked through
-    archives = [zip_folder(class_folder, tmp_path / "a.zip", prefix="animals/"),
-                zip_folder(class_folder, tmp_path / "flat.zip")]
-    for suffix, mode, arcname in ((".tar.gz", "w:gz", "animals"), (".tgz", "w:gz", "."),
-                                  (".tar", "w", "animals")):
+    archives = [
+        zip_folder(class_folder, tmp_path / "a.zip", prefix="animals/"),
+        zip_folder(class_folder, tmp_path / "flat.zip"),
+    ]
+    for suffix, mode, arcname in ((".tar.gz", "w:gz", "animals"), (".tgz", "w:gz", "."), (".tar", "w", "animals")):
         path = tmp_path / f"a{suffix}"
         with tarfile.open(path, mode) as tf:
             tf.add(class_folder, arcname=arcname)  # "." gives members named ./cats/a.png
@@ -297,8 +299,9 @@ def test_cifar10_batches(tmp_path):
     chunks = [rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8) for _ in range(3)]
     for i, chunk in enumerate(chunks[:2], 1):  # python-2 style: bytes keys, protocol 2
         with open(d / f"data_batch_{i}", "wb") as f:
-            pickle.dump({b"data": _cifar_rows(chunk), b"labels": [i, i + 1, 0, 9],
-                         b"filenames": [b"x.png"] * 4}, f, protocol=2)
+            pickle.dump(
+                {b"data": _cifar_rows(chunk), b"labels": [i, i + 1, 0, 9], b"filenames": [b"x.png"] * 4}, f, protocol=2
+            )
     with open(d / "test_batch", "wb") as f:  # python-3 style: str keys, newest protocol
         pickle.dump({"data": _cifar_rows(chunks[2]), "labels": [3, 3, 3, 3]}, f)
     with open(d / "batches.meta", "wb") as f:
@@ -319,8 +322,7 @@ def test_cifar100_coarse_by_default_fine_on_request(tmp_path):
     coarse, fine = [0, 19, 5, 5, 7, 1], [0, 99, 42, 43, 3, 10]
     for split in ("train", "test"):
         with open(d / split, "wb") as f:
-            pickle.dump({b"data": _cifar_rows(images), b"fine_labels": fine,
-                         b"coarse_labels": coarse}, f, protocol=2)
+            pickle.dump({b"data": _cifar_rows(images), b"fine_labels": fine, b"coarse_labels": coarse}, f, protocol=2)
     s = load_source(d)
     assert s.labels.tolist() == coarse and len(s.class_names) == 20
     assert s.class_names[0] == "aquatic_mammals" and np.array_equal(s.images, images)
@@ -334,8 +336,7 @@ def test_stl10_binaries(tmp_path):
     # STL-10 stores each channel column-major
     (tmp_path / "train_X.bin").write_bytes(np.ascontiguousarray(chw.transpose(0, 1, 3, 2)).tobytes())
     (tmp_path / "train_y.bin").write_bytes(bytes([1, 10, 4]))
-    (tmp_path / "unlabeled_X.bin").write_bytes(
-        np.ascontiguousarray(chw[:2].transpose(0, 1, 3, 2)).tobytes())
+    (tmp_path / "unlabeled_X.bin").write_bytes(np.ascontiguousarray(chw[:2].transpose(0, 1, 3, 2)).tobytes())
     (tmp_path / "class_names.txt").write_text("\n".join(f"k{i}" for i in range(10)) + "\n")
     s = load_source(tmp_path)
     assert np.array_equal(s.images, chw) and s.labels.tolist() == [0, 9, 3]
@@ -355,8 +356,11 @@ def test_digits_builtin():
     assert load_source("digits", split="test").n == 1797
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian dataset-fashion-mnist is not installed "
-                    "(`make fashion-mnist`, or apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION_DIR.is_dir(),
+    reason="Debian dataset-fashion-mnist is not installed "
+    "(`make fashion-mnist`, or apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_builtin():
     s = load_source("fashion-mnist", split="test")
     assert s.images.shape == (10000, 1, 28, 28) and s.class_names[9] == "Ankle boot"
@@ -458,16 +462,23 @@ def _zip_with(path: Path, name: str, data: bytes, attr: int | None = None) -> Pa
 
 def test_zip_path_traversal_and_absolute_paths(tmp_path):
     png = _png_bytes(pattern(8, 8, 1))
-    assert_data_error(lambda: load_source(_zip_with(tmp_path / "dots.zip", "../evil.png", png)),
-                      "dots.zip", "../evil.png", match="outside")
-    assert_data_error(lambda: load_source(_zip_with(tmp_path / "abs.zip", "/etc/evil.png", png)),
-                      "abs.zip", "/etc/evil.png", match="absolute")
+    assert_data_error(
+        lambda: load_source(_zip_with(tmp_path / "dots.zip", "../evil.png", png)),
+        "dots.zip",
+        "../evil.png",
+        match="outside",
+    )
+    assert_data_error(
+        lambda: load_source(_zip_with(tmp_path / "abs.zip", "/etc/evil.png", png)),
+        "abs.zip",
+        "/etc/evil.png",
+        match="absolute",
+    )
     assert not (tmp_path.parent / "evil.png").exists()
 
 
 def test_tar_path_traversal_and_device_entries(tmp_path):
-    for name, kind, match in (("../evil.png", tarfile.REGTYPE, "outside"),
-                              ("imgs/dev.png", tarfile.CHRTYPE, "device")):
+    for name, kind, match in (("../evil.png", tarfile.REGTYPE, "outside"), ("imgs/dev.png", tarfile.CHRTYPE, "device")):
         path = tmp_path / f"{kind.decode()}.tar"
         with tarfile.open(path, "w") as tf:
             info = tarfile.TarInfo(name)
@@ -495,10 +506,18 @@ def _tar_with_link(path: Path, kind: bytes) -> Path:
 
 
 def test_tar_symlink_and_hardlink(tmp_path):
-    assert_data_error(lambda: load_source(_tar_with_link(tmp_path / "sym.tar.gz", tarfile.SYMTYPE)),
-                      "sym.tar.gz", "link.png", match="symbolic link")
-    assert_data_error(lambda: load_source(_tar_with_link(tmp_path / "hard.tgz", tarfile.LNKTYPE)),
-                      "hard.tgz", "link.png", match="hard link")
+    assert_data_error(
+        lambda: load_source(_tar_with_link(tmp_path / "sym.tar.gz", tarfile.SYMTYPE)),
+        "sym.tar.gz",
+        "link.png",
+        match="symbolic link",
+    )
+    assert_data_error(
+        lambda: load_source(_tar_with_link(tmp_path / "hard.tgz", tarfile.LNKTYPE)),
+        "hard.tgz",
+        "link.png",
+        match="hard link",
+    )
 
 
 def test_folder_symlink(tmp_path):
@@ -513,15 +532,17 @@ def test_zip_bomb_checked_before_reading(tmp_path):
     with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("zeros.png", b"\0" * 2_000_000)  # compresses to ~2 kB
     assert z.stat().st_size < 20_000
-    assert_data_error(lambda: load_source(z, limits=Limits(max_total_bytes=1_000_000)),
-                      "bomb.zip", match="uncompressed size")
+    assert_data_error(
+        lambda: load_source(z, limits=Limits(max_total_bytes=1_000_000)), "bomb.zip", match="uncompressed size"
+    )
     t = tmp_path / "bomb.tar.gz"
     with tarfile.open(t, "w:gz") as tf:
         info = tarfile.TarInfo("zeros.png")
         info.size = 2_000_000
         tf.addfile(info, io.BytesIO(b"\0" * 2_000_000))
-    assert_data_error(lambda: load_source(t, limits=Limits(max_total_bytes=1_000_000)),
-                      "bomb.tar.gz", match="uncompressed size")
+    assert_data_error(
+        lambda: load_source(t, limits=Limits(max_total_bytes=1_000_000)), "bomb.tar.gz", match="uncompressed size"
+    )
 
 
 def test_too_many_files(class_folder, tmp_path):
@@ -532,8 +553,9 @@ def test_too_many_files(class_folder, tmp_path):
 def test_too_many_pixels(tmp_path):
     root = tmp_path / "big"
     save(root / "huge.png", pattern(100, 100, 0))
-    assert_data_error(lambda: load_source(root, limits=Limits(max_image_pixels=5000)),
-                      "huge.png", match="decompression bomb")
+    assert_data_error(
+        lambda: load_source(root, limits=Limits(max_image_pixels=5000)), "huge.png", match="decompression bomb"
+    )
     raw = (root / "huge.png").read_bytes()
     assert_data_error(lambda: decode_image(raw, "up.png", Limits(max_image_pixels=5000)), "up.png")
 
@@ -551,16 +573,16 @@ def test_npz_without_images_and_label_mismatch(tmp_path):
     np.savez(tmp_path / "noimg.npz", pixels=np.zeros((2, 4, 4), np.uint8))
     assert_data_error(lambda: load_source(tmp_path / "noimg.npz"), "noimg.npz", match="'images'")
     np.savez(tmp_path / "mismatch.npz", images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, 1]))
-    assert_data_error(lambda: load_source(tmp_path / "mismatch.npz"), "mismatch.npz",
-                      match="does not match")
+    assert_data_error(lambda: load_source(tmp_path / "mismatch.npz"), "mismatch.npz", match="does not match")
 
 
 def test_truncated_and_bad_idx(tmp_path):
     images = np.zeros((5, 28, 28), np.uint8)
     data = idx_bytes(images)
     (tmp_path / "cut-images-idx3-ubyte").write_bytes(data[:-100])
-    assert_data_error(lambda: load_source(tmp_path / "cut-images-idx3-ubyte"),
-                      "cut-images-idx3-ubyte", match="truncated")
+    assert_data_error(
+        lambda: load_source(tmp_path / "cut-images-idx3-ubyte"), "cut-images-idx3-ubyte", match="truncated"
+    )
     (tmp_path / "cut.gz").write_bytes(gzip.compress(data[:-100]))
     assert_data_error(lambda: load_source(tmp_path / "cut.gz"), "cut.gz", match="truncated")
     huge = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1)

@@ -1,4 +1,5 @@
 """ml.evaluate: Hungarian / many-to-one accuracy, metric dict, K-means baseline, prototypes."""
+
 from __future__ import annotations
 
 import json
@@ -132,15 +133,24 @@ def test_kmeans_baseline_on_separated_blobs(monkeypatch, backend):
 
 
 def test_prototypes_pick_sample_nearest_to_mean_of_confident_members():
-    features = np.array([
-        [1.0, 0.0], [0.0, 1.0], [1.0, 1.0],  # cluster 0: the diagonal one is nearest their mean
-        [-1.0, 0.2],                          # cluster 0 but not confident enough to be in the top 3
-        [5.0, -5.0],                          # cluster 1, alone
-    ])
-    probs = np.array([
-        [0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.3, 0.0], [0.6, 0.4, 0.0],
-        [0.1, 0.9, 0.0],
-    ])
+    features = np.array(
+        [
+            [1.0, 0.0],
+            [0.0, 1.0],
+            [1.0, 1.0],  # cluster 0: the diagonal one is nearest their mean
+            [-1.0, 0.2],  # cluster 0 but not confident enough to be in the top 3
+            [5.0, -5.0],  # cluster 1, alone
+        ]
+    )
+    probs = np.array(
+        [
+            [0.9, 0.1, 0.0],
+            [0.8, 0.2, 0.0],
+            [0.7, 0.3, 0.0],
+            [0.6, 0.4, 0.0],
+            [0.1, 0.9, 0.0],
+        ]
+    )
     assert cluster_prototypes(probs, features, top=3) == [2, 4, None]
     # with all four members the mean turns towards [-1, 0.2]; [0, 1] is then nearest
     assert cluster_prototypes(probs, features, top=4) == [1, 4, None]

@@ -1,4 +1,5 @@
 """ml.index: exact and IVF cosine search, self-excluded neighbour mining, persistence."""
+
 from __future__ import annotations
 
 import numpy as np

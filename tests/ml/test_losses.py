@@ -1,4 +1,5 @@
 """Losses against values worked out by hand (numbers written out, not the same formula re-run)."""
+
 import math
 
 import pytest
@@ -10,6 +11,7 @@ LN3 = math.log(3.0)
 
 
 # --- NT-Xent --------------------------------------------------------------------------------------
+
 
 def test_nt_xent_identical_separated_pairs():
     # Views identical, the two images orthogonal. Every anchor: positive at similarity 1, two
@@ -41,6 +43,7 @@ def test_nt_xent_is_symmetric_in_views_and_has_gradient():
 
 # --- MoCo -----------------------------------------------------------------------------------------
 
+
 def test_moco_loss_by_hand():
     # q = k = e1, queue = [e2, -e1], t = 1 -> logits [1, 0, -1], target 0.
     q = torch.tensor([[1.0, 0.0]], requires_grad=True)
@@ -66,7 +69,7 @@ def test_moco_temperature_scales_logits():
 ANCHORS = torch.tensor([[0.0, 0.0], [LN3, 0.0]])
 NEIGHBORS = torch.tensor([[LN3, 0.0], [0.0, LN3]])
 # <p1,q1> = .375 + .125 = .5 ; <p2,q2> = .1875 + .1875 = .375
-CONSISTENCY = -(math.log(0.5) + math.log(0.375)) / 2            # 0.83698
+CONSISTENCY = -(math.log(0.5) + math.log(0.375)) / 2  # 0.83698
 # pbar = [.625, .375]
 ENTROPY = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))  # 0.66156
 
@@ -164,7 +167,7 @@ def test_selflabel_class_balanced_by_hand():
 def test_selflabel_threshold_is_strict_and_weak_view_gets_no_gradient():
     weak = WEAK.clone().requires_grad_()
     strong = STRONG.clone().requires_grad_()
-    loss, n = selflabel_loss(weak, strong, threshold=0.9999)   # 0.99995 > 0.9999 still passes
+    loss, n = selflabel_loss(weak, strong, threshold=0.9999)  # 0.99995 > 0.9999 still passes
     assert n == 4
     loss.backward()
     assert weak.grad is None
@@ -187,8 +190,8 @@ def test_scan_loss_all_neighbors_is_eq2_over_every_pair():
     """The model-selection loss is Eq. 2 with every (anchor, neighbour) pair listed once: the same
     number as scan_loss_per_head on the explicit pair list (consistency) and the anchors (entropy)."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 50, 4, generator=g) * 3          # 3 heads, 50 images, 4 clusters
-    nb = torch.randint(0, 50, (50, 6), generator=g)          # 6 neighbours each
+    logits = torch.randn(3, 50, 4, generator=g) * 3  # 3 heads, 50 images, 4 clusters
+    nb = torch.randint(0, 50, (50, 6), generator=g)  # 6 neighbours each
     got = scan_loss_all_neighbors(logits.softmax(-1), nb, entropy_weight=5.0, chunk=7)
     anchors = logits.repeat_interleave(6, dim=1)
     neighbours = logits[:, nb.reshape(-1)]

@@ -1,4 +1,5 @@
 """Backbones, pretext and clustering models, and loading foreign weights."""
+
 import io
 
 import numpy as np
@@ -27,8 +28,10 @@ def resnet18_state():
 
 
 # ResNets are slow to build on 2 cores: each arch once, the other channel count for one of them.
-@pytest.mark.parametrize("arch,channels", [("resnet18_cifar", 3), ("resnet18_stl", 3), ("resnet18", 1), ("resnet50", 3),
-                                           ("convnet", 1), ("convnet", 3)])
+@pytest.mark.parametrize(
+    "arch,channels",
+    [("resnet18_cifar", 3), ("resnet18_stl", 3), ("resnet18", 1), ("resnet50", 3), ("convnet", 1), ("convnet", 3)],
+)
 def test_clustering_model_shapes(arch, channels):
     torch.manual_seed(0)
     b = backbone(arch, channels)
@@ -131,14 +134,22 @@ def test_trace_and_onnx_export_of_a_single_head_model():
         expected = model(other)
     assert torch.allclose(traced(other), expected, atol=1e-5)
     buffer = io.BytesIO()
-    torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {1: "batch"}})
+    torch.onnx.export(
+        model,
+        (x,),
+        buffer,
+        dynamo=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {1: "batch"}},
+    )
     session = onnxruntime.InferenceSession(buffer.getvalue())
     (logits,) = session.run(None, {"images": other.numpy()})
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
 
 
 # --- load_backbone_weights ---------------------------------------------------------------------------
+
 
 def test_load_torchvision_resnet18_state_dict(tmp_path, resnet18_state):
     source = torchvision.models.resnet18(weights=None)

@@ -1,4 +1,5 @@
 """The whole SCAN pipeline on real data (scikit-learn's digits), on the CPU, with a fixed seed."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 # Sized to what these tests assert (every stage runs, writes every artifact, resumes, serves the same
 # answers), not to accuracy: a busy 2-core machine must finish it well inside the suite's hang guard.
 # The accuracy recipe (60 pretext epochs, ACC >= 0.85) is checked by `python bench/digits.py`.
-DIGITS = {"seed": 0, "pretext.epochs": 4, "clustering.epochs": 3, "clustering.batch_size": 128,
-          "selflabel.epochs": 2, "selflabel.batch_size": 256}
+DIGITS = {
+    "seed": 0,
+    "pretext.epochs": 4,
+    "clustering.epochs": 3,
+    "clustering.batch_size": 128,
+    "selflabel.epochs": 2,
+    "selflabel.batch_size": 256,
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +63,19 @@ def test_digits_all_stages_finish_with_metrics(digits_run):
 @pytest.mark.slow
 def test_run_directory_holds_every_artifact(digits_run, digits):
     run_dir, events = digits_run
-    for name in ("config.json", "pretext.pt", "scan.pt", "model.pt", "features.npy", "neighbors.npy",
-                 "index.faiss", "assignments.npz", "clusters.json", "metrics.json", "history.json"):
+    for name in (
+        "config.json",
+        "pretext.pt",
+        "scan.pt",
+        "model.pt",
+        "features.npy",
+        "neighbors.npy",
+        "index.faiss",
+        "assignments.npz",
+        "clusters.json",
+        "metrics.json",
+        "history.json",
+    ):
         assert (run_dir / name).exists(), name
     n = digits.images.shape[0]
     neighbors = np.load(run_dir / "neighbors.npy")
@@ -131,12 +149,31 @@ def test_killed_training_process_resumes_from_checkpoint(tmp_path):
     """SIGKILL the CLI mid-pretext, run the same command again: it continues from the last epoch."""
     run_dir = tmp_path / "run"
     epochs = 12
-    cmd = [sys.executable, "-m", "ml.cli", "train", "digits", "--clusters", "10", "--out", str(run_dir),
-           "--preset", "small", "--cache-dir", str(tmp_path / "cache"),
-           "--set", f"pretext.epochs={epochs}", "--set", "clustering.epochs=1", "--set", "selflabel.epochs=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ml.cli",
+        "train",
+        "digits",
+        "--clusters",
+        "10",
+        "--out",
+        str(run_dir),
+        "--preset",
+        "small",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--set",
+        f"pretext.epochs={epochs}",
+        "--set",
+        "clustering.epochs=1",
+        "--set",
+        "selflabel.epochs=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt = run_dir / "checkpoints" / "pretext.pt"
     # No wall-clock limit on a busy machine's start-up: poll until the first checkpoint or an exit.
     while not ckpt.exists() and proc.poll() is None:
@@ -157,7 +194,7 @@ def test_killed_training_process_resumes_from_checkpoint(tmp_path):
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     # Epochs finished before the kill kept their original timestamps: they were not trained again.
     assert all(h["time"] < restarted_at for h in history[: epoch_at_kill + 1])
-    assert all(h["time"] > restarted_at for h in history[epoch_at_kill + 1:])
+    assert all(h["time"] > restarted_at for h in history[epoch_at_kill + 1 :])
     assert (run_dir / "model.pt").exists()
 
 
@@ -165,10 +202,21 @@ def test_killed_training_process_resumes_from_checkpoint(tmp_path):
 def test_moco_pretext_and_ema_selflabel_train_and_resume(digits, tmp_path):
     """The ImageNet-style options: MoCo v2 (queue + momentum encoder, checkpointed with its extra
     state) and self-labeling with EMA, each resumed."""
-    cfg = RunConfig.from_preset("small", 10, {
-        "pretext.method": "moco", "pretext.epochs": 2, "pretext.batch_size": 256, "pretext.moco_queue": 512,
-        "pretext.temperature": 0.2, "clustering.epochs": 1, "selflabel.epochs": 2, "selflabel.ema": 0.99,
-        "selflabel.threshold": 0.5})
+    cfg = RunConfig.from_preset(
+        "small",
+        10,
+        {
+            "pretext.method": "moco",
+            "pretext.epochs": 2,
+            "pretext.batch_size": 256,
+            "pretext.moco_queue": 512,
+            "pretext.temperature": 0.2,
+            "clustering.epochs": 1,
+            "selflabel.epochs": 2,
+            "selflabel.ema": 0.99,
+            "selflabel.threshold": 0.5,
+        },
+    )
     prepare_run(tmp_path, cfg)
     run_stage("pretext", tmp_path, digits)
     ck = __import__("torch").load(tmp_path / "checkpoints" / "pretext.pt", weights_only=False)
@@ -179,8 +227,9 @@ def test_moco_pretext_and_ema_selflabel_train_and_resume(digits, tmp_path):
     # Stop self-labeling after its first epoch, then resume from its checkpoint.
     seen = []
     with pytest.raises(Canceled):
-        run_stage("selflabel", tmp_path, digits, progress=seen.append,
-                  should_cancel=lambda: any(p.epoch_end for p in seen))
+        run_stage(
+            "selflabel", tmp_path, digits, progress=seen.append, should_cancel=lambda: any(p.epoch_end for p in seen)
+        )
     assert (tmp_path / "checkpoints" / "selflabel.pt").exists()
     resumed = []
     run_stage("selflabel", tmp_path, digits, progress=resumed.append)
@@ -192,9 +241,19 @@ def test_moco_pretext_and_ema_selflabel_train_and_resume(digits, tmp_path):
 def test_a_batch_size_leaving_one_image_over_trains_every_stage(digits, tmp_path):
     """1797 digits in batches of 449 leave one image over; a batch of one through BatchNorm in
     train mode raised 'Expected more than 1 value per channel'. Remainders are now dropped."""
-    cfg = RunConfig.from_preset("small", 10, {
-        "pretext.epochs": 1, "pretext.batch_size": 449, "clustering.epochs": 1, "clustering.batch_size": 449,
-        "selflabel.epochs": 1, "selflabel.batch_size": 449, "selflabel.threshold": 0.5})
+    cfg = RunConfig.from_preset(
+        "small",
+        10,
+        {
+            "pretext.epochs": 1,
+            "pretext.batch_size": 449,
+            "clustering.epochs": 1,
+            "clustering.batch_size": 449,
+            "selflabel.epochs": 1,
+            "selflabel.batch_size": 449,
+            "selflabel.threshold": 0.5,
+        },
+    )
     seen = []
     prepare_run(tmp_path, cfg)
     for stage in STAGES:

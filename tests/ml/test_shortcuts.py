@@ -1,4 +1,5 @@
 """The shortcut diagnostic on digits, where we know what the grouping follows."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Every integer a client sends is bounded (422, never 500) and a run config that could never
 succeed or never end is refused before it is queued, naming the field and the limit."""
+
 from __future__ import annotations
 
 import httpx
@@ -10,9 +11,10 @@ from tests.stack import TINY, db_session
 HUGE = str(2**80)
 
 
-@pytest.mark.parametrize("path", [
-    f"/v1/datasets?offset={HUGE}", f"/v1/datasets?limit={HUGE}", f"/v1/runs?offset={HUGE}",
-    f"/v1/runs?limit={HUGE}"])
+@pytest.mark.parametrize(
+    "path",
+    [f"/v1/datasets?offset={HUGE}", f"/v1/datasets?limit={HUGE}", f"/v1/runs?offset={HUGE}", f"/v1/runs?limit={HUGE}"],
+)
 def test_huge_list_parameters_answer_422(client: httpx.Client, path: str) -> None:
     r = client.get(path)
     assert r.status_code == 422, r.text
@@ -21,9 +23,12 @@ def test_huge_list_parameters_answer_422(client: httpx.Client, path: str) -> Non
 
 def test_huge_ids_in_run_routes_answer_422(client: httpx.Client, finished_run: dict) -> None:
     run_id = finished_run["id"]
-    for path in (f"/v1/runs/{run_id}/events?after={HUGE}", f"/v1/runs/{run_id}/assignments?page={HUGE}",
-                 f"/v1/runs/{run_id}/assignments?cluster={HUGE}",
-                 f"/v1/datasets/{finished_run['dataset_id']}/items/{HUGE}.png"):
+    for path in (
+        f"/v1/runs/{run_id}/events?after={HUGE}",
+        f"/v1/runs/{run_id}/assignments?page={HUGE}",
+        f"/v1/runs/{run_id}/assignments?cluster={HUGE}",
+        f"/v1/datasets/{finished_run['dataset_id']}/items/{HUGE}.png",
+    ):
         r = client.get(path)
         assert r.status_code == 422, (path, r.text)
         assert isinstance(r.json()["detail"], str)
@@ -32,21 +37,26 @@ def test_huge_ids_in_run_routes_answer_422(client: httpx.Client, finished_run: d
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize(("overrides", "field", "limit"), [
-    ({"pretext.epochs": 10**9}, "pretext.epochs", "5000"),
-    ({"pretext.hidden_dim": 10**9}, "pretext.hidden_dim", "8192"),
-    ({"pretext.moco_queue": 10**12}, "pretext.moco_queue", "1048576"),
-    ({"pretext.batch_size": 10**6}, "pretext.batch_size", "8192"),
-    ({"seed": 2**80}, "seed", "4294967295"),
-    ({"clustering.optim.lr": "Infinity"}, "clustering.optim.lr", "finite"),
-    ({"pretext.temperature": "NaN"}, "pretext.temperature", "finite"),
-    ({"image_size": 100_000}, "image_size", "512"),
-])
-def test_run_configs_that_never_end_are_refused(client: httpx.Client, small_dataset: str, overrides: dict,
-                                                field: str, limit: str) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "field", "limit"),
+    [
+        ({"pretext.epochs": 10**9}, "pretext.epochs", "5000"),
+        ({"pretext.hidden_dim": 10**9}, "pretext.hidden_dim", "8192"),
+        ({"pretext.moco_queue": 10**12}, "pretext.moco_queue", "1048576"),
+        ({"pretext.batch_size": 10**6}, "pretext.batch_size", "8192"),
+        ({"seed": 2**80}, "seed", "4294967295"),
+        ({"clustering.optim.lr": "Infinity"}, "clustering.optim.lr", "finite"),
+        ({"pretext.temperature": "NaN"}, "pretext.temperature", "finite"),
+        ({"image_size": 100_000}, "image_size", "512"),
+    ],
+)
+def test_run_configs_that_never_end_are_refused(
+    client: httpx.Client, small_dataset: str, overrides: dict, field: str, limit: str
+) -> None:
     before = _count_runs()
-    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
-                                      "overrides": overrides})
+    r = client.post(
+        "/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small", "overrides": overrides}
+    )
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert field in detail and limit in detail, detail
@@ -54,8 +64,9 @@ def test_run_configs_that_never_end_are_refused(client: httpx.Client, small_data
 
 
 def test_num_clusters_must_be_below_the_dataset_size(client: httpx.Client, small_dataset: str) -> None:
-    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 360, "preset": "small",
-                                      "overrides": TINY})
+    r = client.post(
+        "/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 360, "preset": "small", "overrides": TINY}
+    )
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "num_clusters: 360 must be below the dataset's 360 images"
 
@@ -71,8 +82,12 @@ def _count_runs() -> int:
 
 def test_405_names_every_method_the_path_serves(client: httpx.Client) -> None:
     """Starlette named only the first route matching the path (/v1/datasets said just POST)."""
-    for path, allowed in (("/v1/datasets", "GET, POST"), ("/v1/datasets/abc", "DELETE, GET"),
-                          ("/v1/runs/abc", "GET"), ("/livez", "GET")):
+    for path, allowed in (
+        ("/v1/datasets", "GET, POST"),
+        ("/v1/datasets/abc", "DELETE, GET"),
+        ("/v1/runs/abc", "GET"),
+        ("/livez", "GET"),
+    ):
         r = client.request("PUT", path)
         assert r.status_code == 405 and r.headers["allow"] == allowed, (path, r.headers.get("allow"))
         assert r.json() == {"detail": "Method Not Allowed"}

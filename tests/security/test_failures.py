@@ -1,5 +1,6 @@
 """What a tenant reads when a worker fails names the problem, never the server's files or a
 library's internals."""
+
 from __future__ import annotations
 
 import pickle
@@ -28,8 +29,10 @@ def test_library_errors_are_named_by_type_only() -> None:
 
 
 def test_messages_written_for_users_pass_with_paths_stripped() -> None:
-    assert public_message(Invalid("pretext.backbone_weights: run x not found among your runs")) == \
-        "pretext.backbone_weights: run x not found among your runs"
+    assert (
+        public_message(Invalid("pretext.backbone_weights: run x not found among your runs"))
+        == "pretext.backbone_weights: run x not found among your runs"
+    )
     assert public_message(DataError("/srv/uploads/ab/d.npz", "no 'images' array")) == "d.npz: no 'images' array"
     assert public_message(ValueError("/srv/runs/r/pretext.pt: shapes differ")) == "pretext.pt: shapes differ"
     assert len(public_message(ValueError("x" * 5000))) < 600

@@ -1,6 +1,7 @@
 """The browser-facing side: a server-side UI session (the cookie never holds the API key), CSRF
 tokens and an Origin check on every form, security headers on every answer, /metrics closed to
 strangers, and no secret from a query string in the access log."""
+
 from __future__ import annotations
 
 import re
@@ -18,10 +19,12 @@ def test_login_needs_the_forms_csrf_token_and_this_origin(api_server: str, keys:
         token = TOKEN.search(c.get("/ui/login").text).group(1)
         own = {"Origin": api_server}
         # No token, a wrong one, a foreign Origin, no Origin or Referer at all: no session.
-        for data, headers in (({"api_key": keys["a"]}, own),
-                              ({"api_key": keys["a"], "csrf_token": "forged"}, own),
-                              ({"api_key": keys["a"], "csrf_token": token}, {"Origin": "https://evil.example"}),
-                              ({"api_key": keys["a"], "csrf_token": token}, {})):
+        for data, headers in (
+            ({"api_key": keys["a"]}, own),
+            ({"api_key": keys["a"], "csrf_token": "forged"}, own),
+            ({"api_key": keys["a"], "csrf_token": token}, {"Origin": "https://evil.example"}),
+            ({"api_key": keys["a"], "csrf_token": token}, {}),
+        ):
             r = c.post("/ui/login", data=data, headers=headers)
             assert r.status_code == 403, (data, headers, r.text)
             assert not any(h.startswith("scan_session=") for h in r.headers.get_list("set-cookie"))
@@ -49,8 +52,13 @@ def test_the_cookie_is_a_signed_session_id_that_logout_kills(api_server: str, ke
 
 def test_every_answer_carries_the_security_headers(api_server: str, keys: dict, client: httpx.Client) -> None:
     with ui_client(api_server, keys["a"]) as c:
-        for r in (c.get("/ui"), c.get("/ui/login"), client.get("/v1/datasets"), client.get("/livez"),
-                  client.get("/v1/runs/nope")):
+        for r in (
+            c.get("/ui"),
+            c.get("/ui/login"),
+            client.get("/v1/datasets"),
+            client.get("/livez"),
+            client.get("/v1/runs/nope"),
+        ):
             assert r.headers["x-frame-options"] == "DENY"
             assert r.headers["x-content-type-options"] == "nosniff"
             csp = r.headers["content-security-policy"]
@@ -67,8 +75,7 @@ def test_secure_cookie_over_https_and_metrics_closed_to_strangers(stack, keys: d
 
     with TestClient(create_app(), base_url="https://scan.example", follow_redirects=False) as c:
         assert login(c, keys["a"]).status_code == 303
-        cookie = [h for h in c.get("/ui/login").headers.get_list("set-cookie")
-                  if h.startswith("scan_login_csrf=")][0]
+        cookie = [h for h in c.get("/ui/login").headers.get_list("set-cookie") if h.startswith("scan_login_csrf=")][0]
         assert "Secure" in cookie
         assert c.get("/metrics").status_code == 403  # not a loopback peer, no token configured
         monkeypatch.setenv("SCAN_METRICS_TOKEN", "m-secret-1")

@@ -1,6 +1,7 @@
 """Tiny uploads must not allocate gigabytes, and a dataset's files never outlive its row. Each hostile
 file is built at test time; each case asserts the 4xx, its message, and that nothing is left under
 the var dir or in the database."""
+
 from __future__ import annotations
 
 import gzip
@@ -48,8 +49,7 @@ def test_sparse_labels_become_dense_classes_not_ten_million(client: httpx.Client
 
 def test_too_many_classes_are_refused(client: httpx.Client, stack) -> None:
     n = 10_001
-    r = _upload(client, "classes.npz", _npz(images=np.zeros((n, 8, 8), np.uint8),
-                                            labels=np.arange(n) * 1000 + 10_000))
+    r = _upload(client, "classes.npz", _npz(images=np.zeros((n, 8, 8), np.uint8), labels=np.arange(n) * 1000 + 10_000))
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "classes.npz: 10,001 classes; at most 10,000 are accepted"
     assert _leftovers(stack) == []
@@ -120,8 +120,14 @@ def test_delete_during_ingest_leaves_nothing(client: httpx.Client, stack, monkey
         upload = settings.uploads_dir / "racing" / "race.npz"
         upload.parent.mkdir(parents=True, exist_ok=True)
         upload.write_bytes(_npz(images=np.zeros((5, 8, 8), np.uint8)))
-        row = Dataset(id="racing", tenant_id=tenant.id, name="race.npz", source="race.npz",
-                      state=DatasetState.PENDING, upload_path=str(upload))
+        row = Dataset(
+            id="racing",
+            tenant_id=tenant.id,
+            name="race.npz",
+            source="race.npz",
+            state=DatasetState.PENDING,
+            upload_path=str(upload),
+        )
         session.add(row)
         session.commit()
     real = ml.data.load_source

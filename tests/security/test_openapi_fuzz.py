@@ -5,6 +5,7 @@ its checks on each answer: no server error, every status documented, every body 
 
 The requests use a tenant of their own, so whatever they create or delete touches no other test.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,19 +51,28 @@ def test_every_operation_conforms_to_the_schema(api_server: str, cpu_worker, sta
 
     def fuzz_one(operation, mode) -> None:
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=per_mode, deadline=None, phases=[Phase.generate], database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=per_mode,
+            deadline=None,
+            phases=[Phase.generate],
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case) -> None:
             calls.append(operation.label)
             try:
-                case.call_and_validate(base_url=api_server, headers=headers, timeout=120,
-                                       excluded_checks=EXCLUDED)
+                case.call_and_validate(base_url=api_server, headers=headers, timeout=120, excluded_checks=EXCLUDED)
             except BaseException as exc:  # a FailureGroup is a BaseExceptionGroup: collect them all
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 text = str(exc) + "".join(f"\n{e}" for e in getattr(exc, "exceptions", ()))
-                kinds = sorted({ln.strip()[:120] for ln in text.splitlines()
-                                if ln.strip().startswith(("- ", "[1", "[2", "[3", "[4", "[5"))})
+                kinds = sorted(
+                    {
+                        ln.strip()[:120]
+                        for ln in text.splitlines()
+                        if ln.strip().startswith(("- ", "[1", "[2", "[3", "[4", "[5"))
+                    }
+                )
                 failures.append(f"{operation.label} ({mode}): {'; '.join(kinds) or text[:300]}")
 
         try:

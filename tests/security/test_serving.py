@@ -1,6 +1,7 @@
 """Serving is bounded and off the event loop: /neighbors caps queries and queries x k, bodies of
 /predict and /neighbors are cut off at SCAN_MAX_SERVING_BODY_BYTES (413, streamed), huge images are
 refused or decoded small, and /livez keeps answering while the heaviest allowed requests run."""
+
 from __future__ import annotations
 
 import io
@@ -24,20 +25,23 @@ def _png(side: int, value: int = 128) -> bytes:
 def _jpeg(side: int) -> bytes:
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)).resize(
-        (side, side)).save(buf, format="JPEG", quality=30)
+    Image.fromarray(rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)).resize((side, side)).save(
+        buf, format="JPEG", quality=30
+    )
     return buf.getvalue()
 
 
 def test_neighbors_amplification_is_refused_before_any_search(client: httpx.Client, finished_run: dict) -> None:
     run_id = finished_run["id"]
     t0 = time.monotonic()
-    r = client.post(f"/v1/runs/{run_id}/neighbors",
-                    json={"k": 1024, "query": {"items": [0] * 10_000}, "combine": "separate"})
+    r = client.post(
+        f"/v1/runs/{run_id}/neighbors", json={"k": 1024, "query": {"items": [0] * 10_000}, "combine": "separate"}
+    )
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "query: 10000 queries in one request; at most 256 (SCAN_NEIGHBORS_MAX_QUERIES)"
-    r = client.post(f"/v1/runs/{run_id}/neighbors",
-                    json={"k": 1024, "query": {"items": list(range(100))}, "combine": "separate"})
+    r = client.post(
+        f"/v1/runs/{run_id}/neighbors", json={"k": 1024, "query": {"items": list(range(100))}, "combine": "separate"}
+    )
     assert r.status_code == 422
     assert r.json()["detail"].startswith("k: 100 queries x k=1024 = 102400 neighbours; at most 65536")
     assert time.monotonic() - t0 < 30  # answered, not computed
@@ -83,15 +87,17 @@ def test_draft_decoding_never_materialises_the_full_jpeg() -> None:
     assert decode_conformed(data, "photo.jpg", (8, 8), 1).shape == (1, 8, 8)
 
 
-def test_livez_answers_while_the_heaviest_requests_run(client: httpx.Client, api_server: str,
-                                                         finished_run: dict) -> None:
+def test_livez_answers_while_the_heaviest_requests_run(
+    client: httpx.Client, api_server: str, finished_run: dict
+) -> None:
     run_id = finished_run["id"]
     images = [("files", (f"{i}.png", _png(4000, i % 256), "image/png")) for i in range(60)]
     assert sum(len(f[1][1]) for f in images) < MAX_UPLOAD
     heavy = [
         lambda c: c.post(f"/v1/runs/{run_id}/predict?k=10", files=images),
-        lambda c: c.post(f"/v1/runs/{run_id}/neighbors",
-                         json={"k": 256, "query": {"items": list(range(256))}, "combine": "separate"}),
+        lambda c: c.post(
+            f"/v1/runs/{run_id}/neighbors", json={"k": 256, "query": {"items": list(range(256))}, "combine": "separate"}
+        ),
     ]
     statuses: list[int] = []
 

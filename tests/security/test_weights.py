@@ -1,6 +1,7 @@
 """Backbone weights are a tenant's resource: over HTTP they name one of the tenant's own finished
 runs ("run:<id>"), never a server path. Tenant B once trained on tenant A's backbone by giving its
 file path, and probed the server's files through the run's error."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,15 @@ FROZEN = {**TINY, "pretext.epochs": 0, "clustering.freeze_backbone": True}
 
 
 def _submit(client: httpx.Client, dataset_id: str, weights: object) -> httpx.Response:
-    return client.post("/v1/runs", json={"dataset_id": dataset_id, "num_clusters": 10, "preset": "small",
-                                         "overrides": {**FROZEN, "pretext.backbone_weights": weights}})
+    return client.post(
+        "/v1/runs",
+        json={
+            "dataset_id": dataset_id,
+            "num_clusters": 10,
+            "preset": "small",
+            "overrides": {**FROZEN, "pretext.backbone_weights": weights},
+        },
+    )
 
 
 def _run_count() -> int:
@@ -44,8 +52,14 @@ def test_paths_are_refused_and_reveal_nothing(client_b: httpx.Client, b_dataset:
     assert Path(a_weights).is_file()  # the file a thief would name really exists
     before = _run_count()
     answers = {}
-    for probe in (a_weights, "/proc/self/environ", "/nonexistent/x.pt", "../../runs/x/pretext.pt",
-                  "file:///etc/passwd", "run:../" + finished_run["id"]):
+    for probe in (
+        a_weights,
+        "/proc/self/environ",
+        "/nonexistent/x.pt",
+        "../../runs/x/pretext.pt",
+        "file:///etc/passwd",
+        "run:../" + finished_run["id"],
+    ):
         r = _submit(client_b, b_dataset, probe)
         assert r.status_code == 422, (probe, r.text)
         answers[probe] = r.json()["detail"]
@@ -54,7 +68,7 @@ def test_paths_are_refused_and_reveal_nothing(client_b: httpx.Client, b_dataset:
     # One answer for an existing file, a missing one and /proc: no file-system oracle.
     assert len(set(answers.values())) == 1, answers
     detail = next(iter(answers.values()))
-    assert detail.startswith("pretext.backbone_weights: give \"run:<run id>\"")
+    assert detail.startswith('pretext.backbone_weights: give "run:<run id>"')
     assert "pretext.pt" not in detail and "/" not in detail.replace("/v1", "")
     assert _run_count() == before
 
@@ -80,6 +94,7 @@ def test_own_finished_run_seeds_a_new_run(client: httpx.Client, finished_run: di
     assert run["state"] == "SUCCEEDED", run
     # The new run's backbone is the source run's, bit for bit (pretext was skipped, backbone frozen).
     from app.models import Run
+
     with db_session() as session:
         src, new = (Path(session.get(Run, i).run_dir) for i in (finished_run["id"], run["id"]))
     a = torch.load(src / "pretext.pt", map_location="cpu", weights_only=False)["state_dict"]

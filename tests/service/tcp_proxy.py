@@ -4,6 +4,7 @@
 server restarts); ``restore()`` listens again on the same port. The machine's servers are never
 touched, so other users of them are unaffected.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Every route but the health checks needs a valid key; `scan admin create-key` makes working keys."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,8 +27,15 @@ def test_health_needs_no_key(anon_client):
 
 
 def test_cli_creates_a_working_key_stored_hashed(stack, api_server):
-    out = subprocess.run([PY, "-m", "cli.main", "admin", "create-key", "--tenant", "cli-tenant"], cwd=ROOT,
-                         env=stack.env, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [PY, "-m", "cli.main", "admin", "create-key", "--tenant", "cli-tenant"],
+        cwd=ROOT,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     key = out.stdout.strip().splitlines()[-1]
     r = httpx.get(api_server + "/v1/datasets", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200 and r.json()["total"] == 0  # a new tenant sees nothing of the others
@@ -35,6 +43,7 @@ def test_cli_creates_a_working_key_stored_hashed(stack, api_server):
 
     from app.models import ApiKey
     from tests.service.conftest import db_session
+
     with db_session() as session:
         hashes = set(session.scalars(select(ApiKey.key_hash)))
     assert key not in hashes and all(len(h) == 64 for h in hashes)

@@ -1,4 +1,5 @@
 """Datasets over HTTP: import, upload, read, items, delete; bad uploads leave nothing behind."""
+
 from __future__ import annotations
 
 import io
@@ -72,8 +73,12 @@ def test_upload_npz_then_delete(client, stack):
 
 
 def test_upload_zip_of_class_folders(client):
-    r = client.post("/v1/datasets?wait=true", files={"file": ("shapes.zip", _zip(
-        {"dark/a.png": _png(10), "dark/b.png": _png(20), "light/c.png": _png(240)}))})
+    r = client.post(
+        "/v1/datasets?wait=true",
+        files={
+            "file": ("shapes.zip", _zip({"dark/a.png": _png(10), "dark/b.png": _png(20), "light/c.png": _png(240)}))
+        },
+    )
     assert r.status_code == 201, r.text
     assert r.json()["count"] == 3 and r.json()["class_names"] == ["dark", "light"]
     client.delete(f"/v1/datasets/{r.json()['id']}")
@@ -131,11 +136,13 @@ def test_list_is_paginated(client, digits_dataset, small_dataset):
 
 def _dataset_rows() -> int:
     from app.models import Dataset
+
     with db_session() as session:
         return session.scalar(select(func.count()).select_from(Dataset))
 
 
 def _dataset_ids() -> set[str]:
     from app.models import Dataset
+
     with db_session() as session:
         return set(session.scalars(select(Dataset.id)))

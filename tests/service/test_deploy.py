@@ -1,4 +1,5 @@
 """docker-compose.yml is valid (`docker compose config` needs no engine)."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,14 @@ def _compose() -> list[str]:
 
 
 def test_compose_config_is_valid():
-    out = subprocess.run([*_compose(), "config"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "SCAN_GPU_WORKERS": "3"})
+    out = subprocess.run(
+        [*_compose(), "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SCAN_GPU_WORKERS": "3"},
+    )
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
     assert {"postgres", "redis", "minio", "api", "worker-gpu", "worker-cpu"} <= set(services)
@@ -56,9 +63,14 @@ def test_compose_config_is_valid():
 
 def test_each_image_variant_gets_exactly_one_faiss():
     """faiss-cpu and faiss-gpu-cu12 install the same module: the GPU image must not get both."""
+
     def requirements(variant: str) -> list[str]:
-        out = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"), variant],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "docker" / "requirements.py"), variant],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return [line.split(">")[0].split("=")[0] for line in out.stdout.split()]
 
     cpu, gpu = requirements("cpu"), requirements("gpu")
@@ -76,8 +88,15 @@ def test_per_gpu_launcher_runs_one_pinned_worker_per_gpu_and_stops_cleanly(stack
     import time
 
     env = {**stack.env, "SCAN_GPU_WORKERS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "workers.per_gpu"], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.per_gpu"],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         log = ""
         while log.count(" ready.") < 2:
@@ -88,8 +107,13 @@ def test_per_gpu_launcher_runs_one_pinned_worker_per_gpu_and_stops_cleanly(stack
         if stack.mode == "services":
             # Like compose's healthcheck (retries: 3), a few tries: a loaded machine may answer late.
             for _ in range(5):
-                healthy = subprocess.run([sys.executable, "-m", "workers.per_gpu", "--ping"], cwd=ROOT, env=env,
-                                         capture_output=True, text=True)
+                healthy = subprocess.run(
+                    [sys.executable, "-m", "workers.per_gpu", "--ping"],
+                    cwd=ROOT,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 if healthy.returncode == 0:
                     break
             assert healthy.returncode == 0, healthy.stderr

@@ -3,6 +3,7 @@
 These drive app.services.execution directly (no worker process) so that the edge cases a killed
 worker produces can be staged exactly: a live lease, a stale one, one delivery too many.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -24,8 +25,15 @@ def run_id(stack) -> str:
         dataset = Dataset(tenant_id=tenant.id, name="d", source="digits", state="READY")
         session.add(dataset)
         session.flush()
-        run = Run(tenant_id=tenant.id, dataset_id=dataset.id, num_clusters=10, preset="small", overrides={},
-                  config={}, stage="pretext")
+        run = Run(
+            tenant_id=tenant.id,
+            dataset_id=dataset.id,
+            num_clusters=10,
+            preset="small",
+            overrides={},
+            config={},
+            stage="pretext",
+        )
         session.add(run)
         session.flush()
         session.add_all([StageStatus(run_id=run.id, stage=s) for s in STAGES])
@@ -46,7 +54,7 @@ def test_a_live_lease_turns_a_duplicate_away(stack, run_id):
         first = execution.claim(session, settings, run_id, "pretext")
         assert isinstance(first, execution.Claim) and first.attempt == 1
         assert execution.claim(session, settings, run_id, "pretext") is None  # still heart-beating
-        assert execution.claim(session, settings, run_id, "mining") is None   # not the run's stage
+        assert execution.claim(session, settings, run_id, "mining") is None  # not the run's stage
         assert execution.finish_stage(session, run_id, "pretext", {"loss": 1.0}) == "mining"
         assert execution.claim(session, settings, run_id, "pretext") is None  # done and moved on
         assert session.get(Run, run_id).state == "MINING"
@@ -167,8 +175,15 @@ def test_a_missing_input_rewinds_to_the_stage_that_writes_it(stack, run_id):
 def test_waiting_runs_oldest_first(stack, run_id):
     with db_session() as session:
         older = session.get(Run, run_id)
-        newer = Run(tenant_id=older.tenant_id, dataset_id=older.dataset_id, num_clusters=10, preset="small",
-                    overrides={}, config={}, stage="pretext")
+        newer = Run(
+            tenant_id=older.tenant_id,
+            dataset_id=older.dataset_id,
+            num_clusters=10,
+            preset="small",
+            overrides={},
+            config={},
+            stage="pretext",
+        )
         session.add(newer)
         session.commit()
         waiting = [r for r, _ in execution.waiting_runs(session, stack.settings, limit=1000)]

@@ -1,4 +1,5 @@
 """GET /v1/runs/{id}/model: the exported model answers what /predict answers."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,11 @@ ITEMS = list(range(3, 1797, 150))
 @pytest.fixture(scope="module")
 def images_and_predictions(client, finished_run, digits_dataset):
     pngs = [client.get(f"/v1/datasets/{digits_dataset}/items/{i}.png").content for i in ITEMS]
-    r = client.post(f"/v1/runs/{finished_run['id']}/predict", params={"k": 10},
-                    files=[("files", (f"{i}.png", p, "image/png")) for i, p in zip(ITEMS, pngs)])
+    r = client.post(
+        f"/v1/runs/{finished_run['id']}/predict",
+        params={"k": 10},
+        files=[("files", (f"{i}.png", p, "image/png")) for i, p in zip(ITEMS, pngs)],
+    )
     assert r.status_code == 200, r.text
     probs = np.zeros((len(ITEMS), 10), np.float32)
     for row, pred in zip(probs, r.json()["predictions"]):
@@ -45,6 +49,7 @@ def check_spec(zf: zipfile.ZipFile, fmt: str) -> dict:
 
 def test_onnx_export_equals_predict(client, finished_run, images_and_predictions):
     import onnxruntime as ort
+
     x, probs = images_and_predictions
     zf = download(client, finished_run["id"], "onnx")
     spec = check_spec(zf, "onnx")
@@ -58,6 +63,7 @@ def test_onnx_export_equals_predict(client, finished_run, images_and_predictions
 
 def test_torchscript_export_equals_predict(client, finished_run, images_and_predictions):
     import torch
+
     x, probs = images_and_predictions
     zf = download(client, finished_run["id"], "torchscript")
     spec = check_spec(zf, "torchscript")

@@ -5,6 +5,7 @@ controls (tests/service/tcp_proxy.py): a cut drops every live connection and ref
 server restart does, without touching the machine's servers. Every wait here is on an observed
 state (an epoch reached, a state entered), never on training finishing within a tight time.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,10 +46,20 @@ pytestmark = pytest.mark.skipif(MODE != "services", reason="cuts PostgreSQL and 
 STALE_AFTER_S = 8
 DISPATCH_AFTER_S = 3
 # Small, but pretext long enough to be cut three times while it trains (each cut waits for an epoch).
-LONG = {"pretext.epochs": 14, "pretext.batch_size": 120, "clustering.epochs": 2, "clustering.num_heads": 2,
-        "selflabel.epochs": 1}
-SHORT = {"pretext.epochs": 4, "pretext.batch_size": 120, "clustering.epochs": 1, "clustering.num_heads": 1,
-         "selflabel.epochs": 1}
+LONG = {
+    "pretext.epochs": 14,
+    "pretext.batch_size": 120,
+    "clustering.epochs": 2,
+    "clustering.num_heads": 2,
+    "selflabel.epochs": 1,
+}
+SHORT = {
+    "pretext.epochs": 4,
+    "pretext.batch_size": 120,
+    "clustering.epochs": 1,
+    "clustering.num_heads": 1,
+    "selflabel.epochs": 1,
+}
 
 
 def _via(url: str, port: int) -> str:
@@ -60,6 +71,7 @@ def _via(url: str, port: int) -> str:
 @dataclass
 class Faulty:
     """The API and gpu worker of this module, both behind the proxies."""
+
     pg: TcpProxy
     redis: TcpProxy
     stack: Stack
@@ -76,14 +88,25 @@ def faulty(stack, keys, small_dataset, gpu_worker) -> Iterator[Faulty]:
     pg_target, redis_target = urlsplit(PG_URL), urlsplit(REDIS_URL)
     pg = TcpProxy(pg_target.hostname, pg_target.port or 5432).start()
     redis = TcpProxy(redis_target.hostname, redis_target.port or 6379).start()
-    env = {**stack.env, "SCAN_DATABASE_URL": _via(PG_URL, pg.port), "SCAN_BROKER_URL": _via(REDIS_URL, redis.port),
-           "SCAN_STALE_AFTER_S": str(STALE_AFTER_S), "SCAN_DISPATCH_AFTER_S": str(DISPATCH_AFTER_S),
-           "SCAN_RETRY_AFTER_S": "2"}
+    env = {
+        **stack.env,
+        "SCAN_DATABASE_URL": _via(PG_URL, pg.port),
+        "SCAN_BROKER_URL": _via(REDIS_URL, redis.port),
+        "SCAN_STALE_AFTER_S": str(STALE_AFTER_S),
+        "SCAN_DISPATCH_AFTER_S": str(DISPATCH_AFTER_S),
+        "SCAN_RETRY_AFTER_S": "2",
+    }
     mine = Stack(stack.mode, env, stack.var_dir)
     port = _free_port()
     log = open(stack.var_dir / "api-faults.log", "a")
-    api = subprocess.Popen([PY, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = subprocess.Popen(
+        [PY, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -108,8 +131,11 @@ def faulty(stack, keys, small_dataset, gpu_worker) -> Iterator[Faulty]:
 
 def _submit(f: Faulty, dataset: str, overrides: dict, key: str | None = None) -> httpx.Response:
     headers = {"Idempotency-Key": key} if key else {}
-    return f.client.post("/v1/runs", headers=headers, json={"dataset_id": dataset, "num_clusters": 10,
-                                                            "preset": "small", "overrides": overrides})
+    return f.client.post(
+        "/v1/runs",
+        headers=headers,
+        json={"dataset_id": dataset, "num_clusters": 10, "preset": "small", "overrides": overrides},
+    )
 
 
 def _run(run_id: str) -> Run:
@@ -205,8 +231,10 @@ def test_postgres_cut_three_times_during_pretext(faulty, small_dataset):
                 pass
             # The next cut only after training has moved on again.
             mark = _epoch(run_id)
-            _wait("training to continue after the cut",
-                  lambda mark=mark: _epoch(run_id) > mark or _run(run_id).state != "PRETEXT")
+            _wait(
+                "training to continue after the cut",
+                lambda mark=mark: _epoch(run_id) > mark or _run(run_id).state != "PRETEXT",
+            )
         run = _wait_state(run_id)
     assert run.state == "SUCCEEDED", run.error
     trained, epochs = _pretext_epochs_trained(run_id)
@@ -226,8 +254,11 @@ def test_redis_cut_during_a_stage_does_not_stop_it(faulty, small_dataset):
     with f.redis.down(seconds=4):
         mark = _epoch(run_id)
         # Training goes on while the broker is gone.
-        _wait("training to continue without the broker", lambda: _epoch(run_id) > mark or
-              _run(run_id).state not in ("QUEUED", "PRETEXT"), timeout=600)
+        _wait(
+            "training to continue without the broker",
+            lambda: _epoch(run_id) > mark or _run(run_id).state not in ("QUEUED", "PRETEXT"),
+            timeout=600,
+        )
     run = _wait_state(run_id)
     assert run.state == "SUCCEEDED", run.error
     started = [e for e in _events(run_id, "stage_started") if e.stage == "pretext"]
@@ -273,10 +304,16 @@ def test_submit_while_the_broker_is_down_is_503_then_the_same_key_works(faulty, 
 def test_every_route_answers_503_json_while_the_database_is_down(faulty, small_dataset):
     f = faulty
     with f.pg.down():
-        for method, path in (("GET", "/v1/runs"), ("GET", "/v1/datasets"), ("GET", f"/v1/datasets/{small_dataset}"),
-                             ("POST", "/v1/runs"), ("GET", "/readyz")):
-            r = f.client.request(method, path, json={"dataset_id": small_dataset, "num_clusters": 10}
-                                 if method == "POST" else None)
+        for method, path in (
+            ("GET", "/v1/runs"),
+            ("GET", "/v1/datasets"),
+            ("GET", f"/v1/datasets/{small_dataset}"),
+            ("POST", "/v1/runs"),
+            ("GET", "/readyz"),
+        ):
+            r = f.client.request(
+                method, path, json={"dataset_id": small_dataset, "num_clusters": 10} if method == "POST" else None
+            )
             assert r.status_code == 503, (path, r.status_code, r.text)
             assert r.headers["content-type"].startswith("application/json") and r.json()["detail"], path
     assert f.client.get("/v1/runs").status_code == 200
@@ -300,8 +337,11 @@ def test_cancel_with_no_worker_alive_is_immediate(faulty, small_dataset):
     try:
         stale = utcnow() - timedelta(seconds=STALE_AFTER_S + 1)
         # Stale, or already dropped by a dispatcher (other workers of the suite run one too).
-        _wait("the lease to go stale", lambda: (r := _run(run_id)).lease_token is None or r.heartbeat_at < stale,
-              timeout=120)
+        _wait(
+            "the lease to go stale",
+            lambda: (r := _run(run_id)).lease_token is None or r.heartbeat_at < stale,
+            timeout=120,
+        )
         t0 = time.monotonic()
         r = f.client.post(f"/v1/runs/{run_id}/cancel")
         assert r.status_code == 202 and r.json()["state"] == "CANCELED", r.text
@@ -316,8 +356,9 @@ def test_retry_of_a_failed_run_resumes_from_its_checkpoint(faulty, small_dataset
     gives it a new budget and it resumes pretext from its last epoch checkpoint."""
     f = faulty
     f.worker.stop()
-    strict = WorkerProcess(Stack(f.stack.mode, {**f.stack.env, "SCAN_MAX_STAGE_ATTEMPTS": "1"}, f.stack.var_dir),
-                           "gpu", "faults-strict")
+    strict = WorkerProcess(
+        Stack(f.stack.mode, {**f.stack.env, "SCAN_MAX_STAGE_ATTEMPTS": "1"}, f.stack.var_dir), "gpu", "faults-strict"
+    )
     strict.start()
     try:
         run_id = _submit(f, small_dataset, LONG).json()["id"]
@@ -357,9 +398,13 @@ def test_a_run_folder_refusing_writes_for_a_moment_is_retried_not_failed(faulty,
         pytest.skip(f"cannot make {checkpoints} immutable on this file system")
     errors_before = f.worker.log.read_text().count("hit a disk error")
     try:
-        _wait("the stage to hit the read-only folder",
-              lambda: f.worker.log.read_text().count("hit a disk error") > errors_before
-              or _run(run_id).state in TERMINAL, timeout=600)
+        _wait(
+            "the stage to hit the read-only folder",
+            lambda: (
+                f.worker.log.read_text().count("hit a disk error") > errors_before or _run(run_id).state in TERMINAL
+            ),
+            timeout=600,
+        )
     finally:
         subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
     assert f.worker.log.read_text().count("hit a disk error") > errors_before, "the fault never reached the stage"

@@ -1,4 +1,5 @@
 """GET /metrics: Prometheus text with request, batching, queue and run metrics."""
+
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,7 +41,8 @@ def test_metrics_report_runs_by_state_stage_durations_and_queue(anon_client, fin
     assert {s.labels["state"] for s in fams["scan_runs"]} >= {"QUEUED", "PRETEXT", "SUCCEEDED", "FAILED"}
     # Runs waiting for a worker are the QUEUED runs, read in the same snapshot as scan_runs.
     assert value(fams["scan_queue_depth"], "scan_queue_depth", queue="runs") == value(
-        fams["scan_runs"], "scan_runs", state="QUEUED")
+        fams["scan_runs"], "scan_runs", state="QUEUED"
+    )
     durations = fams["scan_run_stage_duration_seconds"]
     for stage in ("pretext", "mining", "clustering", "selflabel"):
         assert value(durations, "scan_run_stage_duration_seconds_count", stage=stage) >= 1

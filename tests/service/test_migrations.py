@@ -1,4 +1,5 @@
 """The schema exists only through Alembic: from empty to head, and no autogenerate diff."""
+
 from __future__ import annotations
 
 import uuid

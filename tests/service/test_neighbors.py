@@ -1,4 +1,5 @@
 """POST /v1/runs/{id}/neighbors over HTTP: items, vectors and uploaded images as queries."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,9 @@ def clusters_of(client, finished_run) -> dict[int, int]:
     total, out = rows["total"], {r["item_index"]: r["cluster"] for r in rows["items"]}
     page = 2
     while len(out) < total:
-        more = client.get(f"/v1/runs/{finished_run['id']}/assignments",
-                          params={"page_size": 1000, "page": page}).json()["items"]
+        more = client.get(
+            f"/v1/runs/{finished_run['id']}/assignments", params={"page_size": 1000, "page": page}
+        ).json()["items"]
         out.update({r["item_index"]: r["cluster"] for r in more})
         page += 1
     return out
@@ -64,16 +66,18 @@ def test_neighbors_match_exact_search_on_stored_features(client, finished_run, f
     exact_ids = np.argsort(-(unit @ (mean / np.linalg.norm(mean))), kind="stable")[:5]
     got = [h["item"] for h in res["neighbors"]]
     # ties at float precision may swap places; the sets of scores must agree
-    np.testing.assert_allclose(sorted(unit[got] @ (mean / np.linalg.norm(mean))),
-                               sorted(unit[exact_ids] @ (mean / np.linalg.norm(mean))), atol=1e-4)
+    np.testing.assert_allclose(
+        sorted(unit[got] @ (mean / np.linalg.norm(mean))),
+        sorted(unit[exact_ids] @ (mean / np.linalg.norm(mean))),
+        atol=1e-4,
+    )
 
 
 def test_neighbors_of_an_uploaded_image(client, finished_run, digits_dataset):
     """An uploaded copy of item 5 is embedded with the run's backbone and finds item 5 (score ~1)."""
     run_id = finished_run["id"]
     png = client.get(f"/v1/datasets/{digits_dataset}/items/5.png").content
-    r = client.post(f"/v1/runs/{run_id}/neighbors", files=[("files", ("five.png", png, "image/png"))],
-                    data={"k": "8"})
+    r = client.post(f"/v1/runs/{run_id}/neighbors", files=[("files", ("five.png", png, "image/png"))], data={"k": "8"})
     assert r.status_code == 200, r.text
     (res,) = r.json()["results"]
     assert res["query"] == {"files": ["five.png"]}
@@ -107,8 +111,10 @@ def test_neighbors_bad_queries_are_4xx_with_a_message(client, client_b, finished
 
 
 def test_neighbors_need_a_succeeded_run(client, small_dataset):
-    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
-                                      "overrides": {"pretext.epochs": 1}})
+    r = client.post(
+        "/v1/runs",
+        json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small", "overrides": {"pretext.epochs": 1}},
+    )
     run_id = r.json()["id"]
     client.post(f"/v1/runs/{run_id}/cancel")
     r = neighbors(client, run_id, k=5, query={"items": [1]})

@@ -1,5 +1,6 @@
 """The OpenAPI document is complete: every v1 operation has a summary, auth, error bodies and a
 typed success response, so generated clients need no hand-written glue."""
+
 from __future__ import annotations
 
 OURS = {"datasets", "runs", "results", "health"}  # the serving routes are tested in their own files

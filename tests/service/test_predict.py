@@ -1,5 +1,6 @@
 """POST /v1/runs/{id}/predict over HTTP against the real API process (the batcher alone:
 tests/app/serving/test_batcher.py)."""
+
 from __future__ import annotations
 
 import base64
@@ -30,8 +31,7 @@ def stored_assignments(client, run_id: str) -> dict[int, int]:
     first = r.json()
     rows = first["items"]
     for page in range(2, -(-first["total"] // first["page_size"]) + 1):
-        rows += client.get(f"/v1/runs/{run_id}/assignments",
-                           params={"page_size": 1000, "page": page}).json()["items"]
+        rows += client.get(f"/v1/runs/{run_id}/assignments", params={"page_size": 1000, "page": page}).json()["items"]
     return {row["item_index"]: row["cluster"] for row in rows}
 
 
@@ -43,8 +43,10 @@ def item_pngs(client, digits_dataset) -> dict[int, bytes]:
 @pytest.fixture(scope="module")
 def unfinished_run(client, small_dataset) -> dict:
     """A run that never succeeds: created and canceled at once (no training time spent)."""
-    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
-                                      "overrides": {"pretext.epochs": 1}})
+    r = client.post(
+        "/v1/runs",
+        json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small", "overrides": {"pretext.epochs": 1}},
+    )
     assert r.status_code == 202, r.text
     client.post(f"/v1/runs/{r.json()['id']}/cancel")
     return client.get(f"/v1/runs/{r.json()['id']}").json()
@@ -84,8 +86,9 @@ def test_predict_json_base64_matches_multipart(client, finished_run, item_pngs):
     as_files = client.post(f"/v1/runs/{run_id}/predict", files=files, params={"k": 10}).json()["predictions"]
     for a, b in zip(as_json, as_files):
         assert a["cluster"] == b["cluster"]
-        np.testing.assert_allclose([t["probability"] for t in a["top_k"]],
-                                   [t["probability"] for t in b["top_k"]], atol=1e-6)
+        np.testing.assert_allclose(
+            [t["probability"] for t in a["top_k"]], [t["probability"] for t in b["top_k"]], atol=1e-6
+        )
         assert abs(sum(t["probability"] for t in a["top_k"]) - 1) < 1e-4  # k = K: all clusters
 
 
@@ -100,8 +103,10 @@ def test_predict_converts_other_sizes_and_channels(client, finished_run, item_pn
     sure = max((r for r in rows if r["item_index"] in ITEMS), key=lambda r: r["confidence"])
     item = np.asarray(Image.open(io.BytesIO(item_pngs[sure["item_index"]])))
     big_rgb = np.asarray(Image.fromarray(item).convert("RGB").resize((32, 32), Image.Resampling.NEAREST))
-    files = [("files", ("noise.png", png_bytes(rgb_noise), "image/png")),
-             ("files", ("big.png", png_bytes(big_rgb), "image/png"))]
+    files = [
+        ("files", ("noise.png", png_bytes(rgb_noise), "image/png")),
+        ("files", ("big.png", png_bytes(big_rgb), "image/png")),
+    ]
     r = client.post(f"/v1/runs/{run_id}/predict", files=files)
     assert r.status_code == 200, r.text
     noise, big = r.json()["predictions"]
@@ -113,8 +118,12 @@ def test_predict_converts_other_sizes_and_channels(client, finished_run, item_pn
 def test_concurrent_predicts_each_get_their_own_answer(client, finished_run, item_pngs):
     """16 callers at once share model calls (dynamic batching) yet each gets its own image's answer."""
     run_id = finished_run["id"]
-    single = {i: client.post(f"/v1/runs/{run_id}/predict", files=[("files", ("x.png", item_pngs[i]))]
-                             ).json()["predictions"][0] for i in ITEMS[:16]}
+    single = {
+        i: client.post(f"/v1/runs/{run_id}/predict", files=[("files", ("x.png", item_pngs[i]))]).json()["predictions"][
+            0
+        ]
+        for i in ITEMS[:16]
+    }
     before = _batch_histogram(client)
 
     def call(i):
@@ -135,6 +144,7 @@ def test_concurrent_predicts_each_get_their_own_answer(client, finished_run, ite
 
 def _batch_histogram(client) -> tuple[float, float]:
     from prometheus_client.parser import text_string_to_metric_families
+
     for fam in text_string_to_metric_families(client.get("/metrics").text):
         if fam.name == "scan_predict_batch_size":
             samples = {s.name: s.value for s in fam.samples}
@@ -143,8 +153,10 @@ def _batch_histogram(client) -> tuple[float, float]:
 
 
 def test_predict_rejects_non_images_naming_the_file(client, finished_run, item_pngs):
-    files = [("files", ("ok.png", item_pngs[0], "image/png")),
-             ("files", ("notes.txt", b"this is not an image", "text/plain"))]
+    files = [
+        ("files", ("ok.png", item_pngs[0], "image/png")),
+        ("files", ("notes.txt", b"this is not an image", "text/plain")),
+    ]
     r = client.post(f"/v1/runs/{finished_run['id']}/predict", files=files)
     assert r.status_code == 422
     assert "notes.txt" in r.json()["detail"]
@@ -161,8 +173,9 @@ def test_predict_rejects_too_many_images(client, finished_run, item_pngs):
     assert "257 images" in r.json()["detail"] and "256" in r.json()["detail"]
 
 
-def test_predict_needs_a_succeeded_run_of_your_own(client, client_b, anon_client, finished_run,
-                                                  unfinished_run, item_pngs):
+def test_predict_needs_a_succeeded_run_of_your_own(
+    client, client_b, anon_client, finished_run, unfinished_run, item_pngs
+):
     files = [("files", ("a.png", item_pngs[0], "image/png"))]
     r = client.post(f"/v1/runs/{unfinished_run['id']}/predict", files=files)
     assert r.status_code == 409
@@ -175,7 +188,6 @@ def test_predict_needs_a_succeeded_run_of_your_own(client, client_b, anon_client
     assert r.status_code == 404
     r = client.post(f"/v1/runs/{finished_run['id']}/predict", files=files, params={"k": 0})
     assert r.status_code == 422 and "k" in r.json()["detail"]
-
 
 
 def test_predict_reproduces_assignments_when_the_run_resizes(client, small_dataset, gpu_worker):
@@ -191,7 +203,7 @@ def test_predict_reproduces_assignments_when_the_run_resizes(client, small_datas
     files = [("files", (f"{i}.png", item_png(client, small_dataset, i), "image/png")) for i in items]
     preds = []
     for start in range(0, len(files), 64):
-        r = client.post(f"/v1/runs/{run['id']}/predict", files=files[start:start + 64])
+        r = client.post(f"/v1/runs/{run['id']}/predict", files=files[start : start + 64])
         assert r.status_code == 200, r.text
         preds += [p["cluster"] for p in r.json()["predictions"]]
     assert preds == [stored[i] for i in items]

@@ -1,4 +1,5 @@
 """Run submission: validation against ml.config, Idempotency-Key, cancel before start, list filters."""
+
 from __future__ import annotations
 
 import uuid
@@ -46,6 +47,7 @@ def test_cancel_of_a_queued_run_and_list_filters(client, small_dataset):
         r = client.post(f"/v1/runs/{run_id}/cancel")
         assert r.status_code == 202 and r.json()["cancel_requested"] is True
     from tests.service.conftest import wait_for_run
+
     for run_id in ids:
         assert wait_for_run(client, run_id, timeout=120)["state"] == "CANCELED"
     again = client.post(f"/v1/runs/{ids[0]}/cancel")

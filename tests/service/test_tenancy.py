@@ -1,12 +1,12 @@
 """Tenant B cannot see tenant A's datasets, runs or results on any route: always 404, never 403."""
+
 from __future__ import annotations
 
 import re
 
 
 def _fill(path: str, dataset_id: str, run_id: str) -> str:
-    return (path.replace("{dataset_id}", dataset_id).replace("{run_id}", run_id)
-            .replace("{index}", "0"))
+    return path.replace("{dataset_id}", dataset_id).replace("{run_id}", run_id).replace("{index}", "0")
 
 
 def test_every_route_with_an_id_answers_404_to_another_tenant(client, client_b, digits_dataset, finished_run):

@@ -1,4 +1,5 @@
 """End to end through HTTP with a real worker: train, read results, cancel, survive a killed worker."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def test_results_are_consistent(client, finished_run, digits_dataset):
     rest = client.get(f"/v1/runs/{run_id}/assignments", params={"page_size": 1000, "page": 2}).json()
     assert [a["item_index"] for a in everything["items"] + rest["items"]] == list(range(1797))
     biggest = max(clusters, key=lambda c: c["size"])
-    members = client.get(f"/v1/runs/{run_id}/assignments",
-                         params={"cluster": biggest["index"], "page_size": 1000}).json()
+    members = client.get(
+        f"/v1/runs/{run_id}/assignments", params={"cluster": biggest["index"], "page_size": 1000}
+    ).json()
     assert members["total"] == biggest["size"]
     assert all(a["cluster"] == biggest["index"] for a in members["items"])
     assert set(biggest["top_items"]) <= {a["item_index"] for a in members["items"]}
@@ -84,9 +86,17 @@ def test_cancel_mid_run_ends_canceled_within_seconds(client, small_dataset, gpu_
 
 
 def test_killed_worker_resumes_from_checkpoint(client, small_dataset, gpu_worker):
-    run = start_run(client, small_dataset, {"pretext.epochs": 5, "pretext.batch_size": 64,
-                                            "clustering.epochs": 1, "clustering.num_heads": 1,
-                                            "selflabel.epochs": 1})
+    run = start_run(
+        client,
+        small_dataset,
+        {
+            "pretext.epochs": 5,
+            "pretext.batch_size": 64,
+            "clustering.epochs": 1,
+            "clustering.num_heads": 1,
+            "selflabel.epochs": 1,
+        },
+    )
     # Epoch 3 in progress means epochs 1-2 are checkpointed.
     wait_for_run(client, run["id"], until=lambda r: (r["stages"][0]["epoch"] or 0) >= 3, timeout=400)
     gpu_worker.kill()

@@ -1,5 +1,6 @@
 """The cluster browser under /ui: cookie login over HTTP, then real pages in headless Chromium
 (Debian's /usr/bin/chromium driven by Playwright), with screenshots checked for what they show."""
+
 from __future__ import annotations
 
 import io
@@ -14,10 +15,17 @@ import pytest
 from PIL import Image
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                    reason="Debian chromium is not installed (make chromium)")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make chromium)"
+)
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img" / "cluster-grid.png"
 
 
@@ -25,8 +33,11 @@ def login(c: httpx.Client, key: str, next: str = "/ui") -> httpx.Response:
     """POST /ui/login as the login page's form does: with its CSRF token, from this origin."""
     page = c.get("/ui/login")
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-    return c.post("/ui/login", data={"api_key": key, "next": next, "csrf_token": token},
-                  headers={"Origin": str(c.base_url).rstrip("/")})
+    return c.post(
+        "/ui/login",
+        data={"api_key": key, "next": next, "csrf_token": token},
+        headers={"Origin": str(c.base_url).rstrip("/")},
+    )
 
 
 def logout(c: httpx.Client) -> httpx.Response:
@@ -45,6 +56,7 @@ def ui_client(base: str, key: str | None = None) -> Iterator[httpx.Client]:
 
 
 # -- over HTTP ----------------------------------------------------------------------------------
+
 
 def test_ui_login_sets_an_httponly_cookie_checked_like_the_api(api_server, keys):
     with ui_client(api_server) as c:
@@ -67,8 +79,7 @@ def test_ui_login_sets_an_httponly_cookie_checked_like_the_api(api_server, keys)
 
 def test_ui_images_and_pages_are_per_tenant(api_server, keys, finished_run, digits_dataset):
     run_id = finished_run["id"]
-    with ui_client(api_server, keys["a"]) as a, ui_client(api_server, keys["b"]) as b, \
-            ui_client(api_server) as anon:
+    with ui_client(api_server, keys["a"]) as a, ui_client(api_server, keys["b"]) as b, ui_client(api_server) as anon:
         r = a.get(f"/ui/datasets/{digits_dataset}/items/3.png")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(r.content)).size == (8, 8)
@@ -77,18 +88,26 @@ def test_ui_images_and_pages_are_per_tenant(api_server, keys, finished_run, digi
         assert b.get(f"/ui/runs/{run_id}").status_code == 404
         assert a.get(f"/ui/datasets/{digits_dataset}/items/99999.png").status_code == 404
         progress = a.get(f"/ui/runs/{run_id}/progress").json()
-        assert progress == {"id": run_id, "state": "SUCCEEDED", "stage": None, "progress": 1.0,
-                            "label": "done", "terminal": True}
+        assert progress == {
+            "id": run_id,
+            "state": "SUCCEEDED",
+            "stage": None,
+            "progress": 1.0,
+            "label": "done",
+            "terminal": True,
+        }
         assert a.get(f"/ui/runs/{run_id}/clusters/99").status_code == 404
 
 
 # -- in Chromium --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (make chromium)")
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
@@ -112,10 +131,13 @@ def page(browser, api_server, keys):
 def all_images_loaded(page, selector: str) -> tuple[int, int]:
     """(images under selector, how many decoded with a real width)."""
     page.wait_for_load_state("networkidle")
-    return page.evaluate("""sel => {
+    return page.evaluate(
+        """sel => {
         const imgs = Array.from(document.querySelectorAll(sel + ' img'));
         return [imgs.length, imgs.filter(i => i.complete && i.naturalWidth > 0).length];
-    }""", selector)
+    }""",
+        selector,
+    )
 
 
 def check_screenshot(png: bytes, min_colors: int = 8) -> Image.Image:
@@ -141,8 +163,7 @@ def test_browser_runs_list_and_run_page(page, finished_run, tmp_path):
     assert page.locator("#cluster-grid img.prototype").count() >= 1
     charts = page.locator("#training-curves svg")
     titles = [charts.nth(i).get_attribute("aria-label") for i in range(charts.count())]
-    assert {"pretext loss", "clustering loss", "selflabel loss",
-            "self-labeling: confident samples"} <= set(titles)
+    assert {"pretext loss", "clustering loss", "selflabel loss", "self-labeling: confident samples"} <= set(titles)
     assert page.locator("#training-curves polyline").count() >= 4
     metrics = page.locator("#metrics-table").inner_text()
     assert "acc" in metrics and "nmi" in metrics and "neighbor_purity" in metrics
@@ -169,8 +190,9 @@ def test_browser_cluster_page_pages_lowest_confidence_first(page, client, finish
     captions = page.locator("#members figcaption").all_inner_texts()
     confidences = [float(c.split("·")[1]) for c in captions]
     assert confidences == sorted(confidences)
-    rows = client.get(f"/v1/runs/{run_id}/assignments",
-                      params={"cluster": biggest["index"], "page_size": 1000}).json()["items"]
+    rows = client.get(f"/v1/runs/{run_id}/assignments", params={"cluster": biggest["index"], "page_size": 1000}).json()[
+        "items"
+    ]
     assert confidences[0] == pytest.approx(min(r["confidence"] for r in rows), abs=0.006)
     if biggest["size"] > 96:
         page.click("a[rel=next]")
@@ -200,8 +222,10 @@ def test_browser_neighbours_view(page, finished_run):
 @needs_chromium
 def test_browser_progress_bar_follows_a_live_run(page, client, small_dataset):
     """The runs list updates state and bar by polling, without reloading the page."""
-    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
-                                      "overrides": {"pretext.epochs": 50}})
+    r = client.post(
+        "/v1/runs",
+        json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small", "overrides": {"pretext.epochs": 50}},
+    )
     run_id = r.json()["id"]
     try:
         page.goto("/ui")
@@ -211,7 +235,9 @@ def test_browser_progress_bar_follows_a_live_run(page, client, small_dataset):
         client.post(f"/v1/runs/{run_id}/cancel")
         page.wait_for_function(
             """id => document.querySelector(`tr[data-run-id="${id}"] .state`).textContent === 'CANCELED'""",
-            arg=run_id, timeout=60_000)
+            arg=run_id,
+            timeout=60_000,
+        )
         assert page.evaluate("window.__no_reload") is True  # updated in place, not reloaded
         assert row.locator(".progress").get_attribute("data-terminal") == "true"
     finally:
@@ -221,11 +247,14 @@ def test_browser_progress_bar_follows_a_live_run(page, client, small_dataset):
 def test_ui_retry_button_resumes_a_canceled_run(api_server, keys, client, client_b, small_dataset):
     """The run page of a CANCELED run shows the retry button; it goes through the same service as
     POST /v1/runs/{id}/retry (another tenant gets 404, a running run 409)."""
-    r = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small",
-                                      "overrides": {"pretext.epochs": 50}})
+    r = client.post(
+        "/v1/runs",
+        json={"dataset_id": small_dataset, "num_clusters": 10, "preset": "small", "overrides": {"pretext.epochs": 50}},
+    )
     run_id = r.json()["id"]
     client.post(f"/v1/runs/{run_id}/cancel")
     from tests.stack import wait_for_run
+
     assert wait_for_run(client, run_id, timeout=300)["state"] == "CANCELED"
     try:
         with ui_client(api_server, keys["a"]) as a, ui_client(api_server, keys["b"]) as b:
