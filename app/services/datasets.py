@@ -37,10 +37,18 @@ def safe_filename(name: str | None) -> str:
     return base[:120] or "upload"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def create(
     settings: Settings, tenant: Tenant, dataset_id: str, *, name: str, source: str, split: str, upload_path: str | None
 ) -> None:
     """Commit the PENDING row and queue its ingest; if the broker is down, nothing stays behind."""
+    for what, text in (("name", name), ("file name", source)):
+        if _CONTROL.search(text):
+            # PostgreSQL cannot store NUL at all, and no control character belongs in a display name.
+            shutil.rmtree(upload_dir(settings, dataset_id), ignore_errors=True)
+            raise Invalid(f"the dataset's {what} contains control characters; use printable text")
     with new_session() as session:
         session.add(
             Dataset(

@@ -143,3 +143,24 @@ def test_delete_during_ingest_leaves_nothing(client: httpx.Client, stack, monkey
     with db_session() as session:
         service.ingest(session, settings, "racing")
     assert _leftovers(stack, "racing") == []
+
+
+def test_a_name_with_control_characters_is_refused_and_leaves_nothing(client: httpx.Client, stack) -> None:
+    """PostgreSQL cannot store NUL (Schemathesis found the 500); no control character belongs in a name."""
+    from sqlalchemy import func, select
+
+    from app.models import Dataset
+
+    with db_session() as session:
+        rows = session.scalar(select(func.count()).select_from(Dataset))
+    images = _npz(images=np.zeros((4, 8, 8), np.uint8))
+    answers = [
+        client.post("/v1/datasets", files={"file": ("ok.npz", images)}, data={"name": "a\x00b"}),
+        client.post("/v1/datasets/import", json={"source": "digits", "name": "x\x00"}),
+    ]
+    for r in answers:
+        assert r.status_code == 422, r.text
+        assert "control characters" in r.json()["detail"]
+    assert _leftovers(stack) == []
+    with db_session() as session:
+        assert session.scalar(select(func.count()).select_from(Dataset)) == rows
