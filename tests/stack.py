@@ -213,14 +213,14 @@ class WorkerProcess:
                 self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def api_server(stack: Stack) -> Iterator[str]:
+def start_api(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A uvicorn process of the API in its own process group, once /livez answers: (process, base URL)."""
     port = _free_port()
-    log = open(stack.var_dir / "api.log", "a")
+    log = open(log_path, "a")
     proc = subprocess.Popen(
         [PY, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
-        env=stack.env,
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -230,12 +230,17 @@ def api_server(stack: Stack) -> Iterator[str]:
     while True:
         try:
             if httpx.get(base + "/livez", timeout=2).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("API did not start: " + (stack.var_dir / "api.log").read_text()[-3000:])
+            raise RuntimeError("API did not start: " + log_path.read_text()[-3000:])
         time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def api_server(stack: Stack) -> Iterator[str]:
+    proc, base = start_api(stack.env, stack.var_dir / "api.log")
     stack.base_url = base
     yield base
     os.killpg(proc.pid, signal.SIGTERM)

@@ -27,19 +27,7 @@ import pytest
 
 from app.models import Run, RunEvent, StageStatus, utcnow
 from tests.service.tcp_proxy import TcpProxy
-from tests.stack import (
-    MODE,
-    PG_URL,
-    PY,
-    REDIS_URL,
-    ROOT,
-    TERMINAL,
-    Stack,
-    WorkerProcess,
-    _client,
-    _free_port,
-    db_session,
-)
+from tests.stack import MODE, PG_URL, REDIS_URL, TERMINAL, Stack, WorkerProcess, _client, db_session, start_api
 
 pytestmark = pytest.mark.skipif(MODE != "services", reason="cuts PostgreSQL and Redis connections")
 
@@ -97,26 +85,7 @@ def faulty(stack, keys, small_dataset, gpu_worker) -> Iterator[Faulty]:
         "SCAN_RETRY_AFTER_S": "2",
     }
     mine = Stack(stack.mode, env, stack.var_dir)
-    port = _free_port()
-    log = open(stack.var_dir / "api-faults.log", "a")
-    api = subprocess.Popen(
-        [PY, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(base + "/livez", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert api.poll() is None and time.monotonic() < deadline, "API of test_faults did not start"
-        time.sleep(0.3)
+    api, base = start_api(env, stack.var_dir / "api-faults.log")
     worker = WorkerProcess(mine, "gpu", "faults-gpu")
     worker.start()
     with _client(base, keys["a"]) as client:
