@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -26,6 +26,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+if TYPE_CHECKING:
+    from ml.config import RunConfig
 
 
 def utcnow() -> datetime:
@@ -120,9 +123,8 @@ class Run(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     state: Mapped[str] = mapped_column(String(16), default=RunState.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(16))  # the stage running or next to run
-    num_clusters: Mapped[int]
-    preset: Mapped[str] = mapped_column(String(64))
-    overrides: Mapped[dict[str, Any]]
+    # The run's recipe, validated once at submission (ml.config.RunConfig as JSON): its one stored
+    # copy. num_clusters, preset and overrides below are read from it, never stored beside it.
     config: Mapped[dict[str, Any]]
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -140,6 +142,26 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.config["num_clusters"])
+
+    @property
+    def preset(self) -> str:
+        return str(self.config["preset"])
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """What the config changes from its preset (dotted keys), derived from the config."""
+        return self.recipe().overrides()
+
+    def recipe(self) -> RunConfig:
+        """The stored config parsed into the typed model: it was validated when the run was
+        submitted, so reading it back is parsing, not a second check."""
+        from ml.config import RunConfig
+
+        return RunConfig.model_validate(self.config)
 
 
 class StageStatus(Base):

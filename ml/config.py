@@ -156,6 +156,16 @@ class RunConfig(_Strict):
         _deep_merge(data, expand_dotted(overrides or {}))
         return cls.model_validate(data)
 
+    def overrides(self) -> dict[str, Any]:
+        """What this config changes from its preset, as dotted keys: derived, so a run stores its
+        config once and still shows what was asked for. ``from_preset(preset, num_clusters,
+        cfg.overrides())`` gives ``cfg`` back."""
+        if self.preset in PRESETS:
+            reference = RunConfig.from_preset(self.preset, self.num_clusters)
+        else:  # a preset since removed: show what differs from the field defaults
+            reference = RunConfig.model_construct(num_clusters=self.num_clusters)
+        return _dotted_diff(self.model_dump(mode="json"), reference.model_dump(mode="json"))
+
 
 def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
     """{"pretext.epochs": 5} -> {"pretext": {"epochs": 5}}; nested dicts pass through."""
@@ -169,6 +179,17 @@ def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
             _deep_merge(node.setdefault(parts[-1], {}), expand_dotted(value))
         else:
             node[parts[-1]] = value
+    return out
+
+
+def _dotted_diff(value: dict[str, Any], reference: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        ref = reference.get(key)
+        if isinstance(v, dict) and isinstance(ref, dict) and v and ref:
+            out.update(_dotted_diff(v, ref, f"{prefix}{key}."))
+        elif v != ref:
+            out[f"{prefix}{key}"] = v
     return out
 
 

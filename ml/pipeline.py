@@ -1,6 +1,6 @@
 """Run one of SCAN's stages on a dataset (the worker's task and `scan train` both call it, stage by
-stage). A stage rerun after a crash resumes from its last checkpoint; a finished stage rerun
-returns at once."""
+stage; the worker hands it the recipe, `scan train` keeps it in the run directory's config.json). A
+stage rerun after a crash resumes from its last checkpoint; a finished stage rerun returns at once."""
 
 from __future__ import annotations
 
@@ -67,11 +67,18 @@ def load_config(run_dir: str | Path) -> RunConfig:
 
 
 def run_stage(
-    stage: str, run_dir: str | Path, data, progress: ProgressFn | None = None, should_cancel: CancelFn | None = None
+    stage: str,
+    run_dir: str | Path,
+    data,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    cfg: RunConfig | None = None,
 ) -> dict[str, Any]:
+    """``cfg``: the run's recipe where its owner keeps it (the service: the database); None reads
+    the run directory's ``config.json``, which ``prepare_run`` wrote (``scan train``, bench/)."""
     fn = _stage_fn(stage)
     run = RunDir(run_dir).ensure()
-    cfg = load_config(run_dir)
+    cfg = cfg if cfg is not None else load_config(run_dir)
     rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
     ctx = StageContext(stage, run, cfg, rt, progress, should_cancel)
     t0 = time.perf_counter()

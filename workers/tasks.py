@@ -216,10 +216,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> dict[str, Any]:
-    from ml.config import RunConfig
     from ml.data import ImageSet
-    from ml.pipeline import prepare_run
     from ml.pipeline import run_stage as ml_run_stage
+    from ml.rundir import RunDir
 
     settings = get_settings()
     run = session.get(Run, run_id)
@@ -232,8 +231,10 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
     else:
         data = ImageSet.load(dataset.storage_path)
     # A "run:<id>" weights reference becomes that run's file on this machine (pulled if need be).
-    config = weights.resolve(session, run, run.config, lambda source: _pull_run(settings, source, sync))
-    rd = prepare_run(run_dir, RunConfig.model_validate(config))
+    # The stored config was validated at submission: it is parsed, not checked again, and never
+    # copied into the run directory (the database holds the one copy).
+    config = weights.resolve(session, run, run.recipe(), lambda source: _pull_run(settings, source, sync))
+    rd = RunDir(run_dir).ensure()
 
     last_write, last_epoch = 0.0, None
 
@@ -269,7 +270,7 @@ def _run_ml_stage(session, run_id: str, stage: str, claim: execution.Claim) -> d
             last_check = now
         return canceled
 
-    summary = ml_run_stage(stage, rd.path, data, progress=progress, should_cancel=should_cancel) or {}
+    summary = ml_run_stage(stage, rd.path, data, progress=progress, should_cancel=should_cancel, cfg=config) or {}
     sync.push(f"runs/{run_id}")
     return summary
 

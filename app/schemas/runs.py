@@ -39,10 +39,12 @@ class RunOut(ORMModel):
     dataset_id: str
     state: RunStateName
     stage: str | None = Field(None, description="the stage running now (or next to run)")
-    num_clusters: int
-    preset: str
-    overrides: dict[str, Any]
-    config: dict[str, Any]
+    num_clusters: int = Field(description="from config")
+    preset: str = Field(description="from config")
+    overrides: dict[str, Any] = Field(
+        description="what config changes from its preset, as dotted keys (derived from config)"
+    )
+    config: dict[str, Any] = Field(description="the validated recipe the run trains with: its one stored copy")
     cancel_requested: bool
     error: str | None = None
     redeliveries: int

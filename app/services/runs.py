@@ -83,9 +83,6 @@ def create(
     run = Run(
         tenant_id=tenant.id,
         dataset_id=dataset.id,
-        num_clusters=body["num_clusters"],
-        preset=body["preset"],
-        overrides=body.get("overrides") or {},
         config=config,
         idempotency_key=idempotency_key,
         request_hash=digest,

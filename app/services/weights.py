@@ -14,12 +14,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
 from app.core.errors import Invalid
 from app.models import Run, StageState, StageStatus, Tenant
+
+if TYPE_CHECKING:
+    from ml.config import RunConfig
 
 RUN_REF = re.compile(r"^run:([0-9a-f]{32})$")
 FIELD = "pretext.backbone_weights"
@@ -49,20 +52,18 @@ def check_reference(session: Session, tenant: Tenant, config: dict[str, Any]) ->
         _source_run(session, tenant.id, reference)
 
 
-def resolve(
-    session: Session, run: Run, config: dict[str, Any], local_dir: Callable[[Run], str] | None = None
-) -> dict[str, Any]:
-    """The config with its weights reference replaced by the file the worker loads (checked again:
-    the source run may have been deleted, or the row edited, since the run was queued).
+def resolve(session: Session, run: Run, cfg: RunConfig, local_dir: Callable[[Run], str] | None = None) -> RunConfig:
+    """The run's recipe with its weights reference replaced by the file the worker loads (checked
+    again: the source run may have been deleted, or the row edited, since the run was queued).
     ``local_dir(source_run)`` gives the source run's folder on this machine (pulled from the
     artifact store if there is one); default: its shared folder."""
-    reference = (config.get("pretext") or {}).get("backbone_weights")
+    reference = cfg.pretext.backbone_weights
     if reference is None:
-        return config
+        return cfg
     from ml.rundir import RunDir
 
     source = _source_run(session, run.tenant_id, reference)
     path = RunDir(Path(local_dir(source) if local_dir else source.run_dir)).pretext_path
     if not path.is_file():
         raise Invalid(f"{FIELD}: run {source.id} no longer has its pretext weights")
-    return {**config, "pretext": {**config["pretext"], "backbone_weights": str(path)}}
+    return cfg.model_copy(update={"pretext": cfg.pretext.model_copy(update={"backbone_weights": str(path)})})

@@ -62,3 +62,30 @@ def test_combinations_that_cannot_train_are_refused(overrides, message):
 def test_a_stored_config_reads_back_identical():
     cfg = RunConfig.from_preset("cifar", 20, {"seed": 3})
     assert RunConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "derived"),
+    [
+        ({}, {}),
+        (
+            {"pretext.epochs": 3, "clustering": {"optim": {"lr": 0.01}}},
+            {"pretext.epochs": 3, "clustering.optim.lr": 0.01},
+        ),
+        (
+            {"seed": 7, "pretext.invariances": {"invert": 0.5}, "pretext.crop_scale": [0.3, 1.0]},
+            {"seed": 7, "pretext.invariances": {"invert": 0.5}, "pretext.crop_scale": [0.3, 1.0]},
+        ),
+    ],
+)
+def test_overrides_are_derived_back_from_the_config(overrides, derived):
+    # A run stores only its config; what it changed from its preset is read back from it.
+    cfg = RunConfig.from_preset("small", 7, overrides)
+    assert cfg.overrides() == derived
+    assert RunConfig.from_preset("small", 7, cfg.overrides()) == cfg
+
+
+def test_overrides_name_only_what_differs_from_the_preset():
+    same = PRESETS["small"]["pretext"]["epochs"]
+    assert RunConfig.from_preset("small", 4, {"pretext.epochs": same}).overrides() == {}
+    assert RunConfig.from_preset("small", 4, {"pretext.epochs": same + 1}).overrides() == {"pretext.epochs": same + 1}

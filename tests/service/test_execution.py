@@ -12,6 +12,7 @@ import pytest
 
 from app.models import Dataset, Run, RunEvent, StageStatus, Tenant, utcnow
 from app.services import execution
+from ml.config import RunConfig
 from ml.stages import STAGES
 from tests.service.conftest import db_session
 
@@ -28,10 +29,7 @@ def run_id(stack) -> str:
         run = Run(
             tenant_id=tenant.id,
             dataset_id=dataset.id,
-            num_clusters=10,
-            preset="small",
-            overrides={},
-            config={},
+            config=RunConfig.from_preset("small", 10).model_dump(mode="json"),
             stage="pretext",
         )
         session.add(run)
@@ -178,10 +176,7 @@ def test_waiting_runs_oldest_first(stack, run_id):
         newer = Run(
             tenant_id=older.tenant_id,
             dataset_id=older.dataset_id,
-            num_clusters=10,
-            preset="small",
-            overrides={},
-            config={},
+            config=RunConfig.from_preset("small", 10).model_dump(mode="json"),
             stage="pretext",
         )
         session.add(newer)

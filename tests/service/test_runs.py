@@ -28,6 +28,10 @@ def test_idempotency_key(client, small_dataset):
     key = str(uuid.uuid4())
     first = client.post("/v1/runs", json=_body(small_dataset), headers={"Idempotency-Key": key})
     assert first.status_code == 202, first.text
+    # Stored once, as the validated config; the request's fields are read back from it.
+    run = first.json()
+    assert run["config"]["num_clusters"] == run["num_clusters"] == 10 and run["config"]["preset"] == run["preset"]
+    assert run["overrides"] == TINY and run["config"]["pretext"]["epochs"] == TINY["pretext.epochs"]
     again = client.post("/v1/runs", json=_body(small_dataset), headers={"Idempotency-Key": key})
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
     other = client.post("/v1/runs", json=_body(small_dataset, num_clusters=5), headers={"Idempotency-Key": key})
