@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -139,6 +140,9 @@ class Run(Base):
     # is older than dispatch_after_s; the broker is never the only record of work to do.
     dispatched_at: Mapped[datetime | None]
     run_dir: Mapped[str | None] = mapped_column(String(1000))
+    # Expected seconds per stage on the workers' reported device, made before the run was queued
+    # (ml/estimate.py); what budget_minutes changed in the recipe, if it was given.
+    estimate: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -241,3 +245,19 @@ class UiSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
+
+
+class WorkerDevice(Base):
+    """What a worker advertised at start (ml/calibrate.py): its device, memory and measured
+    throughput. ``seen_at`` is refreshed by the worker's dispatcher loop; the API counts a worker
+    whose row is fresh as one that can take a run (app/services/devices.py)."""
+
+    __tablename__ = "worker_devices"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery's hostname, unique per worker
+    queues: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    device_name: Mapped[str] = mapped_column(String(200))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    calibration: Mapped[dict[str, Any]]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -112,6 +112,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "SCAN_STALE_AFTER_S": "6",
         "SCAN_RECOVER_INTERVAL_S": "1",
         "SCAN_PROGRESS_INTERVAL_S": "0.5",
+        # The gpu worker measures its device once per checkout, not once per test session.
+        "SCAN_CALIBRATION_CACHE": str(ROOT / ".pytest_cache" / "scan-device-calibration.json"),
         "SCAN_CANCEL_CHECK_INTERVAL_S": "0.3",
         "SCAN_DATABASE_URL": PG_URL if MODE == "services" else "",
         "SCAN_BROKER_URL": REDIS_URL if MODE == "services" else "",

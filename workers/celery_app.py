@@ -13,15 +13,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import subprocess
+import sys
 import threading
 
 from celery import signals
 from sqlalchemy import inspect
 
-from app.core.db import get_engine
+from app.core.db import get_engine, new_session
 from app.core.queue import celery_app as _celery_app
 from app.core.settings import get_settings
+from app.services import devices
 from app.services.dispatcher import dispatch_once
 
 log = logging.getLogger("scan.worker")
@@ -35,11 +40,59 @@ def _fresh_connections_in_child(**_: object) -> None:
     get_engine().dispose(close=False)
 
 
+def _queues(sender) -> list[str]:
+    try:
+        return sorted(sender.app.amqp.queues.consume_from)
+    except Exception:  # noqa: BLE001 - an older Celery without consume_from: advertise nothing
+        return []
+
+
+def _calibrate(settings) -> dict | None:
+    """ml/calibrate.py in a subprocess (the main process must not touch CUDA before it forks),
+    cached per host under the var dir."""
+    cache = settings.calibration_cache or settings.var_dir / "calibration" / f"{socket.gethostname()}.json"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "ml.calibrate", "--cache", str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        log.warning("device calibration failed (%s); estimates use the reference figures", type(exc).__name__)
+        return None
+
+
 @signals.worker_ready.connect
 def _start_dispatcher(sender=None, **_: object) -> None:  # Celery passes the consumer as sender
-    """In the worker's main process: the outbox's dispatcher, every recover_interval_s."""
+    """In the worker's main process: the outbox's dispatcher, every recover_interval_s; a
+    training worker first measures and advertises its device (app/services/devices.py), and the
+    same loop keeps its advertisement fresh."""
     settings = get_settings()
     stop = threading.Event()
+    name = getattr(sender, "hostname", None) or socket.gethostname()
+    queues = _queues(sender)
+    advertised = threading.Event()
+
+    def advertise() -> None:
+        calibration = _calibrate(settings)
+        if calibration is None:
+            return
+        while not stop.is_set():
+            try:
+                with new_session() as session:
+                    devices.advertise(session, name, queues, calibration)
+                advertised.set()
+                log.info("advertised device %s for queues %s", calibration.get("name"), queues)
+                return
+            except Exception as exc:  # noqa: BLE001 - schema not there yet, database down: retry
+                log.info("advertising the device: %s; retrying", type(exc).__name__)
+                stop.wait(settings.recover_interval_s)
+
+    if devices.TRAINING_QUEUE in queues:
+        threading.Thread(target=advertise, name="scan-calibrate", daemon=True).start()
 
     def loop() -> None:
         schema_seen = said_waiting = False
@@ -56,9 +109,21 @@ def _start_dispatcher(sender=None, **_: object) -> None:  # Celery passes the co
                         stop.wait(settings.recover_interval_s)
                         continue
                 dispatch_once(settings)
+                if advertised.is_set():
+                    with new_session() as session:
+                        devices.touch(session, name)
             except Exception as exc:  # noqa: BLE001 - a database or broker hiccup must not kill the dispatcher
                 log.warning("dispatcher: %s: %s; retrying", type(exc).__name__, exc)
             stop.wait(settings.recover_interval_s)
 
+    def shutdown(**_: object) -> None:
+        stop.set()
+        if advertised.is_set():
+            try:
+                with new_session() as session:
+                    devices.forget(session, name)
+            except Exception as exc:  # noqa: BLE001 - the row goes stale on its own
+                log.info("withdrawing the device advertisement: %s", type(exc).__name__)
+
     threading.Thread(target=loop, name="scan-dispatcher", daemon=True).start()
-    signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)
+    signals.worker_shutdown.connect(shutdown, weak=False)

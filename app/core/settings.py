@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         "waiting, so a run's next stage goes before a later run's first stage) or `message` (the run named "
         "by the message, in queue order: stages of concurrent runs interleave).",
     )
+    calibration_cache: Path | None = Field(
+        None,
+        description="Where a training worker keeps its measured device figures (ml/calibrate.py), "
+        "reused while the device and torch stay the same; default <var_dir>/calibration/<host>.json.",
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 when the database or broker is unreachable.")
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress rows.")
     cancel_check_interval_s: float = Field(0.5, ge=0, description="Least time between two cancel-flag reads.")

@@ -16,6 +16,14 @@ class RunCreate(BaseModel):
     num_clusters: int = Field(ge=2, le=10_000)
     preset: str = Field(DEFAULT_PRESET, description="small (CPU) | cifar | stl | imagenet (see ml/config.py)")
     overrides: dict[str, Any] = Field(default_factory=dict, description='e.g. {"pretext.epochs": 5}')
+    budget_minutes: int | None = Field(
+        None,
+        ge=1,
+        le=7 * 24 * 60,
+        description="fit the recipe to this many minutes on the workers' reported device: the epochs "
+        "of every stage are scaled down, then the image size and the convnet's width halve "
+        "(docs/service.md, 'Duration and memory estimates'); what changed is in estimate.budget_changes",
+    )
 
 
 class StageOut(ORMModel):
@@ -34,6 +42,18 @@ class StageOut(ORMModel):
     duration_s: float | None = None
 
 
+class RunEstimate(BaseModel):
+    stages_s: dict[str, float] = Field(description="expected seconds per stage (self-labeling: at most)")
+    total_s: float
+    device: str = Field(description="the device the estimate is for (the slowest reporting worker)")
+    device_reported: bool = Field(description="false: no worker has reported yet; reference figures used")
+    images_per_s: float = Field(description="training images per second assumed at this image size")
+    image_size: int
+    warning: str | None = Field(None, description="set when the run is expected to take over an hour")
+    budget_minutes: int | None = None
+    budget_changes: list[str] | None = Field(None, description="what budget_minutes changed in the recipe")
+
+
 class RunOut(ORMModel):
     id: str
     dataset_id: str
@@ -45,6 +65,7 @@ class RunOut(ORMModel):
         description="what config changes from its preset, as dotted keys (derived from config)"
     )
     config: dict[str, Any] = Field(description="the validated recipe the run trains with: its one stored copy")
+    estimate: RunEstimate | None = Field(None, description="made before the run was queued")
     cancel_requested: bool
     error: str | None = None
     redeliveries: int

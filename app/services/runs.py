@@ -20,7 +20,7 @@ from app.core.queue import enqueue_stage
 from app.core.settings import Settings, get_settings
 from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
-from app.services import weights
+from app.services import devices, weights
 from ml.rundir import RunDir
 from ml.stages import STAGES
 
@@ -80,10 +80,12 @@ def create(
     weights.check_reference(session, tenant, config)
     if dataset.count is not None and body["num_clusters"] >= dataset.count:
         raise Invalid(f"num_clusters: {body['num_clusters']} must be below the dataset's {dataset.count} images")
+    config, estimate = devices.plan(session, settings, config, dataset, body.get("budget_minutes"))
     run = Run(
         tenant_id=tenant.id,
         dataset_id=dataset.id,
         config=config,
+        estimate=estimate,
         idempotency_key=idempotency_key,
         request_hash=digest,
         stage=STAGES[0],

@@ -367,6 +367,7 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
             "confusion": _confusion(confusion, dataset.class_names if dataset else None),
             "clusters": clusters,
             "shortcut_warnings": _shortcut_warnings(run, session),
+            "estimate": run.estimate or {},
         },
     )
 
