@@ -2,12 +2,19 @@
 
     python bench/scaling.py ingest --sizes 2000 20000        # a folder of 32x32 RGB PNGs -> ImageSet
     python bench/scaling.py copy --rows 100000 1000000 --db postgresql://postgres@127.0.0.1:5432/test
+    python bench/scaling.py index --sizes 10000 100000 300000 --shards 2
 
 ingest: `ml.data.load_source` on a folder of PNGs plus `ImageSet.save` (what the cpu worker does),
 in MB/s of PNG bytes and images/s; the baseline is reading the same files' bytes without decoding.
 copy: assignments rows (run_id, item_index, cluster, confidence) into PostgreSQL, COPY row by row
 as `app/services/results.py` does, against one executemany INSERT of the same rows (the baseline),
 both into a temporary table shaped like `assignments`, in rows/s.
+index: for each N, 128-d clustered features (`bench/mining.py`'s mixture) through what the mining
+stage does: `build_index` (exact up to 50k, IVF beyond) and `mine_neighbors` K=20, timed together;
+then the same with the index cut into `--shards` faiss shards (the ratio against the unsharded run
+above it, and a check that the neighbours are identical); then the index saved and loaded as the API
+loads a run's `index.faiss`, and single-vector k=10 searches (what one `/neighbors` query does in
+process, without HTTP), p50/p99 over 300 queries.
 """
 
 from __future__ import annotations
@@ -98,6 +105,48 @@ def copy(rows: list[int], db: str) -> None:
             )
 
 
+def index(sizes: list[int], shards: int) -> None:
+    from bench.mining import clustered_features
+    from ml.index import build_index, describe_index, load_index, mine_neighbors, save_index, search
+
+    print(
+        f"{'N':>9} {'index':>22} {'mine s':>8} {f'{shards} shards s':>11} {'ratio':>6} {'same':>5} "
+        f"{'search p50 ms':>14} {'p99 ms':>7}"
+    )
+    for n in sizes:
+        x = clustered_features(n, seed=0)
+        t0 = time.perf_counter()
+        whole = build_index(x)
+        ids, _ = mine_neighbors(x, k=20, index=whole)
+        mine_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sharded = build_index(x, shards=shards)
+        sharded_ids, _ = mine_neighbors(x, k=20, index=sharded)
+        shard_s = time.perf_counter() - t0
+        same = bool(np.array_equal(ids, sharded_ids))
+        del sharded, sharded_ids
+        info = describe_index(whole)
+        kind = info["kind"] + (f" nlist={info['nlist']} nprobe={info['nprobe']}" if info["kind"] == "ivf" else "")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_index(whole, Path(tmp) / "index.faiss")
+            del whole
+            served = load_index(Path(tmp) / "index.faiss")
+            queries = clustered_features(300, seed=1)
+            for q in queries[:20]:
+                search(served, q, 10)  # warm-up
+            lat = []
+            for q in queries:
+                t0 = time.perf_counter()
+                search(served, q, 10)
+                lat.append(time.perf_counter() - t0)
+        p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99])
+        print(
+            f"{n:>9} {kind:>22} {mine_s:>8.1f} {shard_s:>11.1f} {shard_s / mine_s:>6.2f} {same!s:>5} "
+            f"{p50:>14.2f} {p99:>7.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -106,8 +155,16 @@ def main() -> None:
     b = sub.add_parser("copy")
     b.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     b.add_argument("--db", default="postgresql://postgres@127.0.0.1:5432/test")
+    c = sub.add_parser("index")
+    c.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
+    c.add_argument("--shards", type=int, default=2)
     args = ap.parse_args()
-    ingest(args.sizes) if args.what == "ingest" else copy(args.rows, args.db)
+    if args.what == "ingest":
+        ingest(args.sizes)
+    elif args.what == "copy":
+        copy(args.rows, args.db)
+    else:
+        index(args.sizes, args.shards)
 
 
 if __name__ == "__main__":

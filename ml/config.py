@@ -73,6 +73,9 @@ class MiningConfig(_Strict):
     num_neighbors: int = Field(20, ge=1, le=1024)
     # Exact inner-product search up to this many images, IVF beyond (recall measured in bench/).
     exact_threshold: int = Field(50_000, ge=1, le=1 << 31)
+    # Cut the index by rows into this many faiss shards (one per GPU when there are several): the
+    # same neighbours (ml/index.py), memory and search time per device divided by the count.
+    shards: int = Field(1, ge=1, le=1024)
 
 
 class ClusteringConfig(_Strict):

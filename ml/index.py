@@ -14,7 +14,15 @@ Index choice (measured with `bench/mining.py`, 2 busy CPU cores, 128-d clustered
   it also has no faiss GPU version and costs ~256 extra bytes a vector. `write_index` stores the
   IVF's ids and nprobe (a test checks it), so a loaded index searches exactly like the saved one.
 
+Sharding (`shards=S`): the rows are cut into S contiguous blocks, each indexed on its own (on GPU
+s mod G when there are G GPUs) under one `faiss.IndexShards` that broadcasts every query and merges
+the S top-k lists. All shards are cut from one template: the same flat index, or the same trained IVF
+quantizer with the same nprobe, so every query probes the same lists in every shard and the merged
+answer is the unsharded one (a test checks ids and scores are identical). Memory and search time per
+device divide by S; `save_index` merges the shards back into one index for serving.
+
     index = build_index(features)                  # exact or IVF, on the GPU when there is one
+    index = build_index(features, shards=4)        # the same index cut by rows into 4 shards
     scores, ids = search(index, queries, k=10)
     neighbors, sims = mine_neighbors(features, k=20)   # (N, 20), the image itself excluded
 """
@@ -114,6 +122,9 @@ def _is_gpu(index: faiss.Index) -> bool:
 
 def describe_index(index: faiss.Index) -> dict:
     """Kind and search parameters of an index, read from the index itself (so also after load)."""
+    parts = _shards(index)
+    if parts is not None:
+        return {**describe_index(parts[0]), "ntotal": int(index.ntotal), "shards": len(parts)}
     base = _base_index(index)
     info: dict[str, Any] = {"ntotal": int(index.ntotal), "dim": int(index.d), "gpu": _is_gpu(index)}
     if isinstance(base, faiss.IndexHNSW):
@@ -125,15 +136,16 @@ def describe_index(index: faiss.Index) -> dict:
     return info
 
 
-def _to_gpu(index: faiss.Index) -> faiss.Index:
+def _to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
     resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
+    gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
     # The GPU index only borrows the resources; keep them alive as long as the index.
     gpu_index.referenced_objects = [resources]
     return gpu_index
 
 
-def _build_ivf(x: np.ndarray, ids: np.ndarray) -> faiss.Index:
+def _train_ivf(x: np.ndarray) -> faiss.Index:
+    """An empty IVF index whose coarse quantizer is trained on a sample of x."""
     n, dim = x.shape
     nlist = _ivf_nlist(n)
     quantizer = faiss.IndexFlatIP(dim)
@@ -143,24 +155,33 @@ def _build_ivf(x: np.ndarray, ids: np.ndarray) -> faiss.Index:
     n_train = min(n, nlist * IVF_POINTS_PER_LIST)
     sample = np.random.default_rng(TRAIN_SEED).choice(n, size=n_train, replace=False)
     index.train(x[np.sort(sample)])
-    index.add_with_ids(x, ids)
     index.nprobe = _ivf_nprobe(nlist)
     return index  # faiss's Python wrapper keeps `quantizer` alive with the index
 
 
+def _empty_index(x: np.ndarray, exact_threshold: int) -> faiss.Index:
+    """The index kind x calls for, trained but holding no vectors."""
+    if x.shape[0] <= exact_threshold:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(x.shape[1]))
+    return _train_ivf(x)
+
+
 def build_index(
-    features: Any, *, exact_threshold: int = 50_000, use_gpu: bool | None = None, ids: Any = None
+    features: Any, *, exact_threshold: int = 50_000, use_gpu: bool | None = None, ids: Any = None, shards: int = 1
 ) -> faiss.Index:
     """Index features (N, d) for cosine search: exact up to `exact_threshold` vectors, IVF beyond.
 
     ids: int64 (N,) external ids returned by `search`; default 0..N-1 (row numbers).
     use_gpu: None = on a GPU when faiss has GPU support and sees one; True requires one.
+    shards: cut the rows into this many shards under one `faiss.IndexShards` (same answers).
     """
-    return _build(_normalized(features, "features"), exact_threshold=exact_threshold, use_gpu=use_gpu, ids=ids)
+    return _build(
+        _normalized(features, "features"), exact_threshold=exact_threshold, use_gpu=use_gpu, ids=ids, shards=shards
+    )
 
 
 def _build(
-    x: np.ndarray, *, exact_threshold: int = 50_000, use_gpu: bool | None = None, ids: Any = None
+    x: np.ndarray, *, exact_threshold: int = 50_000, use_gpu: bool | None = None, ids: Any = None, shards: int = 1
 ) -> faiss.Index:
     use_all_cores()
     n = x.shape[0]
@@ -174,12 +195,41 @@ def _build(
     elif use_gpu and not gpu_available():
         raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU")
 
-    if n <= exact_threshold:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(x.shape[1]))
-        index.add_with_ids(x, ids)
-    else:
-        index = _build_ivf(x, ids)
-    return _to_gpu(index) if use_gpu else index
+    if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= n:
+        raise ValueError(f"shards must be an integer in [1, {n}], got {shards!r}")
+    template = _empty_index(x, exact_threshold)
+    if shards == 1:
+        template.add_with_ids(x, ids)
+        return _to_gpu(template) if use_gpu else template
+    # threaded: the shards search in parallel (one per GPU); successive_ids=False: every shard
+    # answers with the global ids it was given, so the merged ids need no offset.
+    sharded = faiss.IndexShards(x.shape[1], True, False)
+    gpus = faiss.get_num_gpus() if use_gpu else 0
+    parts = []
+    for s, rows in enumerate(np.array_split(np.arange(n), int(shards))):
+        part = faiss.clone_index(template)
+        part.add_with_ids(x[rows[0] : rows[-1] + 1], ids[rows[0] : rows[-1] + 1])
+        parts.append(_to_gpu(part, s % gpus) if gpus else part)
+        sharded.add_shard(parts[-1])
+    sharded.referenced_objects = parts  # the shards must live as long as the index that borrows them
+    return sharded
+
+
+def _shards(index: faiss.Index) -> list[faiss.Index] | None:
+    """The shards of a `build_index(..., shards=S)` index, or None for an unsharded one."""
+    index = faiss.downcast_index(index)
+    if not isinstance(index, faiss.IndexShards):
+        return None
+    return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+
+
+def _merged(parts: list[faiss.Index]) -> faiss.Index:
+    """One CPU index holding every shard's vectors and ids (the shards are left as they are)."""
+    cpu = [faiss.index_gpu_to_cpu(p) if _is_gpu(p) else p for p in parts]
+    merged = faiss.clone_index(cpu[0])
+    for part in cpu[1:]:
+        merged.merge_from(faiss.clone_index(part), 0)  # merge_from empties its argument: give it a copy
+    return merged
 
 
 def search(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,10 +298,15 @@ def mine_neighbors(
 
 
 def save_index(index: faiss.Index, path: str | Path) -> None:
-    """Write a CPU copy of the index to `path` atomically (temp file in the same folder + rename)."""
+    """Write a CPU copy of the index to `path` atomically (temp file in the same folder + rename).
+    A sharded index is written as the one unsharded index it equals."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cpu_index = faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
+    parts = _shards(index)
+    if parts is not None:
+        cpu_index = _merged(parts)
+    else:
+        cpu_index = faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

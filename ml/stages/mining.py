@@ -26,7 +26,8 @@ def run_mining(ctx: StageContext, data) -> dict[str, Any]:
     if run.index_path.exists():
         idx = faiss_index.load_index(run.index_path)
     else:
-        idx = faiss_index.build_index(features, exact_threshold=cfg.mining.exact_threshold)
+        shards = min(cfg.mining.shards, len(features))
+        idx = faiss_index.build_index(features, exact_threshold=cfg.mining.exact_threshold, shards=shards)
         faiss_index.save_index(idx, run.index_path)
     ctx.check_cancel()
     if not run.neighbors_path.exists():

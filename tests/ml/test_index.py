@@ -140,3 +140,32 @@ def test_neighbor_purity():
     x, y = blobs(500, centres=5)
     ids, _ = mine_neighbors(x, k=5)
     assert neighbor_purity(ids, y) > 0.95
+
+
+@pytest.mark.parametrize("threshold", [10_000, 500], ids=["exact", "ivf"])
+def test_sharded_index_answers_exactly_like_the_unsharded_one(tmp_path, threshold):
+    # Exact: every shard is a flat index, so the merged top-k is the global top-k. IVF: every shard
+    # shares one trained quantizer and nprobe, so it probes the same lists as the unsharded index.
+    x = np.random.default_rng(3).standard_normal((3001, 24)).astype(np.float32)
+    whole = build_index(x, exact_threshold=threshold)
+    sharded = build_index(x, exact_threshold=threshold, shards=3)
+    assert describe_index(sharded)["shards"] == 3
+    assert describe_index(sharded)["kind"] == describe_index(whole)["kind"]
+    ids, scores = mine_neighbors(x, k=15, index=whole)
+    sharded_ids, sharded_scores = mine_neighbors(x, k=15, index=sharded)
+    np.testing.assert_array_equal(sharded_ids, ids)
+    np.testing.assert_array_equal(sharded_scores, scores)
+    # Saved for serving, the shards become the one index they equal.
+    save_index(sharded, tmp_path / "index.faiss")
+    loaded = load_index(tmp_path / "index.faiss")
+    assert describe_index(loaded) == describe_index(whole)
+    np.testing.assert_array_equal(search(loaded, x[:50], 10)[1], search(whole, x[:50], 10)[1])
+    # The sharded index still answers after saving (merging copied the shards, it did not empty them).
+    np.testing.assert_array_equal(search(sharded, x[:50], 10)[1], search(whole, x[:50], 10)[1])
+
+
+def test_shards_are_validated():
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    for bad in (0, 11, True, 2.0):
+        with pytest.raises(ValueError, match="shards"):
+            build_index(x, shards=bad)
