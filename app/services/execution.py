@@ -118,6 +118,20 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
     return Claim(token, attempt)
 
 
+def pick(session: Session, settings: Settings, run_id: str, stage: str) -> tuple[str, str, Claim | str] | None:
+    """(run_id, stage, claim) of the first candidate whose lease this worker wins, or None. The
+    candidate is the stage the message names; with ``queue_order`` "oldest_run" the runs waiting
+    longest come first, so a free worker takes the oldest work whichever message woke it."""
+    candidates = [(run_id, stage)]
+    if settings.queue_order == "oldest_run":
+        candidates = [c for c in waiting_runs(session, settings) if c != (run_id, stage)] + candidates
+    for rid, st in candidates:
+        got = claim(session, settings, rid, st)
+        if got is not None:
+            return rid, st, got
+    return None
+
+
 def heartbeat(session: Session, run_id: str, token: str) -> bool:
     """Refresh the lease; False when it is no longer ours."""
     held = session.execute(
