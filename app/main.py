@@ -14,7 +14,8 @@ from fastapi.routing import APIRoute
 from app import error_handlers, observability, security
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
-from app.routes import datasets, docs, health, model, neighbors, predict, results, runs
+from app.routes import datasets, docs, health, model, model_serving, neighbors, predict, registry, results, runs
+from app.ui import registry as ui_registry
 from app.ui import routes as ui
 
 log = logging.getLogger("scan")
@@ -50,7 +51,19 @@ def create_app() -> FastAPI:
     )
     error_handlers.install(app)
     docs.install(app)  # Swagger UI / ReDoc from local assets: no CDN
-    for module in (health, datasets, runs, results, predict, neighbors, model, ui):
+    for module in (
+        health,
+        datasets,
+        runs,
+        results,
+        predict,
+        neighbors,
+        model,
+        registry,
+        model_serving,
+        ui,
+        ui_registry,
+    ):
         app.include_router(module.router)
     observability.install(app)
     app.add_middleware(security.SecurityHeadersMiddleware)

@@ -49,6 +49,9 @@ PREDICT_BATCH = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 PREDICT_QUEUE = Gauge("scan_predict_queue_rows", "Images waiting in the dynamic batchers")
+# Loads happen on a first request or when an alias moves (warmed first); a load counted while
+# requests arrive is a request that waited for a cold model.
+MODEL_LOADS = Counter("scan_model_loads", "Finished runs loaded into this API process's model cache")
 
 
 def observe_batch(size: int) -> None:

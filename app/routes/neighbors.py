@@ -100,7 +100,7 @@ def _check_k(k: int) -> int:
     return k
 
 
-async def _parse(
+async def parse_request(
     request: Request,
 ) -> tuple[int, str, list[int] | None, list[list[float]] | None, list[tuple[str, bytes]] | None]:
     ctype = request.headers.get("content-type", "")
@@ -156,7 +156,7 @@ async def neighbors(run_id: str, request: Request, session: SessionDep, tenant: 
     run = run_service.get(session, tenant, run_id)
     run_dir = run_service.servable_run_dir(run)
     session.close()
-    k, combine, items, vectors, named = await _parse(request)
+    k, combine, items, vectors, named = await parse_request(request)
     served = await served_run(run_dir)
     body = await find_neighbors(served, k, combine, items=items, vectors=vectors, named=named, run_id=run_id)
     return Response(body, media_type="application/json")

@@ -24,7 +24,7 @@ from app.core.db import new_session
 from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
-from app.models import Dataset, DatasetState, Run, RunState, Tenant, utcnow
+from app.models import Dataset, DatasetState, ModelVersion, Run, RunState, Tenant, utcnow
 from app.services.failures import public_message, strip_paths
 
 log = logging.getLogger("scan.ingest")
@@ -215,6 +215,18 @@ def delete(session: Session, settings: Settings, tenant: Tenant, dataset_id: str
     if active:
         raise Conflict(
             f"dataset {dataset_id} has {active} run(s) in progress; cancel them first (POST /v1/runs/{{id}}/cancel)"
+        )
+    published = session.scalar(
+        select(func.count())
+        .select_from(ModelVersion)
+        .join(Run, Run.id == ModelVersion.run_id)
+        .where(Run.dataset_id == dataset.id)
+    )
+    if published:
+        # Deleting it would take model versions (and the aliases apps call) away without a word.
+        raise Conflict(
+            f"dataset {dataset_id} has runs published as {published} model version(s); "
+            "delete those models first (DELETE /v1/models/{name})"
         )
     runs = session.execute(select(Run.id, Run.run_dir).where(Run.dataset_id == dataset.id)).all()
     session.delete(dataset)  # runs and their results follow by ON DELETE CASCADE

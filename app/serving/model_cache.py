@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from app.observability import PREDICT_QUEUE, observe_batch
+from app.observability import MODEL_LOADS, PREDICT_QUEUE, observe_batch
 from app.serving.batcher import DynamicBatcher
 from ml.clusters import matched_labels, read_clusters
 from ml.rundir import RunDir
@@ -149,6 +149,7 @@ class ModelCache:
         from ml.predictor import Predictor
 
         predictor = Predictor.load(run_dir, device=serving_device())
+        MODEL_LOADS.inc()
         batcher = DynamicBatcher(
             predictor.predict,
             max_batch_size=self.max_batch_size,

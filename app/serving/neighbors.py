@@ -45,11 +45,13 @@ async def find_neighbors(
     vectors: list[list[float]] | None,
     named: list[tuple[str, bytes]] | None,
     run_id: str,
+    resolved=None,
 ) -> bytes:
-    """The answer as JSON bytes. Decoding, embedding, the faiss search and the JSON of the answer
+    """The answer as JSON bytes (served through a model version, ``resolved`` (registry.ResolvedModel):
+    with its merged cluster numbers and names). Decoding, embedding, the faiss search and the JSON of the answer
     all run in one worker thread: the event loop keeps answering /livez and other requests."""
     check_size(len(items or vectors or named or ()), k, combine)
-    return await run_in_threadpool(_find, served, k, combine, items, vectors, named, run_id)
+    return await run_in_threadpool(_find, served, k, combine, items, vectors, named, run_id, resolved)
 
 
 def _find(
@@ -60,6 +62,7 @@ def _find(
     vectors: list[list[float]] | None,
     named: list[tuple[str, bytes]] | None,
     run_id: str,
+    resolved=None,
 ) -> bytes:
     features = served.features
     n_items, dim = features.shape
@@ -92,6 +95,9 @@ def _find(
     scores, ids = served.search(queries, k_eff)
 
     cluster = served.assignments["cluster"]
+    names = None
+    if resolved is not None:
+        cluster, names = resolved.clusters.apply(cluster), resolved.clusters.names
     results = []
     for q in range(len(queries)):
         hits = [(int(i), float(s)) for i, s in zip(ids[q], scores[q]) if i >= 0]
@@ -101,10 +107,17 @@ def _find(
         results.append(
             {
                 "query": _describe_query(items, vectors, named, combine, q),
-                "neighbors": [{"item": i, "score": s, "cluster": int(cluster[i])} for i, s in hits],
+                "neighbors": [_neighbor(i, s, int(cluster[i]), names) for i, s in hits],
             }
         )
-    return json.dumps({"run_id": run_id, "k": k_eff, "combine": combine, "results": results}).encode()
+    head = resolved.describe() if resolved is not None else {"run_id": run_id}
+    return json.dumps({**head, "k": k_eff, "combine": combine, "results": results}).encode()
+
+
+def _neighbor(item: int, score: float, cluster: int, names) -> dict[str, Any]:
+    if names is None:
+        return {"item": item, "score": score, "cluster": cluster}
+    return {"item": item, "score": score, "cluster": cluster, "name": names[cluster]}
 
 
 def _own_item(items: list[int] | None, combine: str, q: int) -> int | None:

@@ -29,7 +29,7 @@ from app.deps import SessionDep, SettingsDep
 from app.models import Dataset, Run, RunState, StageState, StageStatus, Tenant
 from app.schemas.common import MAX_INT, ClusterIndex, ItemIndex
 from app.services import datasets as dataset_service
-from app.services import results, ui_sessions
+from app.services import registry, results, ui_sessions
 from app.services import runs as run_service
 from app.serving.model_cache import served_run
 from app.ui.charts import line_chart
@@ -368,6 +368,7 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
             "clusters": clusters,
             "shortcut_warnings": _shortcut_warnings(run, session),
             "estimate": run.estimate or {},
+            "published": registry.published_versions(session, tenant, run.id),
         },
     )
 
