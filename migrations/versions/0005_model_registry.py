@@ -1,7 +1,7 @@
 """model registry: named models, versions (published runs), aliases, named and merged clusters
 
-Revision ID: 0004_model_registry
-Revises: 0003
+Revision ID: 0005_model_registry
+Revises: 0004_run_config_once
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_model_registry"
-down_revision = "0003"
+revision = "0005_model_registry"
+down_revision = "0004_run_config_once"
 branch_labels = None
 depends_on = None
 
