@@ -1,7 +1,7 @@
 """model registry: named models, versions (published runs), aliases, named and merged clusters
 
-Revision ID: 0005_model_registry
-Revises: 0004_run_config_once
+Revision ID: 0006_model_registry
+Revises: 0005_worker_devices
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_model_registry"
-down_revision = "0004_run_config_once"
+revision = "0006_model_registry"
+down_revision = "0005_worker_devices"
 branch_labels = None
 depends_on = None
 
