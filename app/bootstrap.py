@@ -36,8 +36,8 @@ def ensure_first_key(settings: Settings) -> Path | None:
     """Embedded mode's first start: with no key in the database, create one for tenant "default" and
     write it to var/api-key.txt (mode 600). Returns the file when it was written."""
     from app.core.db import session_scope
-    from app.models import ApiKey
     from app.services.auth import create_key
+    from app.tables import ApiKey
 
     with session_scope() as session:
         if session.scalar(select(func.count()).select_from(ApiKey)):

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 from app.core.db import new_session
 from app.core.faults import is_infrastructure_error
 from app.core.settings import Settings, get_settings
-from app.models import Tenant
 from app.services import auth
+from app.tables import Tenant
 
 _bearer = HTTPBearer(
     auto_error=False,

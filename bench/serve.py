@@ -37,8 +37,8 @@ def synthetic_run(run_dir: Path, arch: str, size: int, channels: int, clusters: 
     """A run directory whose models have random weights (enough for Predictor.load)."""
     import torch
 
-    from ml.artifacts import model_meta, save_clustering, save_contrastive
-    from ml.models import ClusteringModel, ContrastiveModel, build_backbone
+    from ml.networks import ClusteringModel, ContrastiveModel, build_backbone
+    from ml.saved_models import model_meta, save_clustering, save_contrastive
 
     torch.manual_seed(0)
     mean, std = [0.5] * channels, [0.25] * channels
@@ -92,8 +92,8 @@ def register_run(var_dir: Path, run_dir: Path, size: int, channels: int, cluster
     get_settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()
-    from app.models import Dataset, DatasetState, Run, RunState
     from app.services.auth import create_key, tenant_for_key
+    from app.tables import Dataset, DatasetState, Run, RunState
 
     migrate(get_settings())
     with session_scope() as session:

@@ -32,7 +32,7 @@ from ml.config import RunConfig
 from ml.data import ImageSet, load_source
 from ml.device import select_runtime
 from ml.losses import nt_xent_loss
-from ml.models import ContrastiveModel, build_backbone
+from ml.networks import ContrastiveModel, build_backbone
 from ml.pipeline import prepare_run, run_stage
 
 

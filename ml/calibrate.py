@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ml.estimate import REF_SIZE, REF_WIDTH
-from ml.models import ARCHS, build_backbone
+from ml.networks import ARCHS, build_backbone
 
 
 def device_info() -> dict[str, Any]:

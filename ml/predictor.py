@@ -9,10 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ml.artifacts import load_clustering, load_contrastive
 from ml.data import resize_to
 from ml.device import select_runtime
 from ml.rundir import RunDir
+from ml.saved_models import load_clustering, load_contrastive
 
 
 class Predictor:

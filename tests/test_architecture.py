@@ -19,7 +19,7 @@ PACKAGES = ("ml", "app", "workers", "cli")
 LAYER_OF = {
     "ml": "ml",
     "app.core": "core",
-    "app.models": "data",
+    "app.tables": "data",
     "app.services": "domain",
     "app.bootstrap": "domain",
     "app.serving": "domain",
@@ -48,7 +48,7 @@ MAY_IMPORT = {
 }
 # Third-party web frameworks stay in the HTTP layer; serving may only borrow Starlette's thread pool.
 WEB = ("fastapi", "starlette")
-NO_WEB = ("ml", "app.core", "app.models", "app.services", "app.bootstrap", "workers")
+NO_WEB = ("ml", "app.core", "app.tables", "app.services", "app.bootstrap", "workers")
 SERVING_MAY_USE = ("starlette.concurrency",)
 
 

@@ -152,7 +152,7 @@ with new_session() as session:
 API_SERVE = """
 import sys
 from app.core.db import new_session
-from app.models import Run
+from app.tables import Run
 from app.services import runs
 with new_session() as session:
     print(runs.servable_run_dir(session.get(Run, sys.argv[1])))

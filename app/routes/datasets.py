@@ -15,10 +15,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from app.deps import SessionDep, SettingsDep, TenantDep
-from app.models import Dataset, DatasetState, new_id
 from app.schemas.common import ERRORS, ErrorBody, ItemIndex, Limit, Offset, Page
 from app.schemas.datasets import DatasetImport, DatasetOut
 from app.services import datasets as service
+from app.tables import Dataset, DatasetState, new_id
 from app.uploads import receive
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERRORS)

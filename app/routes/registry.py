@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, SettingsDep, TenantDep
-from app.models import RegisteredModel
 from app.schemas.common import ERRORS, MAX_INT, ClusterIndex, Limit, Offset, Page
 from app.schemas.registry import (
     AliasMove,
@@ -38,6 +37,7 @@ from app.schemas.registry import (
 from app.services import registry
 from app.services import runs as run_service
 from app.serving.model_versions import warm
+from app.tables import RegisteredModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 

@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.core.faults import is_infrastructure_error
 from app.deps import SessionDep, SettingsDep, TenantDep
-from app.models import Run, RunState
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody, Limit, Offset, Page
 from app.schemas.runs import EventPage, RunCreate, RunEventOut, RunOut, RunStateName, StageOut
 from app.services import runs as service
+from app.tables import Run, RunState
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
 

@@ -13,7 +13,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Tenant
+from app.tables import ApiKey, Tenant
 
 
 def _hash(key: str) -> str:

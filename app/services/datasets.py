@@ -24,8 +24,8 @@ from app.core.db import new_session
 from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
-from app.models import Dataset, DatasetState, ModelVersion, Run, RunState, Tenant, utcnow
 from app.services.failures import public_message, strip_paths
+from app.tables import Dataset, DatasetState, ModelVersion, Run, RunState, Tenant, utcnow
 
 log = logging.getLogger("scan.ingest")
 

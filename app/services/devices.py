@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Invalid
 from app.core.settings import Settings
-from app.models import Dataset, WorkerDevice, utcnow
+from app.tables import Dataset, WorkerDevice, utcnow
 from ml import estimate as est
 from ml.config import RunConfig
 

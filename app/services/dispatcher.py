@@ -16,8 +16,8 @@ from sqlalchemy import update
 from app.core.db import new_session
 from app.core.queue import enqueue_stage, queue_depth
 from app.core.settings import Settings
-from app.models import Run
 from app.services.execution import due_for_dispatch, stale_runs
+from app.tables import Run
 
 log = logging.getLogger("scan.dispatcher")
 

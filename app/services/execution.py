@@ -24,7 +24,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.settings import Settings
-from app.models import Run, RunEvent, RunState, StageState, StageStatus, utcnow
+from app.tables import Run, RunEvent, RunState, StageState, StageStatus, utcnow
 from ml.stages import STAGES
 
 FINALIZE = "finalize"

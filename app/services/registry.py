@@ -21,8 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, Invalid, NotFound
-from app.models import Cluster, ModelAlias, ModelVersion, RegisteredModel, Run, RunState, Tenant, VersionCluster, utcnow
 from app.services import runs as run_service
+from app.tables import Cluster, ModelAlias, ModelVersion, RegisteredModel, Run, RunState, Tenant, VersionCluster, utcnow
 
 # URL-safe, so a name or alias sits in a path as it is; "@" and "/" separate the parts of a reference.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

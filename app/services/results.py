@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound
-from app.models import Assignment, Cluster, Run, RunEvent, RunMetrics, RunState, utcnow
+from app.tables import Assignment, Cluster, Run, RunEvent, RunMetrics, RunState, utcnow
 from ml.clusters import ClusterSummary, read_clusters
 from ml.rundir import RunDir
 

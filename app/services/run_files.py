@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app.core.artifacts import Synced, synced
 from app.core.settings import Settings
-from app.models import Dataset, Run
+from app.tables import Dataset, Run
 
 
 def local_run_dir(settings: Settings, run: Run, sync: Synced | None = None) -> str:

@@ -18,9 +18,9 @@ from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.core.faults import is_infrastructure_error, which_service
 from app.core.queue import enqueue_stage
 from app.core.settings import Settings, get_settings
-from app.models import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from app.services import datasets as dataset_service
 from app.services import devices, weights
+from app.tables import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from ml.rundir import RunDir
 from ml.stages import STAGES
 

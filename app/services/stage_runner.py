@@ -18,11 +18,11 @@ from app.core.db import new_session
 from app.core.faults import is_infrastructure_error, retry_infra, which_service
 from app.core.queue import enqueue_stage
 from app.core.settings import Settings, get_settings
-from app.models import Run
 from app.services import execution, results
 from app.services.failures import public_message
 from app.services.run_files import local_run_dir
 from app.services.stage_training import Heartbeat, train
+from app.tables import Run
 
 log = logging.getLogger("scan.worker")
 

@@ -20,9 +20,9 @@ from app.core.artifacts import synced
 from app.core.db import new_session
 from app.core.faults import is_infrastructure_error, retry_infra
 from app.core.settings import Settings
-from app.models import Dataset, Run
 from app.services import execution, weights
 from app.services.run_files import local_dataset_dir, local_run_dir
+from app.tables import Dataset, Run
 
 log = logging.getLogger("scan.worker")
 

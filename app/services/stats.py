@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from app.core.db import new_session
-from app.models import Run, RunState, StageState, StageStatus
+from app.tables import Run, RunState, StageState, StageStatus
 
 
 def run_statistics() -> dict[str, Any]:

@@ -20,8 +20,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.settings import Settings
-from app.models import ApiKey, Tenant, UiSession, utcnow
 from app.services.auth import key_row
+from app.tables import ApiKey, Tenant, UiSession, utcnow
 
 LIFETIME = timedelta(hours=12)
 

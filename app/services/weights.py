@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from app.core.errors import Invalid
-from app.models import Run, StageState, StageStatus, Tenant
+from app.tables import Run, StageState, StageStatus, Tenant
 
 if TYPE_CHECKING:
     from ml.config import RunConfig

@@ -17,11 +17,11 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict
-from app.models import utcnow
 from app.services import registry
 from app.services import runs as run_service
 from app.serving.images import to_model_input
 from app.serving.model_cache import ServedRun, model_cache
+from app.tables import utcnow
 
 log = logging.getLogger(__name__)
 

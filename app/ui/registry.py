@@ -19,11 +19,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import ServiceError
 from app.deps import SessionDep
-from app.models import RunState, Tenant
 from app.schemas.common import MAX_INT, ClusterIndex
 from app.services import registry, results
 from app.services import runs as run_service
 from app.serving.model_versions import warm
+from app.tables import RunState, Tenant
 from app.ui.routes import TOP_ITEMS_SHOWN, UiTenant, _same_origin, templates
 from ml.limits import MAX_K
 

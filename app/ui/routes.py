@@ -26,12 +26,12 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, SettingsDep
-from app.models import Dataset, Run, RunState, StageState, StageStatus, Tenant
 from app.schemas.common import MAX_INT, ClusterIndex, ItemIndex
 from app.services import datasets as dataset_service
 from app.services import registry, results, ui_sessions
 from app.services import runs as run_service
 from app.serving.model_cache import served_run
+from app.tables import Dataset, Run, RunState, StageState, StageStatus, Tenant
 from app.ui.charts import line_chart
 from ml.stages import STAGES, run_fraction, stage_fraction
 

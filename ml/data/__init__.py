@@ -30,7 +30,7 @@ links or devices in archives or folders, archives over ``Limits.max_total_bytes`
 checked before reading) or ``Limits.max_files``, empty sources, malformed npz/IDX/CIFAR/STL files.
 """
 
-from .errors import DataError, Limits
+from .bad_input import DataError, Limits
 from .imageset import ImageSet
 from .imaging import conform_images, decode_conformed, decode_image, resize_to
 from .load import load_source

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import MAX_CLASSES, DataError, Limits, check_class_count, check_decoded_size
+from .bad_input import MAX_CLASSES, DataError, Limits, check_class_count, check_decoded_size
 from .imageset import ImageSet
 from .imaging import choose_size, conform_images
 

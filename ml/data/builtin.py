@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import image_set_from_array
-from .errors import DataError, Limits
+from .bad_input import DataError, Limits
 from .idx import find_idx_pair, read_idx
 from .imageset import ImageSet
 

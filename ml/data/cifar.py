@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import image_set_from_array
-from .errors import DataError, Limits
+from .bad_input import DataError, Limits
 from .imageset import ImageSet
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError, Limits, check_decoded_size
+from .bad_input import DataError, Limits, check_decoded_size
 from .imageset import ImageSet
 from .imaging import choose_size, conform_pil, decode_pil, is_gray, open_image, orientation, parallel_map
 

@@ -6,8 +6,8 @@ import os
 import stat
 from pathlib import Path
 
+from .bad_input import DataError, Limits
 from .encoded import images_from_encoded
-from .errors import DataError, Limits
 from .imageset import ImageSet
 from .layout import arrange, is_image_name, is_junk
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import image_set_from_array
-from .errors import DataError, Limits, check_decoded_size
+from .bad_input import DataError, Limits, check_decoded_size
 from .imageset import ImageSet
 from .npz import to_nchw
 

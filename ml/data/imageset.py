@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .bad_input import DataError
 
 # Bump when the on-disk layout changes; older directories are then rejected (and caches rebuilt).
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError, Limits
+from .bad_input import DataError, Limits
 
 # Only the formats the issue asks for: every extra PIL plugin is extra attack surface.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .errors import DataError, check_class_count
+from .bad_input import DataError, check_class_count
 from .imaging import IMAGE_SUFFIXES
 
 _JUNK_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "$recycle.bin"})

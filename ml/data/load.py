@@ -7,10 +7,10 @@ from functools import partial
 from pathlib import Path
 
 from .archive import is_archive, read_archive, sniff_archive
+from .bad_input import DataError, Limits
 from .builtin import builtin_files, builtin_name, load_builtin
 from .cache import cache_entry
 from .cifar import is_cifar_dir, read_cifar
-from .errors import DataError, Limits
 from .folder import read_folder
 from .idx import is_idx_dir, looks_like_idx, read_idx
 from .imageset import ImageSet

@@ -14,7 +14,7 @@ import numpy as np
 
 from .archive import check_zip_infos
 from .arrays import image_set_from_array
-from .errors import DataError, Limits, check_decoded_size
+from .bad_input import DataError, Limits, check_decoded_size
 from .imageset import ImageSet
 from .imaging import to_uint8
 

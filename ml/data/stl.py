@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import image_set_from_array
-from .errors import DataError, Limits
+from .bad_input import DataError, Limits
 from .imageset import ImageSet
 
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml.artifacts import cpu_state, load_contrastive, save_clustering
 from ml.augment import SimCLRAugment, StrongAugment
 from ml.losses import scan_loss_all_neighbors, scan_loss_per_head
-from ml.models import ClusteringModel
+from ml.networks import ClusteringModel
+from ml.saved_models import cpu_state, load_contrastive, save_clustering
 from ml.stages.common import StageContext, predict_all, resident_images, take
 from ml.stages.loop import Trainer
-from ml.stages.results import write_results
+from ml.stages.outputs import write_outputs
 
 
 def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     }
     save_clustering(run.scan_model_path, model, out_meta)
     run.update_json(run.history_path, "clustering", trainer.history)
-    results = write_results(ctx, model, images, data, "scan", final=not cfg.selflabel.enabled)
+    results = write_outputs(ctx, model, images, data, "scan", final=not cfg.selflabel.enabled)
     return {
         "epochs": len(trainer.history),
         "head": kept,

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ml.artifacts import model_meta, save_contrastive
 from ml.augment import SimCLRAugment
 from ml.losses import moco_loss, nt_xent_loss
-from ml.models import ContrastiveModel, build_backbone, load_backbone_weights
+from ml.networks import ContrastiveModel, build_backbone, load_backbone_weights
 from ml.rundir import atomic_write
+from ml.saved_models import model_meta, save_contrastive
 from ml.stages.common import StageContext, channel_stats, predict_all, resident_images, take
 from ml.stages.loop import Trainer
 

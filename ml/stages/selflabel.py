@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from ml.artifacts import cpu_state, load_clustering, save_clustering
 from ml.augment import StrongAugment, WeakAugment, to_float
 from ml.losses import selflabel_loss
+from ml.saved_models import cpu_state, load_clustering, save_clustering
 from ml.stages.common import StageContext, predict_all, resident_images, take
 from ml.stages.loop import Trainer
-from ml.stages.results import write_results
+from ml.stages.outputs import write_outputs
 
 
 def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
         # The SCAN model is the final one; clustering already wrote its results.
         save_clustering(run.model_path, model, meta)
         if not run.assignments_path.exists():
-            write_results(ctx, rt.model(model), images, data, "scan", final=True)
+            write_outputs(ctx, rt.model(model), images, data, "scan", final=True)
         return {"skipped": True}
 
     n, size = images.shape[0], images.shape[-1]
@@ -83,7 +83,7 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     save_clustering(run.model_path, final, {**meta, "selflabel_epoch": best["epoch"]})
     run.update_json(run.history_path, "selflabel", trainer.history)
     run.update_json(run.history_path, "selflabel_kept", {"epoch": best["epoch"], "confident": best["confident"]})
-    results = write_results(ctx, final, images, data, "selflabel", final=True)
+    results = write_outputs(ctx, final, images, data, "selflabel", final=True)
     return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}
 
 

@@ -9,7 +9,7 @@ import torch
 from ml import estimate as est
 from ml.calibrate import count_arch, train_throughput
 from ml.config import RunConfig
-from ml.models import ARCHS
+from ml.networks import ARCHS
 
 DEVICE = est.Device("cpu", "test cpu", 16 << 30, {"convnet": 500.0, "resnet18_cifar": 50.0})
 

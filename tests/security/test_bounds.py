@@ -74,7 +74,7 @@ def test_num_clusters_must_be_below_the_dataset_size(client: httpx.Client, small
 def _count_runs() -> int:
     from sqlalchemy import func, select
 
-    from app.models import Run
+    from app.tables import Run
 
     with db_session() as session:
         return session.scalar(select(func.count()).select_from(Run))

@@ -108,8 +108,8 @@ def test_redaction_keeps_the_rest_of_the_line(text: str) -> None:
 
 
 def test_revoking_the_key_ends_its_ui_sessions(api_server: str) -> None:
-    from app.models import ApiKey, utcnow
     from app.services.auth import create_key, key_row
+    from app.tables import ApiKey, utcnow
     from tests.stack import db_session
 
     with db_session() as session:

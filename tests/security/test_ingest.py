@@ -23,7 +23,7 @@ def _npz(compressed: bool = False, **arrays) -> bytes:
 def _leftovers(stack, dataset_id: str | None = None) -> list[str]:
     from sqlalchemy import select
 
-    from app.models import Dataset
+    from app.tables import Dataset
 
     var = stack.settings.artifacts
     found = [str(p) for d in ("uploads", "cache") if (var / d).exists() for p in (var / d).iterdir()]
@@ -110,9 +110,9 @@ def test_an_upload_is_decoded_once_and_delete_removes_everything(client: httpx.C
 def test_delete_during_ingest_leaves_nothing(client: httpx.Client, stack, monkeypatch) -> None:
     """The ingest runs in this process so that the DELETE can land exactly while it decodes."""
     import ml.data
-    from app.models import Dataset, DatasetState
     from app.services import datasets as service
     from app.services.auth import get_or_create_tenant
+    from app.tables import Dataset, DatasetState
 
     settings = stack.settings
     with db_session() as session:
@@ -149,7 +149,7 @@ def test_a_name_with_control_characters_is_refused_and_leaves_nothing(client: ht
     """PostgreSQL cannot store NUL (Schemathesis found the 500); no control character belongs in a name."""
     from sqlalchemy import func, select
 
-    from app.models import Dataset
+    from app.tables import Dataset
 
     with db_session() as session:
         rows = session.scalar(select(func.count()).select_from(Dataset))

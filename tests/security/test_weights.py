@@ -29,7 +29,7 @@ def _submit(client: httpx.Client, dataset_id: str, weights: object) -> httpx.Res
 def _run_count() -> int:
     from sqlalchemy import func, select
 
-    from app.models import Run
+    from app.tables import Run
 
     with db_session() as session:
         return session.scalar(select(func.count()).select_from(Run))
@@ -46,7 +46,7 @@ def b_dataset(client_b: httpx.Client) -> str:
 
 def test_paths_are_refused_and_reveal_nothing(client_b: httpx.Client, b_dataset: str, finished_run: dict) -> None:
     with db_session() as session:
-        from app.models import Run
+        from app.tables import Run
 
         a_weights = str(Path(session.get(Run, finished_run["id"]).run_dir) / "pretext.pt")
     assert Path(a_weights).is_file()  # the file a thief would name really exists
@@ -93,7 +93,7 @@ def test_own_finished_run_seeds_a_new_run(client: httpx.Client, finished_run: di
     run = wait_for_run(client, run["id"], timeout=600)
     assert run["state"] == "SUCCEEDED", run
     # The new run's backbone is the source run's, bit for bit (pretext was skipped, backbone frozen).
-    from app.models import Run
+    from app.tables import Run
 
     with db_session() as session:
         src, new = (Path(session.get(Run, i).run_dir) for i in (finished_run["id"], run["id"]))

@@ -41,7 +41,7 @@ def test_cli_creates_a_working_key_stored_hashed(stack, api_server):
     assert r.status_code == 200 and r.json()["total"] == 0  # a new tenant sees nothing of the others
     from sqlalchemy import select
 
-    from app.models import ApiKey
+    from app.tables import ApiKey
     from tests.service.conftest import db_session
 
     with db_session() as session:

@@ -135,14 +135,14 @@ def test_list_is_paginated(client, digits_dataset, small_dataset):
 
 
 def _dataset_rows() -> int:
-    from app.models import Dataset
+    from app.tables import Dataset
 
     with db_session() as session:
         return session.scalar(select(func.count()).select_from(Dataset))
 
 
 def _dataset_ids() -> set[str]:
-    from app.models import Dataset
+    from app.tables import Dataset
 
     with db_session() as session:
         return set(session.scalars(select(Dataset.id)))

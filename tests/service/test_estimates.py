@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from app.models import WorkerDevice
+from app.tables import WorkerDevice
 from tests.service.conftest import TINY, db_session
 from tests.service.test_ui import ui_client
 
@@ -93,6 +93,6 @@ def test_a_recipe_beyond_the_workers_memory_is_a_422_naming_the_field(client, sm
     detail = r.json()["detail"]
     assert detail.startswith("pretext.batch_size: 8192") and "GiB" in detail and row.device_name in detail
     with db_session() as s:  # nothing was queued
-        from app.models import Run
+        from app.tables import Run
 
         assert not [x for x in s.query(Run).all() if (x.config.get("pretext") or {}).get("batch_size") == 8192]

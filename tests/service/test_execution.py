@@ -10,8 +10,8 @@ from datetime import timedelta
 
 import pytest
 
-from app.models import Dataset, Run, RunEvent, StageStatus, Tenant, utcnow
 from app.services import execution
+from app.tables import Dataset, Run, RunEvent, StageStatus, Tenant, utcnow
 from ml.config import RunConfig
 from ml.stages import STAGES
 from tests.service.conftest import db_session

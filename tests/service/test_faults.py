@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from app.models import Run, RunEvent, StageStatus, utcnow
+from app.tables import Run, RunEvent, StageStatus, utcnow
 from tests.service.tcp_proxy import TcpProxy
 from tests.stack import MODE, PG_URL, REDIS_URL, TERMINAL, Stack, WorkerProcess, _client, db_session, start_api
 

@@ -11,7 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
 from app.bootstrap import alembic_config
-from app.models import Base
+from app.tables import Base
 
 
 def _check(connection, settings) -> None:

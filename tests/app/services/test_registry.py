@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from app.core.errors import Invalid
-from app.models import VersionCluster
 from app.services.registry import check_text, cluster_map, parse_reference
 from app.serving.model_versions import named_predictions
+from app.tables import VersionCluster
 
 
 def rows(**named) -> list[VersionCluster]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from ml.models import ClusteringModel, ContrastiveModel, build_backbone, load_backbone_weights
+from ml.networks import ClusteringModel, ContrastiveModel, build_backbone, load_backbone_weights
 
 OUT_DIM = {"resnet18_cifar": 512, "resnet18_stl": 512, "resnet18": 512, "resnet50": 2048, "convnet": 256}
 

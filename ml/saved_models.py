@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ml.models import ClusteringModel, ContrastiveModel, build_backbone
+from ml.networks import ClusteringModel, ContrastiveModel, build_backbone
 from ml.rundir import save_torch
 
 

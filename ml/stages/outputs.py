@@ -16,7 +16,7 @@ from ml.stages.common import StageContext, predict_all
 TOP_ITEMS = 10
 
 
-def write_results(ctx: StageContext, model, images: torch.Tensor, data, name: str, final: bool) -> dict[str, Any]:
+def write_outputs(ctx: StageContext, model, images: torch.Tensor, data, name: str, final: bool) -> dict[str, Any]:
     """Metrics of this stage's model go to metrics.json[name]; when `final`, the assignments and
     cluster summaries the service serves are written too."""
     run = ctx.run
