@@ -6,13 +6,18 @@ missed.
     python bench/digits.py                       # CPU, the `small` preset at 8x8
     python bench/digits.py --device cuda
 
-Targets: self-label ACC >= 0.85, no worse than SCAN - 0.02; 20-NN purity > 0.8.
+Targets (issue 10): self-label ACC >= 0.95 and above SCAN's, the confident count rising during
+self-labeling (the paper's Fig. 4), all four stages within 2 minutes. It prints what the README's
+row needs: per-stage ACC / NMI / ARI, purity, wall times, the confident count per self-label epoch,
+and the machine's load average before and after (the machine is shared; times depend on it).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 import tempfile
 import time
@@ -39,23 +44,40 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    load_before = os.getloadavg()
+    started = datetime.datetime.now(datetime.timezone.utc)
     data = load_source("digits")
+    timings = {}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         prepare_run(run_dir, RunConfig.from_preset("small", 10, {**RECIPE, "device": args.device}))
         for stage in STAGES:
             t0 = time.perf_counter()
             run_stage(stage, run_dir, data)
-            print(f"{stage}: {time.perf_counter() - t0:.1f}s", flush=True)
+            timings[stage] = time.perf_counter() - t0
+            print(f"{stage}: {timings[stage]:.1f}s", flush=True)
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        history = json.loads((run_dir / "history.json").read_text())
     scan, final, purity = metrics["scan"]["acc"], metrics["selflabel"]["acc"], metrics["mining"]["neighbor_purity"]
-    print(f"neighbour purity {purity:.3f}  SCAN ACC {scan:.3f}  self-label ACC {final:.3f}")
+    confident = [history["selflabel_start"]["confident"]] + [h["confident"] for h in history["selflabel"]]
+    total = sum(timings.values())
+    load_after = os.getloadavg()
+    print(f"started {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average (1/5/15 min)")
+    print(f"  before {' '.join(f'{v:.1f}' for v in load_before)}, after {' '.join(f'{v:.1f}' for v in load_after)}")
+    print(f"{'method':<30}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
+    for name, m in (("K-means on pretext features", metrics["mining"]["kmeans"]), ("SCAN", metrics["scan"])):
+        print(f"{name:<30}{m['acc']:>8.3f}{m['nmi']:>8.3f}{m['ari']:>8.3f}")
+    m = metrics["selflabel"]
+    print(f"{'SCAN + self-label':<30}{m['acc']:>8.3f}{m['nmi']:>8.3f}{m['ari']:>8.3f}")
+    print(f"neighbour purity {purity:.3f}; confident at the start and after each self-label epoch {confident}")
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {total:.0f}s")
     failures = [
         msg
         for ok, msg in (
-            (final >= 0.85, "self-label ACC < 0.85"),
-            (final >= scan - 0.02, "self-labeling lost more than 0.02 ACC"),
-            (purity > 0.8, "neighbour purity <= 0.8"),
+            (final >= 0.95, "self-label ACC < 0.95"),
+            (final > scan, "self-labeling did not beat SCAN"),
+            (confident[-1] > confident[0], "the confident count did not rise during self-labeling"),
+            (total <= 120, "the run took more than 2 minutes"),
         )
         if not ok
     ]

@@ -6,6 +6,8 @@ to call on bf16 outputs under ``torch.autocast``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -86,7 +88,7 @@ def scan_loss_per_head(
     p = F.softmax(anchor_logits.float(), dim=-1)
     q = F.softmax(neighbor_logits.float(), dim=-1)
     consistency = -_log_agreement(p, q).mean(dim=-1)
-    entropy = _mean_entropy(p)
+    entropy = mean_entropy(p)
     total = consistency - entropy_weight * entropy
     return total, consistency, entropy
 
@@ -109,7 +111,7 @@ def scan_loss_all_neighbors(probs: Tensor, neighbors: Tensor, entropy_weight: fl
         for i in range(0, p.shape[0], chunk):
             log_sum += _log_agreement(p[i : i + chunk].unsqueeze(1), p[nb[i : i + chunk]]).sum()
         consistency = -log_sum / nb.numel()
-        totals.append(consistency - entropy_weight * _mean_entropy(p))
+        totals.append(consistency - entropy_weight * mean_entropy(p))
     return torch.stack(totals)
 
 
@@ -118,7 +120,7 @@ def _log_agreement(p: Tensor, q: Tensor) -> Tensor:
     return (p * q).sum(dim=-1).clamp_min(_EPS).log()
 
 
-def _mean_entropy(p: Tensor) -> Tensor:
+def mean_entropy(p: Tensor) -> Tensor:
     """Entropy of the mean prediction over the sample axis (-2): the term that spreads clusters."""
     mean_p = p.mean(dim=-2)
     return -(mean_p * mean_p.clamp_min(_EPS).log()).sum(dim=-1)
@@ -143,7 +145,11 @@ def scan_loss(
 
 
 def selflabel_loss(
-    weak_logits: Tensor, strong_logits: Tensor, threshold: float = 0.99, class_balance: bool = True
+    weak_logits: Tensor,
+    strong_logits: Tensor,
+    threshold: float = 0.99,
+    class_balance: bool = True,
+    cluster_quota: float = 0.0,
 ) -> tuple[Tensor, int]:
     """Self-labeling loss (SCAN Sec. 2.3 and 3.1): cross-entropy on confident pseudo-labels.
 
@@ -167,6 +173,8 @@ def selflabel_loss(
     probs = F.softmax(weak_logits.detach().float(), dim=1)
     confidence, target = probs.max(dim=1)
     mask = confidence > threshold
+    if cluster_quota > 0:
+        mask |= _top_of_each_cluster(confidence, target, cluster_quota)
     n_confident = int(mask.sum())
     if n_confident == 0:
         return strong_logits.sum() * 0.0, 0
@@ -177,3 +185,13 @@ def selflabel_loss(
         counts = torch.bincount(target, minlength=logits.shape[1]).float()
         weight = 1.0 / counts.clamp_min(1.0)
     return F.cross_entropy(logits, target, weight=weight), n_confident
+
+
+def _top_of_each_cluster(confidence: Tensor, target: Tensor, quota: float) -> Tensor:
+    """The ceil(quota * size) most confident members of every predicted cluster in the batch."""
+    keep = torch.zeros_like(confidence, dtype=torch.bool)
+    for c in target.unique():
+        members = (target == c).nonzero().squeeze(1)
+        top = confidence[members].topk(math.ceil(quota * members.numel())).indices
+        keep[members[top]] = True
+    return keep

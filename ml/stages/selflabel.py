@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from ml.augment import StrongAugment, WeakAugment, to_float
-from ml.losses import selflabel_loss
+from ml.augment import SimCLRAugment, StrongAugment, WeakAugment, to_float
+from ml.evaluate import hungarian_accuracy
+from ml.losses import mean_entropy, selflabel_loss
 from ml.saved_models import cpu_state, load_clustering, save_clustering
 from ml.stages.common import StageContext, predict_all, resident_images, take
 from ml.stages.loop import Trainer
@@ -34,34 +36,68 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     n, size = images.shape[0], images.shape[-1]
     model = rt.model(model)
     trainer = Trainer(
-        ctx, model, model.parameters(), sl.optim, epochs=sl.epochs, batch_size=sl.batch_size, n=n, stream=3
+        ctx,
+        model,
+        model.heads.parameters() if sl.freeze_backbone else model.parameters(),
+        sl.optim,
+        epochs=sl.epochs,
+        batch_size=sl.batch_size,
+        n=n,
+        stream=3,
     )
-    strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=cfg.pretext.flip)
+    pc = cfg.pretext
+    strong = (
+        StrongAugment(size, cutout=cfg.clustering.cutout, flip=pc.flip)
+        if sl.augmentation == "strong"
+        else SimCLRAugment(
+            size,
+            crop_scale=pc.crop_scale,
+            flip=pc.flip,
+            jitter=pc.jitter,
+            jitter_p=pc.jitter_p,
+            gray_p=pc.gray_p,
+            invariances=pc.invariances,
+        )
+    )
     weak = WeakAugment(size, flip=cfg.pretext.flip) if sl.weak_view == "shift" else (lambda x, g: to_float(x))
     extras = trainer.resume()
     final = model
 
+    labels = np.asarray(data.labels) if data.labels is not None else None
+
     def count_confident() -> int:
         final.eval()
         probs = predict_all(lambda x: final(x)[0].float().softmax(-1), images, rt)
+        if labels is not None:  # for the history only (Fig. 4's ACC curve); nothing selects on it
+            last_acc[0] = hungarian_accuracy(probs.argmax(1).numpy(), labels)
         return int((probs.max(1).values > sl.threshold).sum())
+
+    last_acc: list[float | None] = [None]
 
     # The weights with the most confident samples are kept (the paper's Fig. 4 criterion, no labels
     # involved), starting from the SCAN model itself: where self-labeling only loses confidence
     # (seen on 14 px Fashion-MNIST), the SCAN model stays the final one.
     best = extras.get("best") or {"epoch": 0, "confident": count_confident(), "state": cpu_state(final)}
+    start = extras.get("start") or {"confident": best["confident"], "acc": last_acc[0]}
 
     for _ in trainer.epochs():
-        model.train()
+        model.train(not sl.freeze_backbone)
         skipped = 0
         for idx in trainer.batches():
             x = take(images, idx, rt)
             xw, xs = rt.prepare(weak(x, trainer.g)), rt.prepare(strong(x, trainer.g))
+            if sl.teacher_mode == "eval":
+                model.eval()  # running BatchNorm statistics, as the confident count is measured
             with torch.no_grad(), rt.autocast():
                 weak_logits = model(xw)[0].float()
+            model.train(not sl.freeze_backbone)
             with rt.autocast():
                 strong_logits = model(xs)[0].float()
-            loss, confident = selflabel_loss(weak_logits, strong_logits, sl.threshold, sl.class_balance)
+            loss, confident = selflabel_loss(
+                weak_logits, strong_logits, sl.threshold, sl.class_balance, cluster_quota=sl.cluster_quota
+            )
+            if sl.entropy_weight:
+                loss = loss - sl.entropy_weight * mean_entropy(strong_logits.softmax(-1))
             if confident == 0:
                 skipped += 1  # nothing to learn from in this batch; not an error
                 continue
@@ -74,14 +110,20 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
             best = {"epoch": trainer.epoch + 1, "confident": confident, "state": cpu_state(final)}
         stop = _plateaued([*trainer.history, {"confident": confident}], sl.patience, sl.min_gain * n)
         trainer.end_epoch(
-            {"confident": confident, "confident_fraction": confident / n, "skipped_batches": skipped},
+            {
+                "confident": confident,
+                "confident_fraction": confident / n,
+                "skipped_batches": skipped,
+                **({"acc": last_acc[0]} if last_acc[0] is not None else {}),
+            },
             stop=stop,
-            extra={"best": best},
+            extra={"best": best, "start": start},
         )
 
     final.load_state_dict(best["state"])
     save_clustering(run.model_path, final, {**meta, "selflabel_epoch": best["epoch"]})
     run.update_json(run.history_path, "selflabel", trainer.history)
+    run.update_json(run.history_path, "selflabel_start", start)
     run.update_json(run.history_path, "selflabel_kept", {"epoch": best["epoch"], "confident": best["confident"]})
     results = write_outputs(ctx, final, images, data, "selflabel", final=True)
     return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}

@@ -176,6 +176,18 @@ def test_selflabel_threshold_is_strict_and_weak_view_gets_no_gradient():
     assert n_strict == 0
 
 
+def test_selflabel_cluster_quota_adds_the_most_confident_of_every_cluster():
+    # Nothing passes 0.99; with quota 0.5 the more confident half (rounded up) of each predicted
+    # cluster is pseudo-labelled: cluster 0 has 3 members (2 taken), cluster 1 has 1 (1 taken).
+    weak = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    strong = torch.zeros(4, 2, requires_grad=True)
+    _, n_plain = selflabel_loss(weak, strong, threshold=0.99)
+    loss, n = selflabel_loss(weak, strong, threshold=0.99, class_balance=False, cluster_quota=0.5)
+    assert (n_plain, n) == (0, 3)
+    loss.backward()
+    assert strong.grad[2].abs().sum() == 0 and strong.grad[[0, 1, 3]].abs().sum(1).min() > 0
+
+
 def test_selflabel_no_confident_sample_gives_zero_loss_with_grad():
     strong = torch.randn(3, 4, requires_grad=True)
     loss, n = selflabel_loss(torch.zeros(3, 4), strong, threshold=0.99)

@@ -1,0 +1,91 @@
+"""Nuisance invariance (issue #10): a set whose colours and polarity vary independently of the class
+must cluster about as well as its plain version with the invariances for small images
+(`ml.config.SMALL_INVARIANCES`).
+
+The recoloured set is scikit-learn's digits with, per image, a random foreground and background
+colour (at least 0.5 apart in RGB, so the digit stays visible) and a random inversion. Without the
+invariances SimCLR's features can group images by colour or polarity (issue #10 measured ACC 0.15
+on such a set); the test runs the same recipe on both versions and compares the ACC.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ml.config import SMALL_INVARIANCES, RunConfig
+from ml.data import load_source
+from ml.data.imageset import ImageSet
+from ml.pipeline import STAGES, prepare_run, run_stage
+
+# Sized for a few minutes per run on a loaded 2-core CPU: what is compared is the pretext features,
+# so the heads train on frozen features (seconds) and self-labeling is off.
+RECIPE = {
+    "seed": 0,
+    "pretext.epochs": 60,
+    "clustering.freeze_backbone": True,
+    "clustering.augment": False,
+    "clustering.epochs": 30,
+    "clustering.batch_size": 128,
+    "selflabel.enabled": False,
+    "pretext.invariances": SMALL_INVARIANCES,
+}
+
+
+def recolour(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N, 1, H, W) uint8 gray glyphs -> (N, 3, H, W) uint8: ink in one random colour on a ground of
+    another, and half of the images inverted (ink and ground swap) before colouring."""
+    rng = np.random.default_rng(seed)
+    n = images.shape[0]
+    g = images[:, 0].astype(np.float32) / 255.0
+    invert = rng.random(n) < 0.5
+    g[invert] = 1.0 - g[invert]
+    fg, bg = rng.random((n, 3)), rng.random((n, 3))
+    close = np.linalg.norm(fg - bg, axis=1) < 0.5
+    while close.any():  # redraw pairs too alike to tell the digit from its ground
+        fg[close], bg[close] = rng.random((close.sum(), 3)), rng.random((close.sum(), 3))
+        close = np.linalg.norm(fg - bg, axis=1) < 0.5
+    rgb = bg[:, :, None, None] * (1.0 - g[:, None]) + fg[:, :, None, None] * g[:, None]
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_recolour_keeps_the_glyph_and_varies_colour_and_polarity():
+    digits = load_source("digits")
+    rgb = recolour(digits.images)
+    assert rgb.shape == (digits.n, 3, 8, 8) and rgb.dtype == np.uint8
+    # The glyph survives: per image, the colour image is an affine map of the gray one, so their
+    # pixels correlate (sign flipped for the inverted half).
+    gray = digits.images[:, 0].reshape(digits.n, -1).astype(np.float64)
+    luma = rgb.astype(np.float64).mean(axis=1).reshape(digits.n, -1)
+    corr = np.array([abs(np.corrcoef(a, b)[0, 1]) for a, b in zip(gray[:200], luma[:200])])
+    assert np.median(corr) > 0.9
+    # Colour and polarity vary: grounds (corner pixels) of every hue, about half dark.
+    corners = rgb[:, :, 0, 0].astype(np.float64) / 255.0
+    assert corners.std(axis=0).min() > 0.2
+    assert 0.3 < (corners.mean(axis=1) < 0.5).mean() < 0.7
+
+
+def _acc(data, tmp_path, name) -> float:
+    run_dir = tmp_path / name
+    prepare_run(run_dir, RunConfig.from_preset("small", 10, RECIPE))
+    for stage in STAGES:
+        run_stage(stage, run_dir, data)
+    return json.loads((run_dir / "metrics.json").read_text())["scan"]["acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #10, open: with SMALL_INVARIANCES the pretext on recoloured digits stays near chance "
+    "(loss 6.12 of ln 511 = 6.24; ACC 0.176 vs 0.717 plain), docs/selflabel.md section 6",
+)
+def test_recoloured_digits_cluster_nearly_as_well_as_plain_ones(tmp_path):
+    plain = load_source("digits")
+    coloured = ImageSet(recolour(plain.images), plain.labels, plain.class_names, "digits-recoloured")
+    acc_plain = _acc(plain, tmp_path, "plain")
+    acc_coloured = _acc(coloured, tmp_path, "coloured")
+    print(f"digits ACC plain {acc_plain:.3f}, recoloured {acc_coloured:.3f}")  # shown with -s
+    assert acc_plain > 0.5, acc_plain  # the comparison means something only if the plain run learned
+    assert acc_coloured >= 0.9 * acc_plain, (acc_coloured, acc_plain)
