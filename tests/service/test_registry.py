@@ -166,6 +166,11 @@ def test_alias_moves_warm_first_resolve_at_request_time_and_roll_back(
         lambda c: c.get(f"/v1/models/{name}/model"),
         lambda c: c.get(f"/v1/models/{name}/versions/1/model"),
         lambda c: c.get(f"/v1/models/{name}@production/clusters"),
+        lambda c: c.get(f"/v1/models/{name}/versions/1/clusters"),
+        lambda c: c.post(f"/v1/models/{name}/versions/1/clusters/0/unmerge"),
+        lambda c: c.post(f"/v1/models/{name}/versions/1/neighbors", json={"k": 3, "query": {"items": [1]}}),
+        lambda c: c.get(f"/v1/models/{name}@production/assignments"),
+        lambda c: c.patch(f"/v1/models/{name}", json={"description": "mine now"}),
         lambda c: c.delete(f"/v1/models/{name}"),
     ):
         assert call(client_b).status_code == 404

@@ -3,6 +3,7 @@ the grid of a version, through the forms (over HTTP and in headless Chromium, as
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.service.test_ui import CHROMIUM, CHROMIUM_ARGS, all_images_loaded, check_screenshot, ui_client
+
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img" / "model-version.png"
 
 
 def unique(prefix: str) -> str:
@@ -145,6 +148,9 @@ def test_browser_names_and_merges_clusters_on_their_grid(page, client, finished_
     assert group["members"] == [a, b] and group["name"] == "round things" and len(served) == 9
     assert group["size"] == sizes[a] + sizes[b]
     check_screenshot(page.locator("#version-clusters").screenshot(path=str(tmp_path / "named.png")))
+    if os.environ.get("SCAN_WRITE_DOCS_SCREENSHOT"):  # refresh the README's picture from this run
+        DOCS_IMG.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(DOCS_IMG), type="png", clip={"x": 0, "y": 0, "width": 1200, "height": 700})
 
     page.locator(f"#cluster-{b} button.unmerge").click()
     page.wait_for_load_state("networkidle")
