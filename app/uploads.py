@@ -30,6 +30,35 @@ class Upload:
 
 async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
     """The part named ``file`` goes to ``dest_dir/<safe name>``; small text fields are kept."""
+    parts = _Parts(dest_dir, max_bytes)
+    parser = MultipartParser(_boundary(request, max_bytes), parts.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if parts.too_large:
+                raise TooLarge(
+                    f"upload exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES); "
+                    "split the dataset or raise the limit"
+                )
+        parser.finalize()
+    except MultipartParseError as exc:
+        parts.discard()
+        raise Invalid(f"malformed multipart body ({exc}); let your HTTP client build it (curl -F file=@...)") from exc
+    except BaseException:
+        parts.discard()
+        raise
+    upload = parts.upload
+    if upload.path is None:
+        parts.discard()
+        raise Invalid("no file in the upload: send it in the multipart field 'file' (curl -F file=@data.zip)")
+    if upload.size == 0:
+        parts.discard()
+        raise Invalid(f"{upload.filename}: the uploaded file is empty")
+    return upload
+
+
+def _boundary(request: Request, max_bytes: int) -> bytes:
+    """The multipart boundary; refuses other bodies, and a declared length beyond the limit."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise Invalid(
@@ -41,89 +70,80 @@ async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
         raise TooLarge(
             f"upload of {int(declared)} bytes exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES)"
         )
+    return params[b"boundary"]
 
-    upload = Upload()
-    state: dict = {"headers": {}, "field": b"", "value": b"", "name": None, "sink": None, "text": None}
-    too_large = False
 
-    def on_part_begin() -> None:
-        state.update(headers={}, name=None, sink=None, text=None)
+class _Parts:
+    """The multipart parser's callbacks: a part's headers, then its bytes, to the upload's file (the
+    first part named ``file``, at most ``max_bytes``) or to a small text field."""
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
+    def __init__(self, dest_dir: Path, max_bytes: int):
+        self.dest_dir, self.max_bytes = dest_dir, max_bytes
+        self.upload = Upload()
+        self.too_large = False
+        self.field, self.value = b"", b""
+        self._part_begin()
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
 
-    def on_header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
+    def discard(self) -> None:
+        """Close the file being written and remove everything received."""
+        self._close()
+        shutil.rmtree(self.dest_dir, ignore_errors=True)
 
-    def on_headers_finished() -> None:
-        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
-        name = disp.get(b"name", b"").decode("utf-8", "replace")
-        state["name"] = name
-        if name == "file" and upload.path is None:
-            upload.filename = disp.get(b"filename", b"upload").decode("utf-8", "replace")
-            dest_dir.mkdir(parents=True, exist_ok=True)
-            upload.path = dest_dir / safe_filename(upload.filename)
-            state["sink"] = open(upload.path, "wb")  # closed in on_part_end / finally
+    def _part_begin(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.name: str | None = None
+        self.sink = None  # the open upload file while its part is read; closed in _part_end or discard
+        self.text: bytearray | None = None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def _header_end(self) -> None:
+        self.headers[self.field.lower()] = self.value
+        self.field, self.value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, disp = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if self.name == "file" and self.upload.path is None:
+            self.upload.filename = disp.get(b"filename", b"upload").decode("utf-8", "replace")
+            self.dest_dir.mkdir(parents=True, exist_ok=True)
+            self.upload.path = self.dest_dir / safe_filename(self.upload.filename)
+            self.sink = open(self.upload.path, "wb")  # stays open across callbacks: closed by _close
         else:
-            state["text"] = bytearray()
+            self.text = bytearray()
 
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        nonlocal too_large
-        if state["sink"] is not None:
-            upload.size += end - start
-            if upload.size > max_bytes:
-                too_large = True
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.sink is not None:
+            self.upload.size += end - start
+            if self.upload.size > self.max_bytes:
+                self.too_large = True
                 return
-            state["sink"].write(data[start:end])
-        elif state["text"] is not None and len(state["text"]) < MAX_FIELD_BYTES:
-            state["text"] += data[start:end]
+            self.sink.write(data[start:end])
+        elif self.text is not None and len(self.text) < MAX_FIELD_BYTES:
+            self.text += data[start:end]
 
-    def on_part_end() -> None:
-        if state["sink"] is not None:
-            state["sink"].close()
-            state["sink"] = None
-        elif state["text"] is not None and state["name"]:
-            upload.fields[state["name"]] = state["text"].decode("utf-8", "replace")
+    def _part_end(self) -> None:
+        if self.sink is not None:
+            self._close()
+        elif self.text is not None and self.name:
+            self.upload.fields[self.name] = self.text.decode("utf-8", "replace")
 
-    parser = MultipartParser(
-        params[b"boundary"],
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
-    try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            if too_large:
-                raise TooLarge(
-                    f"upload exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES); "
-                    "split the dataset or raise the limit"
-                )
-        parser.finalize()
-    except MultipartParseError as exc:
-        if state["sink"] is not None:
-            state["sink"].close()
-        shutil.rmtree(dest_dir, ignore_errors=True)
-        raise Invalid(f"malformed multipart body ({exc}); let your HTTP client build it (curl -F file=@...)") from exc
-    except BaseException:
-        if state["sink"] is not None:
-            state["sink"].close()
-        shutil.rmtree(dest_dir, ignore_errors=True)
-        raise
-    if upload.path is None:
-        shutil.rmtree(dest_dir, ignore_errors=True)
-        raise Invalid("no file in the upload: send it in the multipart field 'file' (curl -F file=@data.zip)")
-    if upload.size == 0:
-        shutil.rmtree(dest_dir, ignore_errors=True)
-        raise Invalid(f"{upload.filename}: the uploaded file is empty")
-    return upload
+    def _close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None

@@ -25,36 +25,60 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     if run.scan_model_path.exists():
         return {"resumed": "done"}
     images = resident_images(data.images, rt, cfg.image_size)
-    n, size = images.shape[0], images.shape[-1]
-    # The reference draws the partner from the K mined neighbours *and the anchor itself* (its
-    # faiss search returns the sample first): one pair in K+1 is the image against another view
-    # of itself. neighbors.npy keeps self out (it also serves /neighbors and the purity figure).
-    mined = torch.from_numpy(np.load(run.neighbors_path))
-    neighbors = torch.cat([torch.arange(n).unsqueeze(1), mined], dim=1).to(rt.device)
+    neighbors = _partners(run, images.shape[0], rt)
     contrastive, meta = load_contrastive(run.pretext_path)
 
     torch.manual_seed(cfg.seed + 2)
     model = rt.model(ClusteringModel(contrastive.backbone, cfg.num_clusters, num_heads=cc.num_heads))
     # Frozen backbone (the paper's ImageNet setting): only the linear heads learn, BN stays fixed.
     params = model.heads.parameters() if cc.freeze_backbone else model.parameters()
-    trainer = Trainer(ctx, model, params, cc.optim, epochs=cc.epochs, batch_size=cc.batch_size, n=n, stream=2)
-    pc = cfg.pretext
-    aug = (
-        StrongAugment(size, cutout=cc.cutout, flip=pc.flip)
-        if cc.augmentation == "strong"
-        else SimCLRAugment(
-            size,
-            crop_scale=pc.crop_scale,
-            flip=pc.flip,
-            jitter=pc.jitter,
-            jitter_p=pc.jitter_p,
-            gray_p=pc.gray_p,
-            invariances=pc.invariances,
-        )
+    trainer = Trainer(
+        ctx, model, params, cc.optim, epochs=cc.epochs, batch_size=cc.batch_size, n=images.shape[0], stream=2
     )
-    heads = _HeadInputs(model, images, rt, cc, aug, trainer.g)
-    best = trainer.resume().get("best")
+    heads = _HeadInputs(model, images, rt, cc, _augmentation(cfg, images.shape[-1]), trainer.g)
+    best = _train(trainer, model, heads, neighbors, cc)
+    kept, head_losses = _keep_best(model, heads, neighbors, best)
 
+    out_meta = {**meta, "num_clusters": cfg.num_clusters, "num_heads": 1, "head": kept, "head_losses": head_losses}
+    out_meta["kept_epoch"] = best["epoch"] if best else 0
+    save_clustering(run.scan_model_path, model, out_meta)
+    run.update_json(run.history_path, "clustering", trainer.history)
+    results = write_outputs(ctx, model, images, data, "scan", final=not cfg.selflabel.enabled)
+    summary = {"epochs": len(trainer.history), "head": kept, "kept_epoch": out_meta["kept_epoch"]}
+    return {**summary, "head_losses": head_losses, **results}
+
+
+def _partners(run, n: int, rt) -> torch.Tensor:
+    """(N, K+1) partner ids: the image itself, then its K mined neighbours. The reference draws the
+    partner from the K neighbours *and the anchor itself* (its faiss search returns the sample
+    first): one pair in K+1 is the image against another view of itself. neighbors.npy keeps self
+    out (it also serves /neighbors and the purity figure)."""
+    mined = torch.from_numpy(np.load(run.neighbors_path))
+    return torch.cat([torch.arange(n).unsqueeze(1), mined], dim=1).to(rt.device)
+
+
+def _augmentation(cfg, size: int):
+    """SCAN's strong augmentation (CIFAR/STL), or SimCLR's (the paper's ImageNet setting)."""
+    cc, pc = cfg.clustering, cfg.pretext
+    if cc.augmentation == "strong":
+        return StrongAugment(size, cutout=cc.cutout, flip=pc.flip)
+    return SimCLRAugment(
+        size,
+        crop_scale=pc.crop_scale,
+        flip=pc.flip,
+        jitter=pc.jitter,
+        jitter_p=pc.jitter_p,
+        gray_p=pc.gray_p,
+        invariances=pc.invariances,
+    )
+
+
+def _train(trainer: Trainer, model, heads: _HeadInputs, neighbors: torch.Tensor, cc) -> dict[str, Any] | None:
+    """Train every head on (anchor, partner) pairs; the best (epoch, head) so far, as the paper's
+    validation criterion picks it: the lowest loss measured without augmentation over every image
+    and all of its neighbours."""
+    rt = heads.rt
+    best = trainer.resume().get("best")
     for epoch in trainer.epochs():
         model.eval() if cc.freeze_backbone else model.train()
         for idx in trainer.batches():
@@ -64,38 +88,23 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
             logits = heads.logits(torch.cat([idx, neighbors[idx, pick]]))
             total, _, _ = scan_loss_per_head(logits[:, : idx.numel()], logits[:, idx.numel() :], cc.entropy_weight)
             trainer.step(total.sum() / cc.num_heads, idx.numel())
-        # The paper's validation criterion: keep the model (and head) with the lowest loss, measured
-        # without augmentation over every image and all of its neighbours.
         losses = heads.full_losses(neighbors)
         head = int(np.argmin(losses))
         if best is None or losses[head] < best["loss"]:
             best = {"epoch": epoch + 1, "head": head, "loss": losses[head], "state": cpu_state(model)}
         trainer.end_epoch({"head_losses": losses, "best_epoch": best["epoch"]}, extra={"best": best})
+    return best
 
+
+def _keep_best(model, heads: _HeadInputs, neighbors: torch.Tensor, best: dict[str, Any] | None) -> tuple[int, list]:
+    """Load the best epoch's weights and keep its lowest-loss head only; (that head, every head's loss)."""
     if best is not None:
         model.load_state_dict(best["state"])
     head_losses = heads.full_losses(neighbors)
     kept = int(np.argmin(head_losses))
     model.keep_head(kept)
     model.eval()
-    out_meta = {
-        **meta,
-        "num_clusters": cfg.num_clusters,
-        "num_heads": 1,
-        "head": kept,
-        "head_losses": head_losses,
-        "kept_epoch": best["epoch"] if best else 0,
-    }
-    save_clustering(run.scan_model_path, model, out_meta)
-    run.update_json(run.history_path, "clustering", trainer.history)
-    results = write_outputs(ctx, model, images, data, "scan", final=not cfg.selflabel.enabled)
-    return {
-        "epochs": len(trainer.history),
-        "head": kept,
-        "kept_epoch": out_meta["kept_epoch"],
-        "head_losses": head_losses,
-        **results,
-    }
+    return kept, head_losses
 
 
 class _HeadInputs:

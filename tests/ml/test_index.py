@@ -142,7 +142,9 @@ def test_neighbor_purity():
     assert neighbor_purity(ids, y) > 0.95
 
 
-@pytest.mark.parametrize("threshold", [10_000, 500], ids=["exact", "ivf"])
+@pytest.mark.parametrize(
+    "threshold", [10_000, pytest.param(500, marks=pytest.mark.slow)], ids=["exact", "ivf"]
+)  # the IVF variant trains quantizers: make test only
 def test_sharded_index_answers_exactly_like_the_unsharded_one(tmp_path, threshold):
     # Exact: every shard is a flat index, so the merged top-k is the global top-k. IVF: every shard
     # shares one trained quantizer and nprobe, so it probes the same lists as the unsharded index.

@@ -27,10 +27,21 @@ def resnet18_state():
     return torchvision.models.resnet18(weights=None).state_dict()
 
 
-# ResNets are slow to build on 2 cores: each arch once, the other channel count for one of them.
+# ResNets are slow to build on 2 cores (10-20 s each under load): each arch once, the other channel
+# count for one of them, and only in make test; make test-fast builds the small convnet.
+RESNET = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "arch,channels",
-    [("resnet18_cifar", 3), ("resnet18_stl", 3), ("resnet18", 1), ("resnet50", 3), ("convnet", 1), ("convnet", 3)],
+    [
+        pytest.param("resnet18_cifar", 3, marks=RESNET),
+        pytest.param("resnet18_stl", 3, marks=RESNET),
+        pytest.param("resnet18", 1, marks=RESNET),
+        pytest.param("resnet50", 3, marks=RESNET),
+        ("convnet", 1),
+        ("convnet", 3),
+    ],
 )
 def test_clustering_model_shapes(arch, channels):
     torch.manual_seed(0)
@@ -100,7 +111,7 @@ def test_keep_head_keeps_that_head():
         model.keep_head(1)
 
 
-@pytest.mark.parametrize("arch", ["convnet", "resnet18_cifar"])
+@pytest.mark.parametrize("arch", ["convnet", pytest.param("resnet18_cifar", marks=RESNET)])
 def test_channels_last_bf16_autocast_matches_fp32(arch):
     torch.manual_seed(0)
     model = ClusteringModel(backbone(arch), num_clusters=10, num_heads=2).eval()
@@ -121,6 +132,7 @@ def test_channels_last_bf16_autocast_matches_fp32(arch):
     assert torch.nn.functional.cosine_similarity(fast_z.float(), reference_z).min() > 0.99
 
 
+@pytest.mark.slow  # loading the ONNX exporter alone takes seconds
 def test_trace_and_onnx_export_of_a_single_head_model():
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
@@ -151,6 +163,7 @@ def test_trace_and_onnx_export_of_a_single_head_model():
 # --- load_backbone_weights ---------------------------------------------------------------------------
 
 
+@RESNET
 def test_load_torchvision_resnet18_state_dict(tmp_path, resnet18_state):
     source = torchvision.models.resnet18(weights=None)
     source.load_state_dict(resnet18_state)

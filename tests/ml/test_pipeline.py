@@ -238,6 +238,7 @@ def test_moco_pretext_and_ema_selflabel_train_and_resume(digits, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+@pytest.mark.slow  # trains every stage: in make test, not in make test-fast
 def test_a_batch_size_leaving_one_image_over_trains_every_stage(digits, tmp_path):
     """1797 digits in batches of 449 leave one image over; a batch of one through BatchNorm in
     train mode raised 'Expected more than 1 value per channel'. Remainders are now dropped."""

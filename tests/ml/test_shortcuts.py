@@ -50,6 +50,7 @@ def test_neighbours_following_polarity_are_flagged_and_by_class_are_not(inverted
     assert "warning" not in by_class, by_class
 
 
+@pytest.mark.slow  # fits probes on raw pixels: seconds of CPU, in make test, not make test-fast
 def test_clusters_following_polarity_are_flagged_and_by_class_are_not(inverted_half):
     x, labels, flip = inverted_half
     stats = image_statistics(x)
