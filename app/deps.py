@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -15,7 +16,7 @@ from app.core.settings import Settings, get_settings
 from app.services import auth
 from app.tables import Tenant
 
-_bearer = HTTPBearer(
+bearer = HTTPBearer(
     auto_error=False,
     description="`Authorization: Bearer <key>`; create a key with `scan admin create-key --tenant NAME`",
 )
@@ -39,9 +40,15 @@ SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def current_tenant(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Tenant:
+def _verify(key: str) -> Tenant | None:
+    with new_session() as session:
+        return auth.verify(session, key)
+
+
+async def current_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
+    """The key's tenant. A key this process verified lately is checked without the database and
+    without leaving the event loop (the fast path of small /predict requests); else one read in a
+    worker thread."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise HTTPException(
@@ -51,7 +58,8 @@ def current_tenant(
             "`scan admin create-key --tenant NAME`)",
             headers=challenge,
         )
-    tenant = auth.tenant_for_key(session, credentials.credentials)
+    key = credentials.credentials
+    tenant = auth.cached(key) or await run_in_threadpool(_verify, key)
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers=challenge)
     return tenant

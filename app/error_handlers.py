@@ -1,5 +1,6 @@
 """The one place errors become HTTP: every error is ``{"detail": "<message a person can act on>"}``,
-with the status its class carries (app/core/errors.py), whatever raised it."""
+with the status its class carries (app/core/errors.py), whatever raised it. Under /v2/ (the Open
+Inference Protocol) the message is also given as ``error``, the field Triton and KServe clients read."""
 
 from __future__ import annotations
 
@@ -20,21 +21,26 @@ from ml.data import DataError
 log = logging.getLogger("scan.api")
 
 
+def _error(request: Request, detail: str, status: int, headers: dict | None = None) -> JSONResponse:
+    body = {"detail": detail}
+    if request.url.path.startswith("/v2/"):
+        body["error"] = detail
+    return JSONResponse(body, status, headers=headers)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     if is_infrastructure_error(exc):
         log.warning(
             "%s %s: %s unreachable: %s", request.method, request.url.path, which_service(exc), type(exc).__name__
         )
-        return JSONResponse(
-            {
-                "detail": f"the {which_service(exc)} is unreachable right now "
-                f"({type(exc).__name__}); retry in a few seconds"
-            },
+        return _error(
+            request,
+            f"the {which_service(exc)} is unreachable right now ({type(exc).__name__}); retry in a few seconds",
             503,
             headers={"Retry-After": str(get_settings().retry_after_s)},
         )
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal error (logged on the server); please report it"}, 500)
+    return _error(request, "internal error (logged on the server); please report it", 500)
 
 
 def _where(loc) -> str:
@@ -51,11 +57,11 @@ def install(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)
-        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=headers or None)
+        return _error(request, str(exc.detail), exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
-    async def _request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": "invalid request: " + describe(exc.errors())}, 422)
+    async def _request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(request, "invalid request: " + describe(exc.errors()), 422)
 
     @app.exception_handler(ValidationError)
     async def _config(_: Request, exc: ValidationError) -> JSONResponse:
@@ -63,9 +69,9 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": "invalid run configuration: " + describe(exc.errors())}, 422)
 
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": str(get_settings().retry_after_s)} if exc.status_code == 503 else None
-        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+        return _error(request, exc.detail, exc.status_code, headers=headers)
 
     # The database or broker unreachable (a restart, a dropped connection, a full pool): 503 with
     # Retry-After, whichever route or dependency ran into it. Registered per class so the request
@@ -75,8 +81,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
     @app.exception_handler(DataError)
-    async def _data(_: Request, exc: DataError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, 422)
+    async def _data(request: Request, exc: DataError) -> JSONResponse:
+        return _error(request, str(exc), 422)
 
 
 def allowed_methods(request: Request) -> str:

@@ -14,7 +14,20 @@ from fastapi.routing import APIRoute
 from app import error_handlers, observability, security
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
-from app.routes import datasets, docs, health, model, model_serving, neighbors, predict, registry, results, runs
+from app.routes import (
+    datasets,
+    docs,
+    health,
+    keys,
+    model,
+    model_serving,
+    neighbors,
+    open_inference,
+    predict,
+    registry,
+    results,
+    runs,
+)
 from app.ui import registry as ui_registry
 from app.ui import routes as ui
 
@@ -53,6 +66,7 @@ def create_app() -> FastAPI:
     docs.install(app)  # Swagger UI / ReDoc from local assets: no CDN
     for module in (
         health,
+        keys,
         datasets,
         runs,
         results,
@@ -61,6 +75,7 @@ def create_app() -> FastAPI:
         model,
         registry,
         model_serving,
+        open_inference,
         ui,
         ui_registry,
     ):

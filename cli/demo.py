@@ -5,7 +5,8 @@
    embedded mode: SQLite and the filesystem broker, no servers;
 3. imports `digits` (and `fashion-mnist` when Debian's package put it in /usr/share/datasets, import
    only: training it on a laptop CPU takes far longer than a demo should);
-4. trains a run on digits through the API, with a progress bar fed by GET /v1/runs/{id};
+4. trains a run on digits through the API (all calls through `scan_client`), with a progress bar
+   moved by the run's Server-Sent Events;
 5. prints the metrics and one /predict answer, then keeps the server running and prints its URLs.
 
 Rerunning it reuses the demo's own dataset and finished run (their ids are kept in var/demo.json;
@@ -34,7 +35,10 @@ from rich.table import Table
 
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
+from app.schemas.datasets import DatasetOut
+from app.schemas.runs import RunOut
 from ml.stages import STAGES, stage_fraction
+from scan_client import ApiError, Client
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,22 +69,26 @@ def _wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 120) 
     raise SystemExit(f"API not ready after {timeout:.0f}s; see var/logs/api.log")
 
 
-def _import(client: httpx.Client, source: str, memory: Path) -> dict:
+def _import(scan: Client, source: str, memory: Path) -> DatasetOut:
     """The demo's own import of `source`: the one it made before (remembered in `memory`) while it is
     still READY, never a dataset the user imported since (a different id would retrain the run)."""
     known = json.loads(memory.read_text()) if memory.exists() else {}
     dataset_id = known.get("datasets", {}).get(source)
     if dataset_id:
-        r = client.get(f"/v1/datasets/{dataset_id}")
-        if r.status_code == 200 and r.json()["state"] == "READY":
-            return r.json()
+        try:
+            dataset = scan.get_dataset(dataset_id)
+            if dataset.state == "READY":
+                return dataset
+        except ApiError:
+            pass  # deleted since: import again
     with console.status(f"importing {source} ..."):
-        r = client.post("/v1/datasets/import", json={"source": source, "name": f"demo-{source}"}, timeout=900)
-    if r.status_code not in (201, 202):
-        raise SystemExit(f"import of {source} failed: {r.json()['detail']}")
-    known.setdefault("datasets", {})[source] = r.json()["id"]
+        try:
+            dataset = scan.import_dataset(source, name=f"demo-{source}")
+        except ApiError as exc:
+            raise SystemExit(f"import of {source} failed: {exc.detail}") from None
+    known.setdefault("datasets", {})[source] = dataset.id
     memory.write_text(json.dumps(known, indent=1))
-    return r.json()
+    return dataset
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
@@ -104,15 +112,17 @@ def _stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
             p.wait()
 
 
-def _train(client: httpx.Client, dataset: dict, overrides: dict) -> dict:
-    r = client.post(
-        "/v1/runs",
-        json={"dataset_id": dataset["id"], "num_clusters": 10, "preset": "small", "overrides": overrides},
-        headers={"Idempotency-Key": f"demo-{dataset['id']}-{sorted(overrides.items())}"},
-    )
-    if r.status_code not in (200, 202):
-        raise SystemExit(f"could not start the run: {r.json()['detail']}")
-    run = r.json()
+def _train(scan: Client, dataset: DatasetOut, overrides: dict) -> RunOut:
+    try:
+        run = scan.create_run(
+            dataset.id,
+            10,
+            preset="small",
+            overrides=overrides,
+            idempotency_key=f"demo-{dataset.id}-{sorted(overrides.items())}",
+        )
+    except ApiError as exc:
+        raise SystemExit(f"could not start the run: {exc.detail}") from None
     columns = (
         TextColumn("{task.description:<10}"),
         BarColumn(),
@@ -121,27 +131,30 @@ def _train(client: httpx.Client, dataset: dict, overrides: dict) -> dict:
     )
     with Progress(*columns, console=console) as bar:
         tasks = {s: bar.add_task(s, total=1, info="waiting") for s in STAGES}
-        while True:
-            run = client.get(f"/v1/runs/{run['id']}").json()
-            for s in run["stages"]:
-                done = (
-                    1.0 if s["state"] == "SUCCEEDED" else stage_fraction(s["epoch"], s["epochs"], s["step"], s["steps"])
-                )
-                info = s["state"].lower()
-                if s["state"] in ("RUNNING", "SUCCEEDED") and s["epochs"]:
-                    info = f"epoch {s['epoch'] or 0}/{s['epochs']}"
-                    if s["loss"] is not None:
-                        info += f"  loss {s['loss']:.3f}"
-                    if s["images_per_s"] and s["state"] == "RUNNING":
-                        info += f"  {s['images_per_s']:.0f} img/s  ETA {s['eta_s'] or 0:.0f}s"
-                bar.update(tasks[s["stage"]], total=1, completed=done, info=info)
-            if run["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
-                return run
-            time.sleep(0.5)
+
+        def show(run: RunOut) -> None:
+            for s in run.stages:
+                done = 1.0 if s.state == "SUCCEEDED" else stage_fraction(s.epoch, s.epochs, s.step, s.steps)
+                info = s.state.lower()
+                if s.state in ("RUNNING", "SUCCEEDED") and s.epochs:
+                    info = f"epoch {s.epoch or 0}/{s.epochs}"
+                    if s.loss is not None:
+                        info += f"  loss {s.loss:.3f}"
+                    if s.images_per_s and s.state == "RUNNING":
+                        info += f"  {s.images_per_s:.0f} img/s  ETA {s.eta_s or 0:.0f}s"
+                bar.update(tasks[s.stage], total=1, completed=done, info=info)
+
+        show(run)
+        # The run's events as they happen (SSE): each one moves the bars; the stream ends with the run.
+        for _event in scan.follow_events(run.id):
+            show(scan.get_run(run.id))
+        run = scan.wait_for_run(run.id)
+        show(run)
+        return run
 
 
-def _print_metrics(client: httpx.Client, run: dict) -> None:
-    metrics = client.get(f"/v1/runs/{run['id']}/metrics").json()["metrics"]
+def _print_metrics(scan: Client, run: RunOut) -> None:
+    metrics = scan.metrics(run.id).metrics
     final = metrics.get(metrics.get("final", "selflabel"), {})
     mining = metrics.get("mining", {})
     table = Table(title="digits: clustering quality (labels used only to score)")
@@ -159,14 +172,15 @@ def _print_metrics(client: httpx.Client, run: dict) -> None:
         console.print(f"neighbour purity (K={mining.get('num_neighbors')}): {mining['neighbor_purity']:.3f}")
 
 
-def _predict_one(client: httpx.Client, dataset: dict, run: dict) -> None:
-    png = client.get(f"/v1/datasets/{dataset['id']}/items/0.png").content
-    r = client.post(f"/v1/runs/{run['id']}/predict", files={"files": ("digit0.png", png, "image/png")})
-    if r.status_code == 200:
-        console.print("[bold]POST /v1/runs/{id}/predict[/] with item 0 of digits:")
-        console.print_json(data=r.json())
-    else:
-        console.print(f"/predict answered {r.status_code}: {r.text[:200]}")
+def _predict_one(scan: Client, dataset: DatasetOut, run: RunOut) -> None:
+    png = scan.request("GET", f"/v1/datasets/{dataset.id}/items/0.png").content
+    try:
+        answer = scan.predict(run.id, [png])
+    except ApiError as exc:
+        console.print(f"/predict answered {exc.status_code}: {exc.detail[:200]}")
+        return
+    console.print("[bold]POST /v1/runs/{id}/predict[/] with item 0 of digits:")
+    console.print_json(answer.model_dump_json(exclude_none=True))
 
 
 # The digits recipe of bench/digits.py: ACC >= 0.85 in about 1.5 minutes on 2 idle CPU cores.
@@ -234,18 +248,17 @@ def main(
     try:
         _wait_ready(base, procs)
         console.print(f"API up at {base} after {time.monotonic() - t0:.1f}s (logs in {logs})")
-        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-        digits = _import(client, "digits", memory)
+        scan = Client(base, key, timeout=900)
+        digits = _import(scan, "digits", memory)
         console.print(
-            f"digits: {digits['count']} images {digits['height']}x{digits['width']}, "
-            f"{len(digits['class_names'] or [])} classes"
+            f"digits: {digits.count} images {digits.height}x{digits.width}, {len(digits.class_names or [])} classes"
         )
         if fashion and FASHION.exists():
-            fm = _import(client, "fashion-mnist", memory)
-            console.print(f"fashion-mnist: {fm.get('count')} images imported (train it with POST /v1/runs)")
+            fm = _import(scan, "fashion-mnist", memory)
+            console.print(f"fashion-mnist: {fm.count} images imported (train it with POST /v1/runs)")
         t1 = time.monotonic()
         run = _train(
-            client,
+            scan,
             digits,
             {
                 "pretext.epochs": pretext_epochs,
@@ -255,11 +268,11 @@ def main(
                 "selflabel.batch_size": 256,
             },
         )
-        if run["state"] != "SUCCEEDED":
-            raise SystemExit(f"run {run['id']} ended {run['state']}: {run['error']}")
-        console.print(f"run {run['id']} SUCCEEDED in {time.monotonic() - t1:.0f}s")
-        _print_metrics(client, run)
-        _predict_one(client, digits, run)
+        if run.state != "SUCCEEDED":
+            raise SystemExit(f"run {run.id} ended {run.state}: {run.error}")
+        console.print(f"run {run.id} SUCCEEDED in {time.monotonic() - t1:.0f}s")
+        _print_metrics(scan, run)
+        _predict_one(scan, digits, run)
         console.print(
             f"\n[bold green]Ready[/] in {time.monotonic() - t0:.0f}s.  API: {base}   docs: {base}/docs   "
             f"UI: {base}/ui   key: {settings.api_key_file}"

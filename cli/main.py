@@ -4,6 +4,7 @@
     scan evaluate runs/digits
     scan predict runs/digits a.png
     scan admin create-key --tenant acme                   # prints a new API key for tenant acme
+    scan admin revoke-key scan_ab12cd34ef56_...           # or just its prefix ab12cd34ef56
     scan db upgrade                                       # alembic upgrade head (SCAN_DATABASE_URL)
 
 The service commands import the app lazily, so `scan train` starts without loading SQLAlchemy.
@@ -39,6 +40,22 @@ def create_key(tenant: str = typer.Option(..., "--tenant", help="tenant name; cr
     with session_scope() as session:
         key = make_key(session, tenant)
     typer.echo(key)
+
+
+@admin.command("revoke-key")
+def revoke_key(
+    key: str = typer.Argument(..., help="the key, or its prefix (the part after `scan_`)"),
+) -> None:
+    """Revoke an API key: refused at once by every API process sharing this var directory, and by
+    other hosts within SCAN_AUTH_CACHE_S."""
+    from app.core.db import session_scope
+    from app.services.auth import forget_verified_keys, key_prefix, revoke
+
+    prefix = key_prefix(key) or key
+    with session_scope() as session:
+        revoke(session, prefix)
+    forget_verified_keys()
+    typer.echo(f"revoked key {prefix}")
 
 
 @db.command("upgrade")

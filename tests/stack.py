@@ -20,6 +20,8 @@ Reusable fixtures (all session-scoped unless noted):
 - ``TINY`` (module constant) -> overrides that train in well under a minute on 2 CPU cores.
 - ``wait_for_run(client, run_id, states, timeout)`` -> the run dict once its state is in ``states``;
                           ``timeout`` bounds a stall (no progress), never a slow run.
+- ``scan_client(client)`` -> the project's client (scan_client.Client) over a fixture's httpx client;
+                          the helpers above go through it, not through hand-written httpx calls.
 - ``db_session()``     -> a SQLAlchemy Session on the test database (context manager).
 """
 
@@ -298,12 +300,18 @@ def anon_client(api_server: str) -> Iterator[httpx.Client]:
         yield c
 
 
+def scan_client(http: httpx.Client):
+    """The project's client (scan_client) over a fixture's httpx client: same key, same connection."""
+    from scan_client import Client
+
+    return Client(http=http)
+
+
 @pytest.fixture(scope="session")
 def digits_dataset(client: httpx.Client) -> str:
-    r = client.post("/v1/datasets/import", json={"source": "digits"})
-    assert r.status_code == 201, r.text
-    assert r.json()["state"] == "READY"
-    return r.json()["id"]
+    dataset = scan_client(client).import_dataset("digits")
+    assert dataset.state == "READY", dataset
+    return dataset.id
 
 
 def digits_npz(n: int) -> bytes:
@@ -318,47 +326,24 @@ def digits_npz(n: int) -> bytes:
 
 @pytest.fixture(scope="session")
 def small_dataset(client: httpx.Client) -> str:
-    r = client.post("/v1/datasets", files={"file": ("digits360.npz", digits_npz(360))}, data={"name": "small"})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def _progress_mark(run: dict) -> tuple:
-    return (
-        run["state"],
-        tuple((s.get("stage"), s.get("state"), s.get("epoch"), s.get("step")) for s in run.get("stages") or []),
-    )
+    return scan_client(client).upload_dataset(digits_npz(360), filename="digits360.npz", name="small").id
 
 
 def wait_for_run(client: httpx.Client, run_id: str, states=TERMINAL, timeout: float = 600, until=None) -> dict:
-    """Poll GET /v1/runs/{id} until its state is in `states` (or `until(run)` is true).
+    """GET /v1/runs/{id} (scan_client's `wait_for_run`) until its state is in `states` (or
+    `until(run)` is true, `run` a dict), or the run ends.
 
     `timeout` bounds a *stall*, not the run: it fails only after `timeout` seconds without any
     progress (state, stage, epoch or step unchanged), so a slow, busy machine that keeps training
     is never failed for being slow, while a hung run still is."""
-    deadline = time.monotonic() + timeout
-    mark = None
-    while True:
-        run = client.get(f"/v1/runs/{run_id}").json()
-        if until(run) if until else run["state"] in states:
-            return run
-        if run["state"] in TERMINAL and not (until and until(run)):
-            return run
-        # Waiting behind another run for the one worker is not a stall either.
-        if _progress_mark(run) != mark or run["state"] == "QUEUED":
-            mark, deadline = _progress_mark(run), time.monotonic() + timeout
-        if time.monotonic() > deadline:
-            raise AssertionError(f"run {run_id} made no progress in {timeout}s (still {run['state']}): {run}")
-        time.sleep(0.3)
+    check = None if until is None else (lambda run: until(run.model_dump(mode="json")))
+    run = scan_client(client).wait_for_run(run_id, tuple(states), stall_timeout=timeout, until=check)
+    return run.model_dump(mode="json")
 
 
 def start_run(client: httpx.Client, dataset_id: str, overrides: dict, **extra) -> dict:
-    r = client.post(
-        "/v1/runs",
-        json={"dataset_id": dataset_id, "num_clusters": 10, "preset": "small", "overrides": overrides, **extra},
-    )
-    assert r.status_code == 202, r.text
-    return r.json()
+    run = scan_client(client).create_run(dataset_id, 10, preset="small", overrides=overrides, **extra)
+    return run.model_dump(mode="json")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ml", "app", "workers", "cli")
+PACKAGES = ("ml", "app", "workers", "cli", "scan_client")
 
 # Each module belongs to the layer of its longest matching prefix; a layer may import itself and
 # the layers listed for it, nothing else (docs/architecture.md explains why each line is so).
@@ -36,6 +36,7 @@ LAYER_OF = {
     "app": "http",
     "workers": "workers",
     "cli": "cli",
+    "scan_client": "client",
 }
 MAY_IMPORT = {
     "ml": set(),
@@ -44,7 +45,10 @@ MAY_IMPORT = {
     "domain": {"core", "data", "ml"},
     "http": {"domain", "core", "data", "ml"},
     "workers": {"domain", "core", "data", "ml"},
-    "cli": {"http", "workers", "domain", "core", "data", "ml"},
+    "cli": {"client", "http", "workers", "domain", "core", "data", "ml"},
+    # The Python client shares the API's pydantic schemas (app.schemas, in the HTTP layer) and nothing
+    # else of the server: no services, no database, no torch.
+    "client": {"http"},
 }
 # Third-party web frameworks stay in the HTTP layer; serving may only borrow Starlette's thread pool.
 WEB = ("fastapi", "starlette")

@@ -181,6 +181,14 @@ class Settings(BaseSettings):
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the API process runs models for /predict and /neighbors."
     )
+    auth_cache_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long an API process trusts a key it has verified, and a run it found servable, without "
+        "asking the database again. A key revoked through this host's API or by `scan admin revoke-key` on a host "
+        "sharing <var_dir> is refused at once (a stamp file); other hosts refuse it within this time. 0: ask the "
+        "database on every request.",
+    )
     default_page_size: int = Field(50, ge=1)
     max_page_size: int = Field(1000, ge=1)
     api_host: str = Field("127.0.0.1", description="Where `make demo` binds the API.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,33 @@ def servable_run_dir(run: Run) -> Path:
     if not run.run_dir or not Path(run.run_dir).is_dir():
         raise Conflict(f"run {run.id} has no model files on this server")
     return Path(run.run_dir)
+
+
+# (tenant id, run id) -> (run directory, monotonic time until which it is trusted). A SUCCEEDED run
+# never changes; the expiry bounds how long a deleted one (its dataset deleted) is still served here.
+_servable: dict[tuple[str, str], tuple[Path, float]] = {}
+_servable_lock = threading.Lock()
+
+
+def cached_servable_dir(tenant: Tenant, run_id: str) -> Path | None:
+    """The run directory `servable_dir` found lately for this tenant and run, else None. No I/O."""
+    with _servable_lock:
+        hit = _servable.get((tenant.id, run_id))
+    return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+
+def servable_dir(tenant: Tenant, run_id: str) -> Path:
+    """The owner check and `servable_run_dir` in a session of their own, remembered for
+    `auth_cache_s`: a small /predict request pays no database round trip for its run. Blocking."""
+    with new_session() as session:
+        run_dir = servable_run_dir(get(session, tenant, run_id))
+    ttl = float(get_settings().auth_cache_s)
+    if ttl > 0:
+        with _servable_lock:
+            if len(_servable) >= 10_000:
+                _servable.clear()
+            _servable[(tenant.id, run_id)] = (run_dir, time.monotonic() + ttl)
+    return run_dir
 
 
 def list_(

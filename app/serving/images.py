@@ -25,3 +25,18 @@ def to_model_input(named: list[tuple[str, bytes]], size: int, channels: int) -> 
         except DataError as exc:
             raise Invalid(str(exc)) from exc
     return out
+
+
+def tensor_input(data: bytes | np.ndarray, size: int, channels: int, what: str = "the body") -> np.ndarray:
+    """Raw uint8 pixels already at the run's shape, (N, channels, size, size) in row-major order: no
+    decoding at all (the fast path of small requests). N is read from the length."""
+    row = channels * size * size
+    n = len(data) if isinstance(data, bytes) else data.size
+    if n == 0 or n % row:
+        raise Invalid(
+            f"{what} holds {n} bytes, not a whole number of images of {channels}x{size}x{size} uint8 "
+            f"({row} bytes each, NCHW); this run takes that shape"
+        )
+    if isinstance(data, bytes):
+        return np.frombuffer(data, np.uint8).reshape(n // row, channels, size, size)
+    return np.ascontiguousarray(data, np.uint8).reshape(n // row, channels, size, size)

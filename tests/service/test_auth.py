@@ -57,3 +57,54 @@ def test_embedded_first_start_writes_a_key(stack, api_server):
     key = (stack.var_dir / "api-key.txt").read_text().strip()
     assert (stack.var_dir / "api-key.txt").stat().st_mode & 0o077 == 0
     assert httpx.get(api_server + "/v1/runs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def _new_key(tenant: str) -> str:
+    from app.services.auth import create_key
+    from tests.stack import db_session
+
+    with db_session() as session:
+        key = create_key(session, tenant)
+        session.commit()
+    return key
+
+
+def test_current_key_names_its_tenant(api_server):
+    key = _new_key("tenant-whoami")
+    r = httpx.get(api_server + "/v1/keys/current", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"tenant": "tenant-whoami", "prefix": key.split("_")[1]}
+
+
+def test_a_revoked_key_is_refused_at_once_though_the_api_caches_keys(api_server, keys):
+    """The API remembers verified keys (no database read per request); revoking through the API
+    ends that at once, and another tenant cannot revoke a key that is not theirs."""
+    key = _new_key("tenant-revoke-api")
+    headers = {"Authorization": f"Bearer {key}"}
+    prefix = key.split("_")[1]
+    for _ in range(3):  # verified once, then served from the cache
+        assert httpx.get(api_server + "/v1/runs", headers=headers).status_code == 200
+    other = httpx.delete(api_server + f"/v1/keys/{prefix}", headers={"Authorization": f"Bearer {keys['b']}"})
+    assert other.status_code == 404 and prefix in other.json()["detail"]
+    assert httpx.get(api_server + "/v1/runs", headers=headers).status_code == 200
+    assert httpx.delete(api_server + f"/v1/keys/{prefix}", headers=headers).status_code == 204
+    r = httpx.get(api_server + "/v1/runs", headers=headers)
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
+def test_cli_revocation_reaches_the_running_api_at_once(stack, api_server):
+    """`scan admin revoke-key` runs in another process: the stamp file it touches empties the API
+    process's key cache before the next request."""
+    key = _new_key("tenant-revoke-cli")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(api_server + "/v1/runs", headers=headers).status_code == 200
+    out = subprocess.run(
+        [PY, "-m", "cli.main", "admin", "revoke-key", key],
+        cwd=ROOT,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert httpx.get(api_server + "/v1/runs", headers=headers).status_code == 401

@@ -3,7 +3,7 @@ typed success response, so generated clients need no hand-written glue."""
 
 from __future__ import annotations
 
-OURS = {"datasets", "runs", "results", "health"}  # the serving routes are tested in their own files
+OURS = {"datasets", "runs", "results", "health", "keys", "open inference protocol (v2)"}  # serving: own files
 
 
 def test_every_operation_is_documented(stack):
@@ -19,7 +19,7 @@ def test_every_operation_is_documented(stack):
             assert op.get("summary"), (method, path)
             ok = [code for code in op["responses"] if code.startswith("2")]
             assert ok, (method, path)
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path.startswith("/v2/models/"):
                 assert op.get("security"), (method, path)
                 assert "401" in op["responses"] and "404" in op["responses"], (method, path)
                 detail = op["responses"]["404"]["content"]["application/json"]["schema"]
@@ -29,6 +29,8 @@ def test_every_operation_is_documented(stack):
     upload = spec["paths"]["/v1/datasets"]["post"]
     assert "multipart/form-data" in upload["requestBody"]["content"]
     assert "413" in upload["responses"]
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
+    assert {"application/json", "application/octet-stream"} <= set(infer["requestBody"]["content"])
 
 
 def test_api_manual_loads_without_internet(anon_client):

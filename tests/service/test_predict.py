@@ -207,3 +207,31 @@ def test_predict_reproduces_assignments_when_the_run_resizes(client, small_datas
         assert r.status_code == 200, r.text
         preds += [p["cluster"] for p in r.json()["predictions"]]
     assert preds == [stored[i] for i in items]
+
+
+def test_predict_raw_pixels_match_png_files(client, finished_run, item_pngs):
+    """The fast path: `application/octet-stream` uint8 NCHW pixels at the run's shape answer as the
+    same images sent as PNG files; a body that is not whole images is a 422 naming the shape."""
+    run_id = finished_run["id"]
+    some = ITEMS[:6]
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(item_pngs[i])))[None] for i in some])  # (6, 1, 8, 8)
+    raw = client.post(
+        f"/v1/runs/{run_id}/predict",
+        content=pixels.tobytes(),
+        headers={"Content-Type": "application/octet-stream"},
+        params={"k": 10},
+    )
+    assert raw.status_code == 200, raw.text
+    files = [("files", (f"{i}.png", item_pngs[i], "image/png")) for i in some]
+    as_files = client.post(f"/v1/runs/{run_id}/predict", files=files, params={"k": 10}).json()["predictions"]
+    preds = raw.json()["predictions"]
+    assert [p["file"] for p in preds] == [f"tensor[{i}]" for i in range(len(some))]
+    for a, b in zip(preds, as_files):
+        assert a["cluster"] == b["cluster"]
+        np.testing.assert_allclose(
+            [t["probability"] for t in a["top_k"]], [t["probability"] for t in b["top_k"]], atol=1e-6
+        )
+    bad = client.post(
+        f"/v1/runs/{run_id}/predict", content=b"\x00" * 65, headers={"Content-Type": "application/octet-stream"}
+    )
+    assert bad.status_code == 422 and "1x8x8" in bad.json()["detail"], bad.text

@@ -1,0 +1,21 @@
+"""`scan_client`: the Python client of the SCAN service, typed with the API's own pydantic schemas.
+
+    from scan_client import Client, AsyncClient, ApiError
+
+    with Client("http://127.0.0.1:8000", api_key) as scan:
+        ds = scan.upload_dataset("photos.zip", progress=lambda sent, total: print(sent, total))
+        run = scan.create_run(ds.id, num_clusters=10)
+        for event in scan.follow_events(run.id):   # Server-Sent Events until the run ends
+            print(event.kind, event.stage, event.epoch)
+        answer = scan.predict(run.id, ["cat.png"])  # or a uint8 array (N, C, H, W): sent raw
+
+Both clients retry a 503 (database or broker unreachable; the API wrote nothing) after its
+Retry-After header, up to `retries` times, and raise `ApiError` (with `.status_code` and `.detail`)
+on any other unexpected status.
+"""
+
+from scan_client._common import TERMINAL, ApiError, StalledRun
+from scan_client.async_client import AsyncClient
+from scan_client.client import Client
+
+__all__ = ["TERMINAL", "ApiError", "AsyncClient", "Client", "StalledRun"]

@@ -1,0 +1,172 @@
+"""What the sync and the async client share: errors, retry timing, request bodies, SSE parsing."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+import numpy as np
+
+from app.schemas.runs import RunEventOut, RunOut
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
+Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
+ImageLike = bytes | str | os.PathLike
+
+
+class ApiError(Exception):
+    """An answer outside the expected statuses; `detail` is the API's message."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        self.status_code = response.status_code
+        try:
+            self.detail = str(response.json().get("detail"))
+        except (ValueError, AttributeError):
+            self.detail = response.text[:500]
+        super().__init__(f"{response.request.method} {response.request.url.path}: {self.status_code} {self.detail}")
+
+
+class StalledRun(TimeoutError):
+    """A run that made no progress (state, stage, epoch, step) for the stall timeout."""
+
+
+def retry_delay(response: httpx.Response, attempt: int, cap: float) -> float:
+    """Seconds to wait before retrying a 503: its Retry-After (seconds or an HTTP date), else an
+    exponential backoff from 0.5 s; never more than `cap`."""
+    value = response.headers.get("retry-after", "").strip()
+    delay = None
+    if value.isdigit():
+        delay = float(value)
+    elif value:
+        try:
+            delay = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            delay = None
+    if delay is None:
+        delay = 0.5 * 2**attempt
+    return max(0.0, min(delay, cap))
+
+
+def check(response: httpx.Response, expect: Iterable[int]) -> httpx.Response:
+    if response.status_code not in tuple(expect):
+        raise ApiError(response)
+    return response
+
+
+class ProgressFile:
+    """A file that reports how much of it has been read (httpx reads multipart files in chunks, so
+    this is upload progress); rewound before each retry."""
+
+    def __init__(self, raw: BinaryIO, total: int, callback: Progress | None):
+        self.raw, self.total, self.callback, self.sent = raw, total, callback, 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos = self.raw.seek(offset, whence)
+        self.sent = pos
+        return pos
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.raw.read(size)
+        self.sent += len(chunk)
+        if self.callback is not None and chunk:
+            self.callback(min(self.sent, self.total), self.total)
+        return chunk
+
+
+def open_upload(source: bytes | str | os.PathLike | BinaryIO, filename: str | None) -> tuple[BinaryIO, int, str]:
+    """(file object, size, file name) of what to upload."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source), len(source), filename or "upload"
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        return open(path, "rb"), path.stat().st_size, filename or path.name
+    pos = source.tell()
+    size = source.seek(0, os.SEEK_END) - pos
+    source.seek(pos)
+    return source, size, filename or Path(getattr(source, "name", "upload")).name
+
+
+def predict_request(images: Any) -> dict[str, Any]:
+    """httpx keyword arguments for /predict: a uint8 array (N, C, H, W) goes raw (octet-stream, the
+    fast path); files (bytes or paths) go as multipart `files`."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError("an image array must be uint8 with shape (N, C, H, W) at the run's size")
+        return {
+            "content": np.ascontiguousarray(images).tobytes(),
+            "headers": {"Content-Type": "application/octet-stream"},
+        }
+    files = []
+    for i, item in enumerate(images):
+        if isinstance(item, bytes):
+            files.append(("files", (f"image{i}", item, "application/octet-stream")))
+        else:
+            path = Path(item)
+            files.append(("files", (path.name, path.read_bytes(), "application/octet-stream")))
+    return {"files": files}
+
+
+@dataclass
+class StallWatch:
+    """Fails a wait only after `timeout` seconds without progress, never a slow run that keeps moving;
+    waiting in the queue behind other runs is not a stall either."""
+
+    timeout: float
+    mark: tuple | None = None
+    deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def see(self, run: RunOut) -> None:
+        mark = (run.state, tuple((s.stage, s.state, s.epoch, s.step) for s in run.stages))
+        if mark != self.mark or run.state == "QUEUED":
+            self.mark, self.deadline = mark, time.monotonic() + self.timeout
+        if time.monotonic() > self.deadline:
+            raise StalledRun(f"run {run.id} made no progress in {self.timeout:.0f}s (still {run.state})")
+
+
+class SSEParser:
+    """Server-Sent Events from text lines: yields (event, id, data) per event, skipping comments."""
+
+    def __init__(self) -> None:
+        self.event, self.id, self.data = "message", None, []
+
+    def feed(self, line: str) -> tuple[str, str | None, str] | None:
+        if line == "":
+            if not self.data:
+                self.event = "message"
+                return None
+            out = (self.event, self.id, "\n".join(self.data))
+            self.event, self.data = "message", []
+            return out
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            self.event = value
+        elif name == "data":
+            self.data.append(value)
+        elif name == "id":
+            self.id = value
+        return None
+
+
+def event_of(kind: str, data: str) -> RunEventOut | dict:
+    """A run event, or the final {"state": ...} of the `end` event."""
+    if kind == "end":
+        return json.loads(data)
+    return RunEventOut.model_validate_json(data)
