@@ -105,6 +105,7 @@ def register_runs(var_dir: Path, runs: list[tuple[Path, int, int, int]]) -> tupl
     db._factory.cache_clear()
     from app.services.auth import create_key, tenant_for_key
     from app.tables import Dataset, DatasetState, Run, RunState
+    from ml.config import RunConfig
 
     migrate(get_settings())
     with session_scope() as session:
@@ -124,13 +125,11 @@ def register_runs(var_dir: Path, runs: list[tuple[Path, int, int, int]]) -> tupl
             )
             session.add(dataset)
             session.flush()
+            config = RunConfig.from_preset("small", num_clusters=clusters, overrides={}).model_dump(mode="json")
             run = Run(
                 tenant_id=tenant.id,
                 dataset_id=dataset.id,
-                num_clusters=clusters,
-                preset="bench",
-                overrides={},
-                config={},
+                config=config,
                 state=RunState.SUCCEEDED,
                 run_dir=str(run_dir),
             )
