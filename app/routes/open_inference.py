@@ -6,7 +6,9 @@
     GET  /v2/models/{name}/ready      200 once the model is loaded (loads it: a warm-up call)
     POST /v2/models/{name}/infer      tensors in, PROBABILITIES and CLUSTER out (JSON or binary)
 
-`{name}` is one of the tenant's SUCCEEDED run ids. The key goes in `Authorization: Bearer <key>`,
+`{name}` is a registered model (`name` or `name@alias`; `/v2/models/{name}/versions/{n}/...` for
+a version), resolved at request time with its cluster merges, or one of the tenant's SUCCEEDED run
+ids. The key goes in `Authorization: Bearer <key>`,
 as everywhere (tritonclient: `headers={"Authorization": "Bearer ..."}`). Tensors, datatypes and the
 binary extension: app/serving/open_inference.py. Errors carry the message as `detail` (this API's
 rule) and as `error` (the protocol's, which Triton clients read).
@@ -14,10 +16,10 @@ rule) and as `error` (the protocol's, which Triton clients read).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
@@ -26,8 +28,7 @@ from app.core.errors import UnsupportedMediaType
 from app.deps import TenantDep
 from app.tables import Tenant
 from app.request_bodies import max_images, read_limited_body
-from app.schemas.common import ERRORS, ErrorBody
-from app.services import runs as run_service
+from app.schemas.common import ERRORS, MAX_INT, ErrorBody
 from app.serving import open_inference as oip
 from app.serving.model_cache import ServedRun, served_run
 from app.serving.predict import probabilities
@@ -111,19 +112,33 @@ async def server_ready() -> dict[str, bool]:
     return {"ready": True}
 
 
-async def _model(tenant: Tenant, name: str) -> ServedRun:
-    """The served model behind `name` (the owner check and SUCCEEDED; cached like /predict)."""
-    run_dir: Path = run_service.cached_servable_dir(tenant, name) or await run_in_threadpool(
-        run_service.servable_dir, tenant, name
-    )
-    return await served_run(run_dir)
+async def _model(tenant: Tenant, name: str, version: int | None = None) -> tuple[ServedRun, Any | None]:
+    """The served run behind `name` (and its cluster map when it is a registered model)."""
+    run_dir, clusters = await run_in_threadpool(oip.locate, tenant, name, version)
+    return await served_run(run_dir), clusters
+
+
+Version = Annotated[int, PathParam(ge=1, le=MAX_INT, description="a registered model's version number")]
+
+
+async def _metadata(tenant: Tenant, name: str, version: int | None) -> dict[str, Any]:
+    served, clusters = await _model(tenant, name, version)
+    p = served.predictor
+    outputs = len(clusters.served) if clusters is not None else served.num_clusters
+    meta = oip.model_metadata(name, p.channels, p.image_size, outputs)
+    if version is not None:
+        meta["versions"] = [str(version)]
+    return meta
 
 
 @router.get("/v2/models/{name}", responses=ERRORS, summary="Model metadata: inputs and outputs")
 async def model_metadata(name: str, tenant: TenantDep) -> dict[str, Any]:
-    served = await _model(tenant, name)
-    p = served.predictor
-    return oip.model_metadata(name, p.channels, p.image_size, served.num_clusters)
+    return await _metadata(tenant, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}", responses=ERRORS, summary="Model version metadata")
+async def model_version_metadata(name: str, version: Version, tenant: TenantDep) -> dict[str, Any]:
+    return await _metadata(tenant, name, version)
 
 
 @router.get("/v2/models/{name}/ready", responses=ERRORS, summary="Model readiness (loads the model)")
@@ -132,11 +147,17 @@ async def model_ready(name: str, tenant: TenantDep) -> dict[str, Any]:
     return {"name": name, "ready": True}
 
 
-@router.post(
-    "/v2/models/{name}/infer",
-    openapi_extra=_INFER_DOC,
-    summary="Inference: IMAGE (UINT8 NCHW) or IMAGE_BYTES in; PROBABILITIES (FP32), CLUSTER (INT64) out",
-    responses={
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready", responses=ERRORS, summary="Model version readiness (loads it)"
+)
+async def model_version_ready(name: str, version: Version, tenant: TenantDep) -> dict[str, Any]:
+    await _model(tenant, name, version)
+    return {"name": name, "version": str(version), "ready": True}
+
+
+_INFER = {
+    "openapi_extra": _INFER_DOC,
+    "responses": {
         **ERRORS,
         200: {
             "description": "JSON, or (binary outputs asked for) JSON header + raw tensors",
@@ -145,29 +166,48 @@ async def model_ready(name: str, tenant: TenantDep) -> dict[str, Any]:
         413: {"model": ErrorBody, "description": "more images than SCAN_MAX_PREDICT_IMAGES, or the body too large"},
         415: {"model": ErrorBody, "description": "a compressed body (Content-Encoding)"},
     },
-)
-async def infer(
-    name: str,
-    request: Request,
-    tenant: TenantDep,
-    inference_header_content_length: Annotated[
-        str | None,
-        Header(description="binary-tensor extension: length of the JSON header at the start of the body"),
-    ] = None,
-) -> Response:
+}
+HeaderLength = Annotated[
+    str | None, Header(description="binary-tensor extension: length of the JSON header at the start of the body")
+]
+
+
+async def _infer(name: str, version: int | None, request: Request, tenant: Tenant, header_length: str | None):
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed")
-    served = await _model(tenant, name)
+    served, clusters = await _model(tenant, name, version)
     body = await read_limited_body(request)
     p = served.predictor
-    req = oip.parse_request(body, inference_header_content_length, p.channels, p.image_size, max_images())
+    req = oip.parse_request(body, header_length, p.channels, p.image_size, max_images())
     probs = await probabilities(served, req.named, req.tensor)
-    payload, header_length = oip.build_response(name, req, probs)
-    if header_length is None:
+    payload, json_length = oip.build_response(name, req, probs, clusters)
+    if json_length is None:
         return Response(payload, media_type="application/json")
     return Response(
         payload,
         media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(header_length)},
+        headers={"Inference-Header-Content-Length": str(json_length)},
     )
+
+
+@router.post(
+    "/v2/models/{name}/infer",
+    summary="Inference: IMAGE (UINT8 NCHW) or IMAGE_BYTES in; PROBABILITIES (FP32), CLUSTER (INT64) out",
+    **_INFER,
+)
+async def infer(
+    name: str, request: Request, tenant: TenantDep, inference_header_content_length: HeaderLength = None
+) -> Response:
+    return await _infer(name, None, request, tenant, inference_header_content_length)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer", summary="Inference on one model version", **_INFER)
+async def infer_version(
+    name: str,
+    version: Version,
+    request: Request,
+    tenant: TenantDep,
+    inference_header_content_length: HeaderLength = None,
+) -> Response:
+    return await _infer(name, version, request, tenant, inference_header_content_length)

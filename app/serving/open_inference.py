@@ -1,7 +1,10 @@
 """The Open Inference Protocol (KServe v2 / Triton HTTP) for a served run: its metadata, reading an
 inference request (JSON, or JSON plus the binary-tensor extension) and writing the response.
 
-One model per finished run, with one input among two and two outputs:
+A model name is a registered model of the tenant (`name`, `name@alias`, or `name` with
+`/versions/N` in the path), resolved at request time like /v1/models/{ref}/predict (its merges and
+names apply: PROBABILITIES has one column per served cluster, CLUSTER names the served cluster), or
+one of the tenant's SUCCEEDED run ids. Each has one input among two and two outputs:
 
     IMAGE          UINT8 [-1, C, H, W]  raw pixels at the run's channels and size (no decoding)
     IMAGE_BYTES    BYTES [-1]           encoded image files (PNG, JPEG, ...), conformed like /predict
@@ -25,11 +28,12 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.core.errors import BadRequest, Invalid, TooLarge
+from app.core.errors import BadRequest, Invalid, NotFound, TooLarge
 
 IMAGE, IMAGE_BYTES = "IMAGE", "IMAGE_BYTES"
 PROBABILITIES, CLUSTER = "PROBABILITIES", "CLUSTER"
@@ -224,11 +228,19 @@ def _outputs(doc: dict) -> list[tuple[str, bool]]:
     return out
 
 
-def build_response(model_name: str, req: InferRequest, probs: np.ndarray) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None when the body is all JSON)."""
+def build_response(
+    model_name: str, req: InferRequest, probs: np.ndarray, clusters: Any | None = None
+) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when the body is all JSON). `clusters`: the registry's
+    ClusterMap of a model version (merged groups: their probabilities summed, CLUSTER the group)."""
+    if clusters is not None:
+        probs, ids = clusters.merge_probs(probs)
+        cluster = np.asarray(ids, dtype=np.int64)[np.argmax(probs, axis=1)]
+    else:
+        cluster = np.argmax(probs, axis=1)
     tensors = {
         PROBABILITIES: ("FP32", np.ascontiguousarray(probs, dtype="<f4")),
-        CLUSTER: ("INT64", np.argmax(probs, axis=1).astype("<i8")),
+        CLUSTER: ("INT64", cluster.astype("<i8")),
     }
     outputs, blobs = [], []
     for name, binary in req.outputs:
@@ -248,3 +260,31 @@ def build_response(model_name: str, req: InferRequest, probs: np.ndarray) -> tup
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
+
+
+def locate(tenant: Any, name: str, version: int | None) -> tuple[Path, Any | None]:
+    """(run directory, the version's ClusterMap or None) behind a /v2 model name: a registered model
+    of the tenant, resolved now (an alias moved a moment ago is seen at once); else a SUCCEEDED run
+    id, remembered like /predict's (no database read for a run found lately). Blocking."""
+    from app.core.db import new_session
+    from app.services import registry
+    from app.services import runs as run_service
+    from app.serving.model_versions import choose_warm
+
+    if version is None:
+        cached = run_service.cached_servable_dir(tenant, name)
+        if cached is not None:
+            return cached, None
+    reference = name if version is None else f"{name}/versions/{version}"
+    with new_session() as session:
+        try:
+            registry.get(session, tenant, registry.parse_reference(reference)[0])
+            registered = True
+        except (Invalid, NotFound):
+            registered = False
+        if registered:
+            resolved, run_dir = choose_warm(session, registry.resolve(session, tenant, reference))
+            return run_dir, resolved.clusters
+    if version is not None:
+        raise NotFound(f"model {name!r} not found (a run id has no versions; list models with GET /v1/models)")
+    return run_service.servable_dir(tenant, name), None

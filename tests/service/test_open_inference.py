@@ -123,3 +123,33 @@ def test_errors_reach_the_triton_client_with_their_status(triton_client, auth, k
         triton_client.get_model_metadata(run_id, headers={"Authorization": f"Bearer {keys['b']}"})
     assert err.value.status() == "404" and run_id in err.value.message()
     assert not triton_client.is_model_ready("no-such-model", headers=auth)
+
+
+def test_registered_models_resolve_with_aliases_versions_and_merges(triton_client, auth, client, finished_run, pngs):
+    """A /v2 model name may be a registered model: `name` (its production alias), `name@alias`, or
+    /versions/N in the path; merged clusters come out as their group, as /v1/models/{ref}/predict."""
+    import uuid
+
+    name = f"v2-{uuid.uuid4().hex[:8]}"
+    assert client.post("/v1/models", json={"name": name}).status_code == 201
+    assert client.post(f"/v1/models/{name}/versions", json={"run_id": finished_run["id"]}).status_code in (200, 201)
+    assert client.put(f"/v1/models/{name}/aliases/production", json={"version": 1}).status_code == 200
+    r = client.post(f"/v1/models/{name}/versions/1/clusters/merge", json={"clusters": [0, 1]})
+    assert r.status_code == 200, r.text
+    files = [("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
+    v1 = client.post(f"/v1/models/{name}/predict", files=files, params={"k": 1000}).json()["predictions"]
+
+    inp = triton.InferInput("IMAGE_BYTES", [len(pngs)], "BYTES")
+    inp.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+    for model, version in ((name, ""), (f"{name}@production", ""), (name, "1")):
+        result = triton_client.infer(model, [inp], model_version=version, headers=dict(auth))
+        assert result.as_numpy("CLUSTER").tolist() == [p["cluster"] for p in v1], (model, version)
+        probs = result.as_numpy("PROBABILITIES")
+        assert probs.shape == (len(pngs), finished_run["num_clusters"] - 1)  # clusters 0 and 1 are one group
+        np.testing.assert_allclose(probs.max(axis=1), [p["confidence"] for p in v1], atol=1e-5)
+    meta = triton_client.get_model_metadata(name, model_version="1", headers=dict(auth))
+    assert meta["versions"] == ["1"] and meta["outputs"][0]["shape"] == [-1, finished_run["num_clusters"] - 1]
+    assert triton_client.is_model_ready(name, model_version="1", headers=dict(auth))
+    with pytest.raises(InferenceServerException) as err:
+        triton_client.infer(name, [inp], model_version="7", headers=dict(auth))
+    assert err.value.status() == "404"

@@ -130,3 +130,17 @@ def test_a_cut_bytes_element_is_named():
     with pytest.raises(Invalid) as err:
         oip.parse_request(*binary_body(header, blob), channels=1, size=4, max_images=8)
     assert "says 10 bytes" in err.value.detail
+
+
+def test_a_model_versions_merged_clusters_are_summed_and_named_by_their_group():
+    from app.services.registry import ClusterMap
+
+    clusters = ClusterMap(target=(0, 0, 2), names=("a", "a", "c"), descriptions=(None, None, None))
+    req = oip.InferRequest(id=None, outputs=[("PROBABILITIES", False), ("CLUSTER", False)])
+    probs = np.array([[0.3, 0.3, 0.4], [0.1, 0.1, 0.8]], np.float32)
+    body, n = oip.build_response("m", req, probs, clusters)
+    assert n is None
+    out = {o["name"]: o for o in json.loads(body)["outputs"]}
+    assert out["PROBABILITIES"]["shape"] == [2, 2]
+    assert out["PROBABILITIES"]["data"] == pytest.approx([0.6, 0.4, 0.2, 0.8])
+    assert out["CLUSTER"]["data"] == [0, 2]
