@@ -10,7 +10,9 @@
         answer = scan.predict(run.id, ["cat.png"])  # or a uint8 array (N, C, H, W): sent raw
 
 Both clients retry a 503 (database or broker unreachable; the API wrote nothing) after its
-Retry-After header, up to `retries` times, and raise `ApiError` (with `.status_code` and `.detail`)
+Retry-After header, and a request whose connection failed (any request when it never reached the
+server; GET, PUT, DELETE also when a kept-alive connection was closed under it), up to `retries`
+times, and raise `ApiError` (with `.status_code` and `.detail`)
 on any other unexpected status.
 """
 

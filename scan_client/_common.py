@@ -56,6 +56,17 @@ def retry_delay(response: httpx.Response, attempt: int, cap: float) -> float:
     return max(0.0, min(delay, cap))
 
 
+def may_resend(method: str, exc: httpx.TransportError) -> bool:
+    """Whether a request that failed on the connection may go again: always when it never reached the
+    server (connect failed), and for idempotent methods when the connection broke (a keep-alive
+    connection the server closed just as the request went out)."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return True
+    return method.upper() in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS") and isinstance(
+        exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError
+    )
+
+
 def check(response: httpx.Response, expect: Iterable[int]) -> httpx.Response:
     if response.status_code not in tuple(expect):
         raise ApiError(response)

@@ -22,6 +22,7 @@ from scan_client._common import (
     StallWatch,
     check,
     event_of,
+    may_resend,
     open_upload,
     predict_request,
     retry_delay,
@@ -65,7 +66,13 @@ class AsyncClient:
         for attempt in range(self.retries + 1):
             if rewind is not None:
                 rewind.seek(0)
-            response = await self.http.request(method, path, **kwargs)
+            try:
+                response = await self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries or not may_resend(method, exc):
+                    raise
+                await asyncio.sleep(min(0.5 * 2**attempt, self.max_retry_wait))
+                continue
             if response.status_code != 503 or attempt == self.retries:
                 return check(response, expect)
             await asyncio.sleep(retry_delay(response, attempt, self.max_retry_wait))

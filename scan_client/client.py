@@ -24,6 +24,7 @@ from scan_client._common import (
     StallWatch,
     check,
     event_of,
+    may_resend,
     open_upload,
     predict_request,
     retry_delay,
@@ -73,7 +74,13 @@ class Client:
         for attempt in range(self.retries + 1):
             if rewind is not None:
                 rewind.seek(0)
-            response = self.http.request(method, path, **kwargs)
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries or not may_resend(method, exc):
+                    raise
+                time.sleep(min(0.5 * 2**attempt, self.max_retry_wait))
+                continue
             if response.status_code != 503 or attempt == self.retries:
                 return check(response, expect)
             time.sleep(retry_delay(response, attempt, self.max_retry_wait))

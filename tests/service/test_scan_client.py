@@ -107,3 +107,31 @@ def test_retries_on_503_after_retry_after():
         assert err.value.status_code == 503 and "unreachable" in err.value.detail
     finally:
         server.shutdown()
+
+
+def test_a_get_is_resent_when_the_server_drops_the_connection_without_answering():
+    """A kept-alive connection closed by the server just as a request goes out: a GET goes again
+    (a POST would not: it may have been carried out)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+
+    def serve():
+        first, _ = listener.accept()
+        first.recv(65536)
+        first.close()  # no answer at all
+        second, _ = listener.accept()
+        second.recv(65536)
+        body = b'{"tenant": "t", "prefix": "p"}'
+        second.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        second.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with Client(f"http://127.0.0.1:{port}", "k", max_retry_wait=0.1) as c:
+        assert c.whoami().tenant == "t"
+    listener.close()
