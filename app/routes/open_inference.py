@@ -26,12 +26,12 @@ from sqlalchemy import text
 from app.core.db import get_engine
 from app.core.errors import UnsupportedMediaType
 from app.deps import TenantDep
-from app.tables import Tenant
 from app.request_bodies import max_images, read_limited_body
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody
 from app.serving import open_inference as oip
 from app.serving.model_cache import ServedRun, served_run
 from app.serving.predict import probabilities
+from app.tables import Tenant
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
