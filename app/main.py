@@ -27,6 +27,7 @@ from app.routes import (
     registry,
     results,
     runs,
+    weights,
 )
 from app.ui import registry as ui_registry
 from app.ui import routes as ui
@@ -76,6 +77,7 @@ def create_app() -> FastAPI:
         registry,
         model_serving,
         open_inference,
+        weights,
         ui,
         ui_registry,
     ):

@@ -311,3 +311,19 @@ class VersionCluster(Base):
     name: Mapped[str | None] = mapped_column(String(100))
     description: Mapped[str | None] = mapped_column(Text)
     merged_into: Mapped[int | None]
+
+
+class Weights(Base):
+    """Bring-your-own backbone weights a tenant uploaded (POST /v1/weights): validated as a plain
+    state dict that fits ``arch`` and stored as the backbone's tensors only, under
+    ``weights/<id>/backbone.pt`` (artifact store key). Runs name them as ``"weights:<id>"``."""
+
+    __tablename__ = "weights"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    arch: Mapped[str] = mapped_column(String(32))
+    width: Mapped[int]
+    tensors: Mapped[int]
+    size_bytes: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

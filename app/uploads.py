@@ -28,17 +28,16 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
+async def receive(request: Request, dest_dir: Path, max_bytes: int, setting: str = "SCAN_MAX_UPLOAD_BYTES") -> Upload:
     """The part named ``file`` goes to ``dest_dir/<safe name>``; small text fields are kept."""
     parts = _Parts(dest_dir, max_bytes)
-    parser = MultipartParser(_boundary(request, max_bytes), parts.callbacks())
+    parser = MultipartParser(_boundary(request, max_bytes, setting), parts.callbacks())
     try:
         async for chunk in request.stream():
             parser.write(chunk)
             if parts.too_large:
                 raise TooLarge(
-                    f"upload exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES); "
-                    "split the dataset or raise the limit"
+                    f"upload exceeds the limit of {max_bytes} bytes ({setting}); split the dataset or raise the limit"
                 )
         parser.finalize()
     except MultipartParseError as exc:
@@ -57,7 +56,7 @@ async def receive(request: Request, dest_dir: Path, max_bytes: int) -> Upload:
     return upload
 
 
-def _boundary(request: Request, max_bytes: int) -> bytes:
+def _boundary(request: Request, max_bytes: int, setting: str) -> bytes:
     """The multipart boundary; refuses other bodies, and a declared length beyond the limit."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
@@ -67,9 +66,7 @@ def _boundary(request: Request, max_bytes: int) -> bytes:
         )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-        raise TooLarge(
-            f"upload of {int(declared)} bytes exceeds the limit of {max_bytes} bytes (SCAN_MAX_UPLOAD_BYTES)"
-        )
+        raise TooLarge(f"upload of {int(declared)} bytes exceeds the limit of {max_bytes} bytes ({setting})")
     return params[b"boundary"]
 
 

@@ -28,6 +28,8 @@ __all__ = [
     "Normalize",
     "build_backbone",
     "load_backbone_weights",
+    "fit_backbone",
+    "read_backbone_file",
     "ContrastiveModel",
     "ClusteringModel",
 ]
@@ -158,7 +160,7 @@ def load_backbone_weights(backbone: Backbone, path: Path) -> None:
 
     Prefixes "module.", "backbone.", "encoder_q." are stripped; the classifier (fc.*) and any
     projection head are ignored, and so is the file's normalisation (the backbone keeps its own).
-    A 3-channel conv1 is folded into a 1-channel one by summing over input channels (a gray image
+    A 3-channel first convolution is folded into a 1-channel one by summing over input channels (a gray image
     fed as three equal channels gives the same response). Raises ValueError naming the file when
     nothing matches, a parameter is missing, or a shape differs.
     """
@@ -168,28 +170,77 @@ def load_backbone_weights(backbone: Backbone, path: Path) -> None:
         weights = _unwrap_state_dict(raw)
     except (OSError, RuntimeError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{path}: not a readable state dict ({exc})") from exc
+    own = backbone.state_dict()
+    state = dict(own)
+    state.update({k: v.to(own[k].dtype) for k, v in fit_backbone(backbone, weights, str(path)).items()})
+    backbone.load_state_dict(state)
 
+
+def fit_backbone(backbone: Backbone, weights: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """The tensors of ``weights`` that are ``backbone``'s (normalisation excluded), conv1 folded to
+    one channel if need be; ValueError when nothing matches, a shape differs or one is missing."""
     own = backbone.state_dict()
     wanted = {k for k in own if not k.startswith("normalize.")}
     matched = {k: v for k, v in weights.items() if k in wanted}
     if not matched:
         sample = ", ".join(list(weights)[:5])
-        raise ValueError(f"{path}: no parameter matches a {backbone.arch} backbone (file keys start: {sample})")
-    conv1 = matched.get("conv1.weight")
-    if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3 and own["conv1.weight"].shape[1] == 1:
-        matched["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
+        raise ValueError(f"{where}: no parameter matches a {backbone.arch} backbone (file keys start: {sample})")
+    # The first convolution (ResNet's conv1, the convnet's stem.0) sees the image's channels.
+    first = next((k for k, v in own.items() if k.endswith("weight") and v.ndim == 4), None)
+    conv1 = matched.get(first)
+    if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3 and own[first].shape[1] == 1:
+        matched[first] = conv1.sum(dim=1, keepdim=True)
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items() if v.shape != own[k].shape
     ]
     if mismatched:
-        raise ValueError(f"{path}: shapes differ from a {backbone.arch} backbone: {'; '.join(mismatched[:5])}")
+        raise ValueError(f"{where}: shapes differ from a {backbone.arch} backbone: {'; '.join(mismatched[:5])}")
     # Old checkpoints lack BatchNorm's num_batches_tracked; nothing else may be missing.
     missing = sorted(k for k in wanted - matched.keys() if not k.endswith("num_batches_tracked"))
     if missing:
-        raise ValueError(f"{path}: missing {len(missing)} backbone tensors, e.g. {', '.join(missing[:5])}")
-    state = dict(own)
-    state.update({k: v.to(own[k].dtype) for k, v in matched.items()})
-    backbone.load_state_dict(state)
+        raise ValueError(f"{where}: missing {len(missing)} backbone tensors, e.g. {', '.join(missing[:5])}")
+    return matched
+
+
+def read_backbone_file(path: Path, arch: str, width: int = 32, name: str = "weights") -> dict[str, Tensor]:
+    """Strictly read an untrusted weights file as a backbone state dict for ``arch``: only what
+    ``torch.load(weights_only=True)`` unpickles (tensors and plain containers, never code), memory-
+    mapped so a file costs no more memory than its size; the state dict (bare, or under
+    "state_dict"/"model"/"backbone") must hold tensors only, and its backbone tensors must fit
+    ``arch`` (3 channels, or 1). Returns just those tensors, the ones a run will load; anything
+    else in the file (a classifier, a projection head) is left out. ValueError names ``name``,
+    never the server's path or torch's internals."""
+    try:
+        raw = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # any failure to read an untrusted file is the same 422 (re-raised)
+        raise ValueError(
+            f"{name}: not a plain state dict (save one with torch.save(model.state_dict(), f); "
+            "pickled objects other than tensors and plain containers are refused)"
+        ) from exc
+    state = raw
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{name}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    strays = [
+        f"{k!s:.60} ({type(v).__name__})"
+        for k, v in state.items()
+        if not isinstance(k, str) or not isinstance(v, Tensor)
+    ]
+    if strays:
+        raise ValueError(f"{name}: a state dict holds tensors only; found {', '.join(strays[:3])}")
+    weights = _unwrap_state_dict(state)
+    errors = []
+    for channels in (3, 1):
+        backbone = build_backbone(arch, channels, (0.5,), (0.5,), width)
+        try:
+            fitted = fit_backbone(backbone, weights, name)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        return {k: v.detach().clone().contiguous() for k, v in fitted.items()}
+    raise ValueError(errors[0])
 
 
 class ContrastiveModel(nn.Module):

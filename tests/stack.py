@@ -107,6 +107,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "SCAN_VAR_DIR": str(var_dir),
         "SCAN_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "SCAN_MAX_SERVING_BODY_BYTES": str(MAX_UPLOAD),
+        "SCAN_MAX_WEIGHTS_BYTES": str(MAX_UPLOAD),
         "SCAN_MAX_DATASET_BYTES": str(MAX_DATASET),
         "SCAN_INGEST_WAIT_S": "180",
         # Short heartbeats so a killed worker's stage is picked up within seconds in the tests.

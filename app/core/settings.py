@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     s3_endpoint: str = Field("", description="S3 endpoint URL for a non-AWS server (MinIO: http://minio:9000).")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload; larger ones get 413.")
+    max_weights_bytes: int = Field(
+        512 << 20, ge=1, description="Largest accepted backbone weights upload (POST /v1/weights); larger get 413."
+    )
     ingest_wait_s: float = Field(
         120.0,
         ge=0,
@@ -226,6 +229,10 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.artifacts / "runs"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.artifacts / "weights"
 
     @property
     def uploads_dir(self) -> Path:

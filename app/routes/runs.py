@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.core.faults import is_infrastructure_error
+from app.core.text import PrintableText
 from app.deps import SessionDep, SettingsDep, TenantDep
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody, Limit, Offset, Page
 from app.schemas.runs import EventPage, RunCreate, RunEventOut, RunOut, RunStateName, StageOut
@@ -43,7 +44,7 @@ def create_run(
     tenant: TenantDep,
     settings: SettingsDep,
     idempotency_key: Annotated[
-        str | None, Header(max_length=200, description="same key and body give back the same run")
+        PrintableText | None, Header(max_length=200, description="same key and body give back the same run")
     ] = None,
 ) -> JSONResponse:
     run, created = service.submit(session, settings, tenant, body.model_dump(mode="json"), idempotency_key)

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.core.text import Name
 from app.schemas.common import ORMModel
 from ml.data.builtin import BUILTINS
 
@@ -29,4 +30,4 @@ class DatasetOut(ORMModel):
 class DatasetImport(BaseModel):
     source: Literal[BUILTINS] = Field(description="a built-in source")
     split: Literal["train", "test"] = "train"
-    name: str | None = Field(None, max_length=200)
+    name: Name | None = Field(None, description="display name (printable text)")

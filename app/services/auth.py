@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.errors import NotFound
+from app.core.errors import Invalid, NotFound
 from app.core.settings import get_settings
+from app.core.text import check_printable
 from app.tables import ApiKey, Tenant
 
 _MAX_CACHED = 10_000  # keys; a full cache is emptied (a new key costs one database read again)
@@ -46,6 +47,7 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
 
 def create_key(session: Session, tenant_name: str) -> str:
     """Create (or reuse) the tenant and a new key for it; returns the key, shown only this once."""
+    check_printable(tenant_name, "the tenant name", Invalid)
     tenant = get_or_create_tenant(session, tenant_name)
     prefix = secrets.token_hex(6)
     key = f"scan_{prefix}_{secrets.token_urlsafe(32)}"

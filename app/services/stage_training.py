@@ -64,8 +64,11 @@ def _train_once(session: Session, settings: Settings, run_id: str, stage: str, c
     data = ImageSet.load(local_dataset_dir(settings, session.get(Dataset, run.dataset_id), sync))
     # The stored config was validated at submission: it is parsed, not checked again, and never
     # copied into the run directory (the database holds the one copy). A "run:<id>" weights
-    # reference becomes that run's file on this machine (pulled if need be).
-    cfg = weights.resolve(session, run, run.recipe(), lambda source: local_run_dir(settings, source, sync))
+    # reference becomes that run's file, a "weights:<id>" one the upload's, on this machine (pulled
+    # if need be).
+    cfg = weights.resolve(
+        session, run, run.recipe(), lambda source: local_run_dir(settings, source, sync), settings=settings
+    )
     reporter = _Reporter(session, settings, run_id, stage, claim, on_epoch_end=lambda: sync.push(f"runs/{run_id}"))
     summary = run_stage(stage, run_dir, data, progress=reporter.progress, should_cancel=reporter.should_cancel, cfg=cfg)
     sync.push(f"runs/{run_id}")

@@ -68,8 +68,8 @@ def test_paths_are_refused_and_reveal_nothing(client_b: httpx.Client, b_dataset:
     # One answer for an existing file, a missing one and /proc: no file-system oracle.
     assert len(set(answers.values())) == 1, answers
     detail = next(iter(answers.values()))
-    assert detail.startswith('pretext.backbone_weights: give "run:<run id>"')
-    assert "pretext.pt" not in detail and "/" not in detail.replace("/v1", "")
+    assert detail.startswith('pretext.backbone_weights: give "weights:<id>"')
+    assert "pretext.pt" not in detail and "/" not in detail.replace("/v1/weights", "")
     assert _run_count() == before
 
 
