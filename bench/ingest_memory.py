@@ -10,7 +10,9 @@ answer: the point is that a refusal costs a few MB, not the gigabytes the file d
 
 The hostile files are built in a temporary folder: a compressed npz and a gzipped IDX declaring
 4x the limit (all zeros, so they compress to KBs), a zip whose one member inflates to 1 GiB, and an
-npz with labels [0, 1, 2, 10_000_000]. The normal ones: an npz of random images and a zip of PNGs.
+npz with labels [0, 1, 2, 10_000_000]. The normal ones: an npz of random images, zips of 2,000 and
+8,000 PNGs and a tar.gz of 2,000 (images are decoded straight into the preallocated array, members
+read in batches of at most 16 MiB: the growth is the decoded size plus a fixed margin).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -67,15 +70,26 @@ def build_cases(folder: Path, limit: int) -> list[tuple[str, Path]]:
             npz("normal.npz", images=rng.integers(0, 256, (20_000, 32, 32, 3), dtype=np.uint8)),
         )
     )
-    zpath = folder / "pngs.zip"
     from PIL import Image
 
-    with zipfile.ZipFile(zpath, "w") as zf:
-        for i in range(2000):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
-            zf.writestr(f"c{i % 10}/{i}.png", buf.getvalue())
-    cases.append(("normal: zip of 2000 PNGs 64x64", zpath))
+    pngs = []
+    for i in range(8000):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        pngs.append((f"c{i % 10}/{i}.png", buf.getvalue()))
+    for count in (2000, 8000):
+        zpath = folder / f"pngs-{count}.zip"
+        with zipfile.ZipFile(zpath, "w") as zf:
+            for name, data in pngs[:count]:
+                zf.writestr(name, data)
+        cases.append((f"normal: zip of {count} PNGs 64x64", zpath))
+    tpath = folder / "pngs-2000.tar.gz"
+    with tarfile.open(tpath, "w:gz") as tf:
+        for name, data in pngs[:2000]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    cases.append(("normal: tar.gz of 2000 PNGs 64x64", tpath))
 
     side = 1024
     n = 4 * limit // (side * side)

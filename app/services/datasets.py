@@ -24,6 +24,8 @@ from app.core.db import new_session
 from app.core.errors import Conflict, Invalid, NotFound, Unavailable
 from app.core.queue import enqueue_ingest
 from app.core.settings import Settings
+from app.core.text import MESSAGE as TEXT_MESSAGE
+from app.core.text import is_printable
 from app.services.failures import public_message, strip_paths
 from app.tables import Dataset, DatasetState, ModelVersion, Run, RunState, Tenant, utcnow
 
@@ -37,18 +39,14 @@ def safe_filename(name: str | None) -> str:
     return base[:120] or "upload"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def create(
     settings: Settings, tenant: Tenant, dataset_id: str, *, name: str, source: str, split: str, upload_path: str | None
 ) -> None:
     """Commit the PENDING row and queue its ingest; if the broker is down, nothing stays behind."""
     for what, text in (("name", name), ("file name", source)):
-        if _CONTROL.search(text):
-            # PostgreSQL cannot store NUL at all, and no control character belongs in a display name.
+        if not is_printable(text):  # the multipart fields do not come through pydantic's PrintableText
             shutil.rmtree(upload_dir(settings, dataset_id), ignore_errors=True)
-            raise Invalid(f"the dataset's {what} contains control characters; use printable text")
+            raise Invalid(f"the dataset's {what} {TEXT_MESSAGE}")
     with new_session() as session:
         session.add(
             Dataset(
@@ -139,6 +137,7 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
     is waiting) then deletes the row, or a user who did not wait sees the message on GET.
     """
     from ml.data import DataError, Limits, load_source  # lazy: keeps torch out of the API's import path
+    from ml.data.cancel import Cancelled, cancel_check
 
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.state not in (DatasetState.PENDING, DatasetState.INGESTING):
@@ -157,10 +156,17 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
         # shared by every tenant, keep their cache.
         cache = None if dataset.upload_path else settings.artifacts / "cache"
         limits = Limits(max_decoded_bytes=settings.max_dataset_bytes)
-        data = load_source(source, split=dataset.split, cache_dir=cache, limits=limits)
+        # A DELETE during the ingest stops the decode at the next batch (ml.data.cancel).
+        with cancel_check(_deleted_check(dataset_id)):
+            data = load_source(source, split=dataset.split, cache_dir=cache, limits=limits)
         if data.n == 0:
             raise DataError(dataset.name, "contains no images")
         data.save(settings.datasets_dir / dataset.id)
+    except Cancelled as exc:
+        session.rollback()
+        _deleted_meanwhile(session, settings, dataset_id)
+        log.info("ingest of dataset %s stopped: deleted during its ingest (%s)", dataset_id, exc)
+        return
     except Exception as exc:
         session.rollback()
         dataset = session.get(Dataset, dataset_id)
@@ -193,6 +199,27 @@ def ingest(session: Session, settings: Settings, dataset_id: str) -> None:
     except StaleDataError:  # DELETE won the race between the check above and this commit
         session.rollback()
         _deleted_meanwhile(session, settings, dataset_id)
+
+
+def _deleted_check(dataset_id: str, every_s: float = 0.5):
+    """``() -> bool``: has the dataset's row gone (a DELETE answered 204)? Asks the database at most
+    every ``every_s``; an unreachable database means "keep going" (the ingest's own commit will
+    find out)."""
+    last = time.monotonic()
+
+    def deleted() -> bool:
+        nonlocal last
+        if time.monotonic() - last < every_s:
+            return False
+        last = time.monotonic()
+        try:
+            with new_session() as session:
+                return session.get(Dataset, dataset_id) is None
+        except Exception as exc:  # noqa: BLE001 - a cancel poll must never fail the ingest
+            log.warning("could not check whether dataset %s was deleted: %s", dataset_id, type(exc).__name__)
+            return False
+
+    return deleted
 
 
 def _deleted_meanwhile(session: Session, settings: Settings, dataset_id: str) -> bool:

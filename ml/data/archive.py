@@ -1,7 +1,9 @@
 """Zip and tar archives of image folders, read member by member into memory (never extracted).
 
 Every entry is checked before any member is read: paths must stay inside the archive, links and
-device entries are refused, and the declared sizes and entry count must fit `Limits`.
+device entries are refused, and the declared sizes and entry count must fit `Limits`. Members are
+then read one at a time, on demand (`encoded.Members`): the archive is never held in memory whole,
+and each member's real inflated bytes are counted against the limits as it is read.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from .bad_input import DataError, Limits
-from .encoded import images_from_encoded
+from .cancel import check_cancelled
+from .encoded import Members, images_from_encoded
 from .imageset import ImageSet
 from .layout import arrange, is_image_name, is_junk
 
@@ -47,8 +51,7 @@ def read_archive(path: Path, split: str, limits: Limits, image_size: int | None,
     if kind is None:
         kind = "zip" if path.name.lower().endswith(ZIP_SUFFIXES) else "tar"
     read = _read_zip if kind == "zip" else _read_tar
-    items, layout = read(path, split, limits)
-    return images_from_encoded(items, layout.labels, layout.class_names, str(path), limits, image_size)
+    return read(path, split, limits, image_size)
 
 
 def member_name(archive: Path, name: str) -> str:
@@ -68,7 +71,7 @@ def check_member_path(archive: Path, name: str) -> str:
     return "/".join(part for part in posix.split("/") if part not in ("", "."))
 
 
-def _read_zip(path: Path, split: str, limits: Limits):
+def _read_zip(path: Path, split: str, limits: Limits, image_size: int | None) -> ImageSet:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
@@ -84,28 +87,31 @@ def _read_zip(path: Path, split: str, limits: Limits):
             if not is_junk(posix) and is_image_name(posix):
                 files[posix] = info
         layout = arrange(list(files), split, str(path))
-        items = []
-        budget = _Budget()
-        for p in layout.paths:
-            info = files[p]
-            try:
-                with zf.open(info) as f:
-                    data = read_capped(f, member_name(path, info.filename), limits, budget)
+
+        def read() -> Iterator[tuple[int, bytes]]:
+            budget = _Budget()  # each pass counts the real inflated bytes afresh
+            for i, p in enumerate(layout.paths):
+                info = files[p]
+                try:
+                    with zf.open(info) as f:
+                        data = read_capped(f, member_name(path, info.filename), limits, budget)
+                except DataError:
+                    raise
+                except (
+                    zipfile.BadZipFile,
+                    zlib.error,
+                    OSError,
+                    EOFError,
+                    NotImplementedError,
+                    RuntimeError,
+                    ValueError,
+                ) as e:
+                    raise DataError(member_name(path, info.filename), f"corrupt archive member ({e})") from e
                 budget.used += len(data)
-            except DataError:
-                raise
-            except (
-                zipfile.BadZipFile,
-                zlib.error,
-                OSError,
-                EOFError,
-                NotImplementedError,
-                RuntimeError,
-                ValueError,
-            ) as e:
-                raise DataError(member_name(path, info.filename), f"corrupt archive member ({e})") from e
-            items.append((member_name(path, p), data))
-    return items, layout
+                yield i, data
+
+        members = Members([member_name(path, p) for p in layout.paths], read)
+        return images_from_encoded(members, layout.labels, layout.class_names, str(path), limits, image_size)
 
 
 class _Budget:
@@ -149,7 +155,7 @@ def check_zip_infos(path: Path, infos: list[zipfile.ZipInfo], limits: Limits) ->
             raise DataError(member_name(path, info.filename), "encrypted zip member")
 
 
-def _read_tar(path: Path, split: str, limits: Limits):
+def _read_tar(path: Path, split: str, limits: Limits, image_size: int | None) -> ImageSet:
     try:
         tf = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
@@ -162,6 +168,8 @@ def _read_tar(path: Path, split: str, limits: Limits):
                 count += 1
                 if count > limits.max_files:
                     raise DataError(path, f"more than {limits.max_files} entries")
+                if count % 1024 == 0:
+                    check_cancelled(f"listed {count} entries")
                 where = member_name(path, m.name)
                 if m.issym():
                     raise DataError(where, f"symbolic link in tar archive (-> {m.linkname})")
@@ -181,18 +189,23 @@ def _read_tar(path: Path, split: str, limits: Limits):
                 if not is_junk(posix) and is_image_name(posix):
                     files[posix] = m
             layout = arrange(list(files), split, str(path))
-            wanted = {files[p].offset_data: p for p in layout.paths}
-            data: dict[str, bytes] = {}
-            budget = _Budget()
-            for offset in sorted(wanted):  # archive order: a compressed stream is read forward once
-                p = wanted[offset]
-                fobj = tf.extractfile(files[p])
-                if fobj is None:
-                    raise DataError(member_name(path, p), "unreadable tar member")
-                data[p] = read_capped(fobj, member_name(path, p), limits, budget)
-                budget.used += len(data[p])
+            index = {p: i for i, p in enumerate(layout.paths)}
+            in_order = sorted(layout.paths, key=lambda p: files[p].offset_data)
+
+            def read() -> Iterator[tuple[int, bytes]]:
+                # Archive order: a compressed stream is read forward (a second pass rewinds it once).
+                budget = _Budget()
+                for p in in_order:
+                    fobj = tf.extractfile(files[p])
+                    if fobj is None:
+                        raise DataError(member_name(path, p), "unreadable tar member")
+                    data = read_capped(fobj, member_name(path, p), limits, budget)
+                    budget.used += len(data)
+                    yield index[p], data
+
+            members = Members([member_name(path, p) for p in layout.paths], read)
+            return images_from_encoded(members, layout.labels, layout.class_names, str(path), limits, image_size)
     except DataError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
         raise DataError(path, f"corrupt tar archive ({e})") from e
-    return [(member_name(path, p), data[p]) for p in layout.paths], layout

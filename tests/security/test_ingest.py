@@ -157,6 +157,14 @@ def test_a_name_with_control_characters_is_refused_and_leaves_nothing(client: ht
     answers = [
         client.post("/v1/datasets", files={"file": ("ok.npz", images)}, data={"name": "a\x00b"}),
         client.post("/v1/datasets/import", json={"source": "digits", "name": "x\x00"}),
+        client.post("/v1/datasets/import", json={"source": "digits", "name": "two\nlines"}),
+        client.post("/v1/datasets/import", json={"source": "digits", "name": "\x1b[2Jcleared"}),
+        # A lone surrogate: valid JSON, not encodable as UTF-8 by any database driver.
+        client.post(
+            "/v1/datasets/import",
+            content=b'{"source": "digits", "name": "x\\ud800"}',
+            headers={"Content-Type": "application/json"},
+        ),
     ]
     for r in answers:
         assert r.status_code == 422, r.text
@@ -164,3 +172,45 @@ def test_a_name_with_control_characters_is_refused_and_leaves_nothing(client: ht
     assert _leftovers(stack) == []
     with db_session() as session:
         assert session.scalar(select(func.count()).select_from(Dataset)) == rows
+
+
+def test_a_delete_during_a_real_ingest_stops_the_decode_and_leaves_nothing(client: httpx.Client, stack) -> None:
+    """The real cpu worker decodes; DELETE answers 204 while it does, and the ingest stops at its
+    next batch (it once ran to the end and wrote 2 x 2 GiB that no row pointed to)."""
+    import re
+    import time
+
+    from PIL import Image
+
+    n, side = 80, 5000  # 25 Mpx of zeros: ~25 KB as PNG, many seconds to decode all of them
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        png = io.BytesIO()
+        Image.new("L", (side, side)).save(png, format="PNG")
+        for i in range(n):
+            zf.writestr(f"big/{i}.png", png.getvalue())
+    assert len(buf.getvalue()) < 4_000_000
+    r = client.post("/v1/datasets", params={"wait": "false"}, files={"file": ("big.zip", buf.getvalue())})
+    assert r.status_code == 202, r.text
+    dataset_id = r.json()["id"]
+    state, deadline = r.json()["state"], time.monotonic() + 300  # bounds a stall, not the decode's speed
+    while state == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = client.get(f"/v1/datasets/{dataset_id}").json()["state"]
+    assert state == "INGESTING", f"the ingest finished ({state}) before the DELETE could interrupt it"
+    assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
+    worker_log = stack.var_dir / "worker-cpu.log"
+    stopped = None
+    while stopped is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stopped = re.search(
+            rf"ingest of dataset {dataset_id} stopped: deleted during its ingest \(stopped on request \((.*?)\)\)",
+            worker_log.read_text(errors="replace"),
+        )
+    assert stopped, "the ingest was not stopped"
+    # It stopped part way: while reading headers, or with fewer than all images decoded.
+    progress = stopped.group(1)
+    assert progress.startswith("read the headers") or not progress.startswith(f"decoded {n} of"), progress
+    assert re.fullmatch(rf"(read the headers of|decoded) \d+ of {n} images", progress), progress
+    assert _leftovers(stack, dataset_id) == []
+    assert client.get(f"/v1/datasets/{dataset_id}").status_code == 404
