@@ -60,7 +60,7 @@ async def upload_weights(request: Request, tenant: TenantDep, settings: Settings
         if not arch:
             raise Invalid(f"arch: give the backbone these weights fit, one of {', '.join(service.ARCHS)}")
         width_text = upload.fields.get("width", "32").strip()
-        if not width_text.isdigit() or not MIN_WIDTH <= int(width_text) <= MAX_WIDTH:
+        if not (width_text.isascii() and width_text.isdigit()) or not MIN_WIDTH <= int(width_text) <= MAX_WIDTH:
             raise Invalid(f"width: an integer from {MIN_WIDTH} to {MAX_WIDTH}")
     except Invalid:
         service.discard_upload(upload.path)

@@ -50,7 +50,7 @@ def read_npz(path: Path, limits: Limits, image_size: int | None) -> ImageSet:
     return image_set_from_array(nchw, labels, class_names, str(path), limits, image_size)
 
 
-BATCH_BYTES = 16 << 20
+BATCH_BYTES = 4 << 20  # rows read per batch: the fixed margin over the decoded array
 
 
 def _stream_uint8(path: Path, zf: zipfile.ZipFile) -> np.ndarray | None:

@@ -91,6 +91,7 @@ def test_an_upload_is_validated_stored_and_listed(client: httpx.Client, uploaded
         ("unknown arch", 422, "arch: 'vit' is not one of"),
         ("no arch", 422, "arch: give the backbone"),
         ("width out of bounds", 422, "width: an integer from 4 to 512"),
+        ("width not ascii digits", 422, "width: an integer from 4 to 512"),
         ("a NUL in the name", 422, "the weights' name contains control characters"),
         ("too large", 413, "SCAN_MAX_WEIGHTS_BYTES"),
     ],
@@ -120,6 +121,8 @@ def test_hostile_uploads_are_refused_and_leave_nothing(client, stack, case: str,
         fields["arch"] = ""
     elif case == "width out of bounds":
         fields["width"] = "100000000000000000000"
+    elif case == "width not ascii digits":
+        fields["width"] = "3²"  # str.isdigit() is true for it, int() is not
     if case == "a NUL in the name":  # built by hand: an HTTP client would escape it
         r = client.post(
             "/v1/weights",
