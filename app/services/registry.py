@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, Invalid, NotFound
+from app.core.text import is_printable
 from app.services import runs as run_service
 from app.tables import Cluster, ModelAlias, ModelVersion, RegisteredModel, Run, RunState, Tenant, VersionCluster, utcnow
 
@@ -56,8 +57,7 @@ def check_text(value: str | None, what: str, limit: int, *, multiline: bool = Fa
         return None
     if len(value) > limit:
         raise Invalid(f"{what}: {len(value)} characters; at most {limit}")
-    allowed = value.replace("\n", "").replace("\t", "") if multiline else value
-    if not allowed.isprintable():
+    if not is_printable(value, multiline=multiline):  # the one rule for stored text (app/core/text.py)
         raise Invalid(f"{what}: only printable characters" + (" (and new lines)" if multiline else ""))
     return value
 

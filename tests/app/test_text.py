@@ -23,7 +23,18 @@ def test_printable_text_passes_unchanged(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["a\x00b", "line\nbreak", "tab\there", "\x1b[31mred", "del\x7f", "c1\x85", "lone \ud800 surrogate", "ls\u2028"],
+    [
+        "a\x00b",
+        "line\nbreak",
+        "tab\there",
+        "\x1b[31mred",
+        "del\x7f",
+        "c1\x85",
+        "lone \ud800 surrogate",
+        "ls\u2028",
+        "gpj\u202eexe.txt",
+        "unassigned \U000e0fff",
+    ],
 )
 def test_control_characters_are_refused(text: str) -> None:
     assert not is_printable(text)
@@ -40,3 +51,11 @@ def test_name_is_bounded() -> None:
     for bad in ("", "x" * 201):
         with pytest.raises(ValidationError):
             _Form(name=bad)
+
+
+def test_multiline_text_allows_new_lines_and_tabs_only() -> None:
+    assert is_printable("two\nlines\tand a tab", multiline=True)
+    assert not is_printable("two\nlines")
+    assert is_printable("from a textarea\r\nsecond line", multiline=True)
+    for bad in ("a\x00b", "\x1b[2J", "\u202e"):
+        assert not is_printable(bad, multiline=True), repr(bad)
