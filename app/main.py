@@ -15,6 +15,7 @@ from app import error_handlers, observability, security
 from app.bootstrap import ensure_first_key, migrate
 from app.core.settings import get_settings
 from app.routes import (
+    assignment_jobs,
     datasets,
     docs,
     health,
@@ -27,6 +28,7 @@ from app.routes import (
     registry,
     results,
     runs,
+    webhooks,
     weights,
 )
 from app.ui import registry as ui_registry
@@ -78,6 +80,8 @@ def create_app() -> FastAPI:
         model_serving,
         open_inference,
         weights,
+        assignment_jobs,
+        webhooks,
         ui,
         ui_registry,
     ):

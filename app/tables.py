@@ -327,3 +327,98 @@ class Weights(Base):
     tensors: Mapped[int]
     size_bytes: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobState:
+    QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED"
+    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+    TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+    ACTIVE = (QUEUED, RUNNING)
+
+
+class AssignmentJob(Base):
+    """A dataset assigned to a finished model, in batches on the workers. ``processed`` is the
+    checkpoint: the rows of items below it are committed in the same transaction that moved it, so
+    a resumed job (worker killed, cancel then resume) continues there without duplicates. The lease
+    (``lease_token`` + ``heartbeat_at``) and the outbox (``dispatched_at``) work as they do for runs."""
+
+    __tablename__ = "assignment_jobs"
+    __table_args__ = (Index("ix_assignment_jobs_tenant_state", "tenant_id", "state"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(200))  # the reference the client sent
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
+    total: Mapped[int]
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    batch_size: Mapped[int]
+    confidence_threshold: Mapped[float] = mapped_column(Float)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
+    dispatched_at: Mapped[datetime | None]
+    drift: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class JobAssignment(Base):
+    """One item of an assignment job: its cluster, confidence and novelty (cosine distance to its
+    nearest training image in the run's faiss index)."""
+
+    __tablename__ = "job_assignments"
+    __table_args__ = (Index("ix_job_assignments_job_cluster", "job_id", "cluster"),)
+    job_id: Mapped[str] = mapped_column(ForeignKey("assignment_jobs.id", ondelete="CASCADE"), primary_key=True)
+    item_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cluster: Mapped[int]
+    confidence: Mapped[float] = mapped_column(Float)
+    distance: Mapped[float] = mapped_column(Float)
+
+
+class Webhook(Base):
+    """A URL of a tenant that hears of every state change of its runs and assignment jobs. The
+    secret signs each delivery (HMAC-SHA256); it is shown once, when the webhook is registered."""
+
+    __tablename__ = "webhooks"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryState:
+    PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox: written in the transaction of the state change it reports, sent (and
+    retried with backoff) by the workers' sender until delivered or out of attempts."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)

@@ -118,6 +118,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # The gpu worker measures its device once per checkout, not once per test session.
         "SCAN_CALIBRATION_CACHE": str(ROOT / ".pytest_cache" / "scan-device-calibration.json"),
         "SCAN_CANCEL_CHECK_INTERVAL_S": "0.3",
+        # Webhook receivers of the tests listen on loopback; retries come quickly.
+        "SCAN_WEBHOOK_ALLOW_PRIVATE": "1",
+        "SCAN_WEBHOOK_BACKOFF_S": "0.5",
+        "SCAN_WEBHOOK_POLL_S": "0.2",
         "SCAN_DATABASE_URL": PG_URL if MODE == "services" else "",
         "SCAN_BROKER_URL": REDIS_URL if MODE == "services" else "",
     }

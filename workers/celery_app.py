@@ -26,7 +26,7 @@ from sqlalchemy import inspect
 from app.core.db import get_engine, new_session
 from app.core.queue import celery_app as _celery_app
 from app.core.settings import get_settings
-from app.services import devices
+from app.services import devices, webhooks
 from app.services.dispatcher import dispatch_once
 
 log = logging.getLogger("scan.worker")
@@ -127,3 +127,18 @@ def _start_dispatcher(sender=None, **_: object) -> None:  # Celery passes the co
 
     threading.Thread(target=loop, name="scan-dispatcher", daemon=True).start()
     signals.worker_shutdown.connect(shutdown, weak=False)
+
+    def send_webhooks() -> None:
+        schema_seen = False
+        while not stop.wait(settings.webhook_poll_s):
+            try:
+                schema_seen = schema_seen or inspect(get_engine()).has_table("webhook_deliveries")
+                while schema_seen and webhooks.send_due(settings):
+                    pass
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the sender
+                log.warning("webhook sender: %s: %s; retrying", type(exc).__name__, exc)
+
+    threading.Thread(target=loop, name="scan-dispatcher", daemon=True).start()
+    # The webhook outbox's sender: its own thread, so a slow receiver never delays a dispatch.
+    threading.Thread(target=send_webhooks, name="scan-webhooks", daemon=True).start()
+    signals.worker_shutdown.connect(lambda **_: stop.set(), weak=False)

@@ -25,6 +25,7 @@ from app.core.settings import Settings, get_settings
 
 STAGE_TASK = "workers.tasks.run_stage"
 INGEST_TASK = "workers.tasks.ingest_dataset"
+JOB_TASK = "workers.tasks.run_assignment_job"
 TASK_MODULE = "workers.tasks"  # loaded by the worker process only (Celery's `include`)
 
 
@@ -52,7 +53,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         task_queues=(Queue("gpu"), Queue("cpu")),
         task_default_queue="cpu",
-        task_routes={STAGE_TASK: {"queue": "gpu"}, INGEST_TASK: {"queue": "cpu"}},
+        task_routes={STAGE_TASK: {"queue": "gpu"}, INGEST_TASK: {"queue": "cpu"}, JOB_TASK: {"queue": "gpu"}},
         worker_hijack_root_logger=False,
     )
     return app
@@ -70,6 +71,11 @@ def enqueue_ingest(dataset_id: str) -> None:
 
 def enqueue_stage(run_id: str, stage: str) -> None:
     celery_app().send_task(STAGE_TASK, args=[run_id, stage], queue="gpu")
+
+
+def enqueue_job(job_id: str) -> None:
+    """An assignment job runs the model, so it goes where the models run."""
+    celery_app().send_task(JOB_TASK, args=[job_id], queue="gpu")
 
 
 def queue_depth(queue: str = "gpu") -> int:

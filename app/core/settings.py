@@ -192,6 +192,33 @@ class Settings(BaseSettings):
         "sharing <var_dir> is refused at once (a stamp file); other hosts refuse it within this time. 0: ask the "
         "database on every request.",
     )
+    assignment_batch_size: int = Field(
+        256,
+        ge=1,
+        le=8192,
+        description="Images per batch of an assignment job: the unit of progress, of the checkpoint "
+        "(rows committed with the offset) and of the cancel check.",
+    )
+    webhooks_per_tenant: int = Field(10, ge=1, le=1000, description="Most webhook URLs one tenant may register.")
+    webhook_allow_private: bool = Field(
+        False,
+        description="Let webhooks reach loopback, private (RFC 1918), link-local (cloud metadata) and "
+        "other non-public addresses. Off: such URLs answer 422 and are refused again at delivery time "
+        "(after DNS resolution), so a tenant cannot make the workers call internal services.",
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Time limit of one webhook delivery attempt.")
+    webhook_backoff_s: float = Field(
+        10.0,
+        gt=0,
+        description="Wait before the first retry of a failed webhook delivery; "
+        "doubled after each further failure (capped at an hour).",
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=50, description="Attempts before a webhook delivery is given up (FAILED)."
+    )
+    webhook_poll_s: float = Field(
+        1.0, gt=0, description="How often each worker's sender looks for webhook deliveries due."
+    )
     default_page_size: int = Field(50, ge=1)
     max_page_size: int = Field(1000, ge=1)
     api_host: str = Field("127.0.0.1", description="Where `make demo` binds the API.")

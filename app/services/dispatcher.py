@@ -14,16 +14,17 @@ import logging
 from sqlalchemy import update
 
 from app.core.db import new_session
-from app.core.queue import enqueue_stage, queue_depth
+from app.core.queue import enqueue_job, enqueue_stage, queue_depth
 from app.core.settings import Settings
+from app.services import assignment_jobs
 from app.services.execution import due_for_dispatch, stale_runs
-from app.tables import Run
+from app.tables import AssignmentJob, Run
 
 log = logging.getLogger("scan.dispatcher")
 
 
 def dispatch_once(settings: Settings) -> list[tuple[str, str]]:
-    """One round; returns the (run_id, stage) sent."""
+    """One round; returns the (run_id, stage) sent (assignment jobs as (job_id, "assign"))."""
     sent = []
     with new_session() as session:
         for run_id, stage in stale_runs(session, settings):
@@ -42,4 +43,13 @@ def dispatch_once(settings: Settings) -> list[tuple[str, str]]:
                 raise
             log.info("run %s: dispatched %s", run_id, stage)
             sent.append((run_id, stage))
+        for job_id in assignment_jobs.due_for_dispatch(session, settings, queue_empty):
+            try:
+                enqueue_job(job_id)
+            except Exception:
+                session.execute(update(AssignmentJob).where(AssignmentJob.id == job_id).values(dispatched_at=None))
+                session.commit()
+                raise
+            log.info("assignment job %s: dispatched", job_id)
+            sent.append((job_id, "assign"))
     return sent

@@ -21,7 +21,7 @@ from app.core.faults import is_infrastructure_error, which_service
 from app.core.queue import enqueue_stage
 from app.core.settings import Settings, get_settings
 from app.services import datasets as dataset_service
-from app.services import devices, weights
+from app.services import devices, webhooks, weights
 from app.tables import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
 from ml.rundir import RunDir
 from ml.stages import STAGES
@@ -247,6 +247,8 @@ def cancel(session: Session, settings: Settings, tenant: Tenant, run_id: str) ->
         ):
             status.state, status.finished_at = StageState.CANCELED, now
         started = run.state != RunState.QUEUED
+        # A bulk UPDATE passes by the ORM's flush hook: queue the webhook deliveries here.
+        webhooks.state_changed(session, "run", run.id, run.tenant_id, RunState.CANCELED, run.state, stage=run.stage)
         session.add(
             RunEvent(
                 run_id=run.id,

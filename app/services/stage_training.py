@@ -119,8 +119,9 @@ class Heartbeat:
     """Marks the stage alive every few seconds from a side thread, even through long steps (mining
     on a large set reports no progress for a while) so no other worker takes it over."""
 
-    def __init__(self, run_id: str, token: str, settings: Settings):
+    def __init__(self, run_id: str, token: str, settings: Settings, beat=None):
         self.run_id, self.token, self.every_s = run_id, token, settings.heartbeat_s
+        self.beat = beat or execution.heartbeat  # an assignment job passes its own
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scan-heartbeat", daemon=True)
 
@@ -136,6 +137,6 @@ class Heartbeat:
         while not self._stop.wait(self.every_s):
             try:
                 with new_session() as session:
-                    execution.heartbeat(session, self.run_id, self.token)
+                    self.beat(session, self.run_id, self.token)
             except Exception as exc:  # noqa: BLE001 - a database restart: beat again next time
                 log.warning("heartbeat of run %s failed (%s); retrying", self.run_id, type(exc).__name__)

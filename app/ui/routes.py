@@ -474,3 +474,29 @@ def item_image(dataset_id: str, item: ItemIndex, session: SessionDep, tenant: Ui
         media_type="image/png",
         headers={"Cache-Control": "private, max-age=86400"},
     )
+
+
+# -- assignment jobs --------------------------------------------------------------------------
+
+
+@router.get("/assignment-jobs/{job_id}", name="ui_assignment_job", response_class=HTMLResponse)
+def assignment_job_page(request: Request, job_id: str, session: SessionDep, tenant: UiTenant):
+    """Progress, the drift report and the most novel images of an assignment job (same service and
+    owner check as GET /v1/assignment-jobs/{id})."""
+    from app.services import assignment_jobs
+    from app.tables import JobState
+
+    job = assignment_jobs.get(session, tenant, job_id)
+    dataset = dataset_service.get(session, tenant, job.dataset_id)
+    drift = job.drift if job.state == JobState.SUCCEEDED else None
+    return templates.TemplateResponse(
+        request,
+        "assignment_job.html",
+        {
+            "tenant": tenant,
+            "job": job,
+            "dataset_name": dataset.name,
+            "fraction": (job.processed / job.total) if job.total else 1.0,
+            "drift": drift,
+        },
+    )
