@@ -225,8 +225,9 @@ def _ivf_lists(template: faiss.Index, x: np.ndarray) -> np.ndarray | None:
     """For an IVF template: every row's list, assigned once over the whole array in fixed blocks
     (None for a flat index). Sharded and unsharded builds both add with these: a shard assigning
     its own rows would run the quantizer's matrix product on other block shapes, whose last-bit
-    differences move a vector lying between two centroids to the other list (seen at 300k vectors:
-    the sharded neighbours then differed from the unsharded ones)."""
+    differences could move a vector lying between two centroids to the other list. (At 300k vectors
+    bench/scaling.py still finds sharded and unsharded neighbours differing, with or without this;
+    the cause is open: docs/scaling.md.)"""
     base = faiss.downcast_index(template)
     if not isinstance(base, faiss.IndexIVF):
         return None
