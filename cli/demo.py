@@ -183,6 +183,63 @@ def _predict_one(scan: Client, dataset: DatasetOut, run: RunOut) -> None:
     console.print_json(answer.model_dump_json(exclude_none=True))
 
 
+def _worker_args(queue: str) -> list[str]:
+    celery = f"-m celery -A workers.celery_app worker -Q {queue} -c 1 -n {queue}@%h --loglevel INFO"
+    return [sys.executable, *celery.split()]
+
+
+def _start_stack(host: str, port: int, logs: Path) -> tuple[str, list[subprocess.Popen]]:
+    """The API on the first free port from `port`, and two workers, as in production: ingest (cpu)
+    never waits behind a training stage (gpu)."""
+    while not _port_free(host, port):
+        port += 1
+    api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)]
+    procs = [_spawn(api, logs / "api.log")]
+    procs += [_spawn(_worker_args(queue), logs / f"worker-{queue}.log") for queue in ("gpu", "cpu")]
+    return f"http://{host}:{port}", procs
+
+
+def _stop_on_signals(procs: list[subprocess.Popen]):
+    """SIGTERM and Ctrl-C both stop the children and exit 0: no KeyboardInterrupt traceback."""
+
+    def stop(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the stopping
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        console.print("\nstopping the API and the workers ...")
+        _stop(procs)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return stop
+
+
+def _import_datasets(scan: Client, memory: Path, fashion: bool) -> DatasetOut:
+    digits = _import(scan, "digits", memory)
+    console.print(
+        f"digits: {digits.count} images {digits.height}x{digits.width}, {len(digits.class_names or [])} classes"
+    )
+    if fashion and FASHION.exists():
+        fm = _import(scan, "fashion-mnist", memory)
+        console.print(f"fashion-mnist: {fm.count} images imported (train it with POST /v1/runs)")
+    return digits
+
+
+def _print_ready(base: str, key_file: Path, seconds: float) -> None:
+    console.print(
+        f"\n[bold green]Ready[/] in {seconds:.0f}s.  API: {base}   docs: {base}/docs   UI: {base}/ui   key: {key_file}"
+    )
+    console.print(f'try: curl -H "Authorization: Bearer $(cat {key_file})" {base}/v1/runs')
+
+
+def _serve(procs: list[subprocess.Popen], base: str) -> None:
+    console.print("The server keeps running; Ctrl-C stops it.")
+    console.print(f"[bold]Cluster browser:[/] {base}/ui")
+    while all(p.poll() is None for p in procs):
+        time.sleep(1)
+    raise SystemExit("the API or the worker exited; see var/logs/")
+
+
 # The digits recipe of bench/digits.py: ACC >= 0.85 in about 1.5 minutes on 2 idle CPU cores.
 def main(
     pretext_epochs: int = typer.Option(60, help="SimCLR epochs (the paper uses 500 on CIFAR)"),
@@ -201,90 +258,32 @@ def main(
         f"[bold]SCAN demo[/] ({'embedded: SQLite + filesystem broker' if settings.embedded else 'services'})"
         f"; API key {'created in' if written else 'read from'} {settings.api_key_file}"
     )
-    host, port = settings.api_host, settings.api_port
-    while not _port_free(host, port):
-        port += 1
-    base = f"http://{host}:{port}"
     logs = settings.var_dir / "logs"
-    procs = [
-        _spawn(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port)], logs / "api.log"
-        ),
-        # Two workers, as in production: ingest (cpu) never waits behind a training stage (gpu).
-        *(
-            _spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "workers.celery_app",
-                    "worker",
-                    "-Q",
-                    queue,
-                    "-c",
-                    "1",
-                    "-n",
-                    f"{queue}@%h",
-                    "--loglevel",
-                    "INFO",
-                ],
-                logs / f"worker-{queue}.log",
-            )
-            for queue in ("gpu", "cpu")
-        ),
-    ]
-
-    def stop(*_: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the stopping
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        console.print("\nstopping the API and the workers ...")
-        _stop(procs)
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)  # Ctrl-C: the same clean stop, not a KeyboardInterrupt traceback
-    memory = settings.var_dir / "demo.json"
+    base, procs = _start_stack(settings.api_host, settings.api_port, logs)
+    stop = _stop_on_signals(procs)
     try:
         _wait_ready(base, procs)
         console.print(f"API up at {base} after {time.monotonic() - t0:.1f}s (logs in {logs})")
         scan = Client(base, key, timeout=900)
-        digits = _import(scan, "digits", memory)
-        console.print(
-            f"digits: {digits.count} images {digits.height}x{digits.width}, {len(digits.class_names or [])} classes"
-        )
-        if fashion and FASHION.exists():
-            fm = _import(scan, "fashion-mnist", memory)
-            console.print(f"fashion-mnist: {fm.count} images imported (train it with POST /v1/runs)")
+        digits = _import_datasets(scan, settings.var_dir / "demo.json", fashion)
         t1 = time.monotonic()
-        run = _train(
-            scan,
-            digits,
-            {
-                "pretext.epochs": pretext_epochs,
-                "clustering.epochs": clustering_epochs,
-                "clustering.batch_size": 128,
-                "selflabel.epochs": selflabel_epochs,
-                "selflabel.batch_size": 256,
-            },
-        )
+        recipe = {
+            "pretext.epochs": pretext_epochs,
+            "clustering.epochs": clustering_epochs,
+            "clustering.batch_size": 128,
+            "selflabel.epochs": selflabel_epochs,
+            "selflabel.batch_size": 256,
+        }
+        run = _train(scan, digits, recipe)
         if run.state != "SUCCEEDED":
             raise SystemExit(f"run {run.id} ended {run.state}: {run.error}")
         console.print(f"run {run.id} SUCCEEDED in {time.monotonic() - t1:.0f}s")
         _print_metrics(scan, run)
         _predict_one(scan, digits, run)
-        console.print(
-            f"\n[bold green]Ready[/] in {time.monotonic() - t0:.0f}s.  API: {base}   docs: {base}/docs   "
-            f"UI: {base}/ui   key: {settings.api_key_file}"
-        )
-        console.print(f'try: curl -H "Authorization: Bearer $(cat {settings.api_key_file})" {base}/v1/runs')
+        _print_ready(base, settings.api_key_file, time.monotonic() - t0)
         if exit_after:
             stop()
-        console.print("The server keeps running; Ctrl-C stops it.")
-        console.print(f"[bold]Cluster browser:[/] {base}/ui")
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-        raise SystemExit("the API or the worker exited; see var/logs/")
+        _serve(procs, base)
     except BaseException:
         _stop(procs)
         raise

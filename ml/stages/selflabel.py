@@ -33,23 +33,50 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
             write_outputs(ctx, rt.model(model), images, data, "scan", final=True)
         return {"skipped": True}
 
-    n, size = images.shape[0], images.shape[-1]
+    n = images.shape[0]
     model = rt.model(model)
-    trainer = Trainer(
-        ctx,
-        model,
-        model.heads.parameters() if sl.freeze_backbone else model.parameters(),
-        sl.optim,
-        epochs=sl.epochs,
-        batch_size=sl.batch_size,
-        n=n,
-        stream=3,
-    )
-    pc = cfg.pretext
-    strong = (
-        StrongAugment(size, cutout=cfg.clustering.cutout, flip=pc.flip)
-        if sl.augmentation == "strong"
-        else SimCLRAugment(
+    params = model.heads.parameters() if sl.freeze_backbone else model.parameters()
+    trainer = Trainer(ctx, model, params, sl.optim, epochs=sl.epochs, batch_size=sl.batch_size, n=n, stream=3)
+    weak, strong = _views(cfg, images.shape[-1])
+    extras = trainer.resume()
+    confidence = _Confidence(model, images, data.labels, sl.threshold, rt)
+
+    # The weights with the most confident samples are kept (the paper's Fig. 4 criterion, no labels
+    # involved), starting from the SCAN model itself: where self-labeling only loses confidence
+    # (seen on 14 px Fashion-MNIST), the SCAN model stays the final one.
+    best = extras.get("best") or {"epoch": 0, "confident": confidence.count(), "state": cpu_state(model)}
+    start = extras.get("start") or {"confident": best["confident"], "acc": confidence.acc}
+
+    for _ in trainer.epochs():
+        model.train(not sl.freeze_backbone)
+        skipped = sum(
+            not _step(model, sl, take(images, idx, rt), weak, strong, trainer, rt) for idx in trainer.batches()
+        )
+        confident = confidence.count()
+        if confident > best["confident"]:
+            best = {"epoch": trainer.epoch + 1, "confident": confident, "state": cpu_state(model)}
+        stop = _plateaued([*trainer.history, {"confident": confident}], sl.patience, sl.min_gain * n)
+        record = {"confident": confident, "confident_fraction": confident / n, "skipped_batches": skipped}
+        if confidence.acc is not None:
+            record["acc"] = confidence.acc
+        trainer.end_epoch(record, stop=stop, extra={"best": best, "start": start})
+
+    model.load_state_dict(best["state"])
+    save_clustering(run.model_path, model, {**meta, "selflabel_epoch": best["epoch"]})
+    run.update_json(run.history_path, "selflabel", trainer.history)
+    run.update_json(run.history_path, "selflabel_start", start)
+    run.update_json(run.history_path, "selflabel_kept", {"epoch": best["epoch"], "confident": best["confident"]})
+    results = write_outputs(ctx, model, images, data, "selflabel", final=True)
+    return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}
+
+
+def _views(cfg, size: int):
+    """The weak view that makes pseudo-labels and the strong view they teach."""
+    sl, pc = cfg.selflabel, cfg.pretext
+    if sl.augmentation == "strong":
+        strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=pc.flip)
+    else:
+        strong = SimCLRAugment(
             size,
             crop_scale=pc.crop_scale,
             flip=pc.flip,
@@ -58,75 +85,50 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
             gray_p=pc.gray_p,
             invariances=pc.invariances,
         )
+    weak = WeakAugment(size, flip=pc.flip) if sl.weak_view == "shift" else (lambda x, g: to_float(x))
+    return weak, strong
+
+
+def _step(model, sl, x, weak, strong, trainer: Trainer, rt) -> bool:
+    """One batch: pseudo-labels from the weak view teach the strong view. False when the batch held
+    no confident sample (nothing to learn from; not an error)."""
+    xw, xs = rt.prepare(weak(x, trainer.g)), rt.prepare(strong(x, trainer.g))
+    if sl.teacher_mode == "eval":
+        model.eval()  # running BatchNorm statistics, as the confident count is measured
+    with torch.no_grad(), rt.autocast():
+        weak_logits = model(xw)[0].float()
+    model.train(not sl.freeze_backbone)
+    with rt.autocast():
+        strong_logits = model(xs)[0].float()
+    loss, confident = selflabel_loss(
+        weak_logits, strong_logits, sl.threshold, sl.class_balance, cluster_quota=sl.cluster_quota
     )
-    weak = WeakAugment(size, flip=cfg.pretext.flip) if sl.weak_view == "shift" else (lambda x, g: to_float(x))
-    extras = trainer.resume()
-    final = model
+    if sl.entropy_weight:
+        loss = loss - sl.entropy_weight * mean_entropy(strong_logits.softmax(-1))
+    if confident == 0:
+        return False
+    before = [p.detach().clone() for p in model.parameters()] if sl.ema else None
+    trainer.step(loss, x.shape[0])
+    if before is not None:
+        _ema_update(model, before, sl.ema)
+    return True
 
-    labels = np.asarray(data.labels) if data.labels is not None else None
 
-    def count_confident() -> int:
-        final.eval()
-        probs = predict_all(lambda x: final(x)[0].float().softmax(-1), images, rt)
-        if labels is not None:  # for the history only (Fig. 4's ACC curve); nothing selects on it
-            last_acc[0] = hungarian_accuracy(probs.argmax(1).numpy(), labels)
-        return int((probs.max(1).values > sl.threshold).sum())
+class _Confidence:
+    """The confident count over the whole set (the stage's selection criterion) and, where labels
+    exist, the ACC beside it for the history only (Fig. 4's curve); nothing selects on the ACC."""
 
-    last_acc: list[float | None] = [None]
+    def __init__(self, model, images, labels, threshold: float, rt) -> None:
+        self.model, self.images, self.threshold, self.rt = model, images, threshold, rt
+        self.labels = np.asarray(labels) if labels is not None else None
+        self.acc: float | None = None
 
-    # The weights with the most confident samples are kept (the paper's Fig. 4 criterion, no labels
-    # involved), starting from the SCAN model itself: where self-labeling only loses confidence
-    # (seen on 14 px Fashion-MNIST), the SCAN model stays the final one.
-    best = extras.get("best") or {"epoch": 0, "confident": count_confident(), "state": cpu_state(final)}
-    start = extras.get("start") or {"confident": best["confident"], "acc": last_acc[0]}
-
-    for _ in trainer.epochs():
-        model.train(not sl.freeze_backbone)
-        skipped = 0
-        for idx in trainer.batches():
-            x = take(images, idx, rt)
-            xw, xs = rt.prepare(weak(x, trainer.g)), rt.prepare(strong(x, trainer.g))
-            if sl.teacher_mode == "eval":
-                model.eval()  # running BatchNorm statistics, as the confident count is measured
-            with torch.no_grad(), rt.autocast():
-                weak_logits = model(xw)[0].float()
-            model.train(not sl.freeze_backbone)
-            with rt.autocast():
-                strong_logits = model(xs)[0].float()
-            loss, confident = selflabel_loss(
-                weak_logits, strong_logits, sl.threshold, sl.class_balance, cluster_quota=sl.cluster_quota
-            )
-            if sl.entropy_weight:
-                loss = loss - sl.entropy_weight * mean_entropy(strong_logits.softmax(-1))
-            if confident == 0:
-                skipped += 1  # nothing to learn from in this batch; not an error
-                continue
-            before = [p.detach().clone() for p in model.parameters()] if sl.ema else None
-            trainer.step(loss, x.shape[0])
-            if before is not None:
-                _ema_update(model, before, sl.ema)
-        confident = count_confident()
-        if confident > best["confident"]:
-            best = {"epoch": trainer.epoch + 1, "confident": confident, "state": cpu_state(final)}
-        stop = _plateaued([*trainer.history, {"confident": confident}], sl.patience, sl.min_gain * n)
-        trainer.end_epoch(
-            {
-                "confident": confident,
-                "confident_fraction": confident / n,
-                "skipped_batches": skipped,
-                **({"acc": last_acc[0]} if last_acc[0] is not None else {}),
-            },
-            stop=stop,
-            extra={"best": best, "start": start},
-        )
-
-    final.load_state_dict(best["state"])
-    save_clustering(run.model_path, final, {**meta, "selflabel_epoch": best["epoch"]})
-    run.update_json(run.history_path, "selflabel", trainer.history)
-    run.update_json(run.history_path, "selflabel_start", start)
-    run.update_json(run.history_path, "selflabel_kept", {"epoch": best["epoch"], "confident": best["confident"]})
-    results = write_outputs(ctx, final, images, data, "selflabel", final=True)
-    return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}
+    def count(self) -> int:
+        self.model.eval()
+        probs = predict_all(lambda x: self.model(x)[0].float().softmax(-1), self.images, self.rt)
+        if self.labels is not None:
+            self.acc = hungarian_accuracy(probs.argmax(1).numpy(), self.labels)
+        return int((probs.max(1).values > self.threshold).sum())
 
 
 def _plateaued(history: list[dict[str, Any]], patience: int, min_gain: float) -> bool:
