@@ -47,22 +47,48 @@ def _queues(sender) -> list[str]:
         return []
 
 
+_calibrations: list[subprocess.Popen] = []  # running ml.calibrate children, stopped with the worker
+
+
 def _calibrate(settings) -> dict | None:
     """ml/calibrate.py in a subprocess (the main process must not touch CUDA before it forks),
     cached per host under the var dir."""
     cache = settings.calibration_cache or settings.var_dir / "calibration" / f"{socket.gethostname()}.json"
     try:
-        out = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "ml.calibrate", "--cache", str(cache)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=600,
-            check=True,
         )
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+    except OSError as exc:
         log.warning("device calibration failed (%s); estimates use the reference figures", type(exc).__name__)
         return None
+    _calibrations.append(proc)
+    try:
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args)
+        return json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        proc.kill()
+        proc.wait()
+        log.warning("device calibration failed (%s); estimates use the reference figures", type(exc).__name__)
+        return None
+    finally:
+        _calibrations.remove(proc)
+
+
+@signals.worker_shutdown.connect
+def _stop_calibration(**_: object) -> None:
+    """A worker told to stop while it still measures its device must not leave the measurement
+    running behind it (found by the per-GPU launcher test: the launcher's group outlived it)."""
+    for proc in list(_calibrations):
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @signals.worker_ready.connect
