@@ -43,22 +43,24 @@ def test_the_worker_advertises_its_device_and_the_202_carries_the_estimate(
 
     r = client.post("/v1/runs", json=_body(small_dataset))
     assert r.status_code == 202, r.text
+    _cancel(client, r.json()["id"])
     est = r.json()["estimate"]
     assert est["device_reported"] is True and est["device"] == row.device_name
     assert set(est["stages_s"]) == {"pretext", "mining", "clustering", "selflabel"}
     assert est["total_s"] > 0 and est["warning"] is None  # TINY on 360 images: seconds, not hours
-    _cancel(client, r.json()["id"])
     with ui_client(api_server, keys["a"]) as ui:
         page = ui.get(f"/ui/runs/{r.json()['id']}")
     assert page.status_code == 200 and 'id="run-estimate"' in page.text and row.device_name in page.text
 
-    # The paper's CIFAR recipe on the same images is hours on a CPU: said plainly before it starts.
+    # A recipe of many hours on a CPU is said plainly before it starts. The paper's CIFAR recipe
+    # alone is not enough: on 360 images an idle 2-core machine estimates it at about 43 minutes.
     if row.kind == "cpu":
-        r = client.post("/v1/runs", json=_body(small_dataset, preset="cifar", overrides={}))
+        hours = {"pretext.epochs": 5000, "clustering.epochs": 5000, "selflabel.epochs": 5000}
+        r = client.post("/v1/runs", json=_body(small_dataset, preset="cifar", overrides=hours))
         assert r.status_code == 202, r.text
-        warning = r.json()["estimate"]["warning"]
-        assert warning and "budget_minutes" in warning
-        _cancel(client, r.json()["id"])
+        _cancel(client, r.json()["id"])  # before asserting: a left-over run would hold the gpu worker
+        est = r.json()["estimate"]
+        assert est["total_s"] > 3600 and est["warning"] and "budget_minutes" in est["warning"], est
 
 
 def test_budget_minutes_cuts_the_recipe_to_fit(client, small_dataset, gpu_worker):
