@@ -27,6 +27,7 @@ from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.services import datasets as dataset_service
 from app.services import webhooks
+from app.services.execution import refresh_lease
 from app.tables import AssignmentJob, Dataset, DatasetState, JobAssignment, JobState, Run, RunState, Tenant, utcnow
 
 log = logging.getLogger("scan.worker")
@@ -361,14 +362,7 @@ def save_batch(session: Session, job_id: str, token: str, offset: int, cluster, 
 
 
 def heartbeat(session: Session, job_id: str, token: str) -> bool:
-    held = session.execute(
-        update(AssignmentJob)
-        .where(AssignmentJob.id == job_id, AssignmentJob.lease_token == token)
-        .values(heartbeat_at=utcnow())
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    session.commit()
-    return held == 1
+    return refresh_lease(session, AssignmentJob, job_id, token)
 
 
 def fail(session: Session, job_id: str, token: str | None, message: str) -> None:

@@ -132,16 +132,21 @@ def pick(session: Session, settings: Settings, run_id: str, stage: str) -> tuple
     return None
 
 
-def heartbeat(session: Session, run_id: str, token: str) -> bool:
-    """Refresh the lease; False when it is no longer ours."""
+def refresh_lease(session: Session, table, row_id: str, token: str) -> bool:
+    """Refresh the lease of a run or an assignment job (the same lease columns); False when it is
+    no longer ours."""
     held = session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.lease_token == token)
+        update(table)
+        .where(table.id == row_id, table.lease_token == token)
         .values(heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     ).rowcount
     session.commit()
     return held == 1
+
+
+def heartbeat(session: Session, run_id: str, token: str) -> bool:
+    return refresh_lease(session, Run, run_id, token)
 
 
 def waiting_runs(session: Session, settings: Settings, limit: int = 20) -> list[tuple[str, str]]:
