@@ -102,18 +102,6 @@ def test_ui_images_and_pages_are_per_tenant(api_server, keys, finished_run, digi
 # -- in Chromium --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed (make chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser, api_server, keys):
     """A browser page logged in through the login form (the key typed once)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.test_ui import CHROMIUM, CHROMIUM_ARGS, all_images_loaded, check_screenshot, ui_client
+from tests.service.test_ui import all_images_loaded, check_screenshot, ui_client
 
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img" / "model-version.png"
 
@@ -84,18 +84,6 @@ def test_ui_registry_forms_check_origin_token_and_tenant(api_server, keys, clien
             headers=origin,
         )
         assert r.status_code == 422 and "printable" in r.text
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed (make chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
