@@ -28,7 +28,18 @@ from app.core.settings import Settings
 from app.services import datasets as dataset_service
 from app.services import webhooks
 from app.services.execution import refresh_lease
-from app.tables import AssignmentJob, Dataset, DatasetState, JobAssignment, JobState, Run, RunState, Tenant, utcnow
+from app.tables import (
+    AssignmentJob,
+    Dataset,
+    DatasetState,
+    JobAssignment,
+    JobState,
+    Run,
+    RunState,
+    Tenant,
+    owned,
+    utcnow,
+)
 
 log = logging.getLogger("scan.worker")
 
@@ -49,8 +60,8 @@ def resolve_model(session: Session, tenant: Tenant, reference: str) -> Run:
     (``name``, ``name@alias``, ``name/versions/N``, resolved by app/services/registry.py)."""
     from app.services import registry
 
-    run = session.get(Run, reference)
-    if run is None or run.tenant_id != tenant.id:
+    run = owned(session, Run, reference, tenant.id)
+    if run is None:
         run = registry.resolve(session, tenant, reference).run
     if run.state != RunState.SUCCEEDED:
         raise Conflict(f"run {run.id} is {run.state}; assignment jobs need a SUCCEEDED run")
@@ -111,8 +122,8 @@ def wake(session: Session, job: AssignmentJob) -> None:
 
 
 def get(session: Session, tenant: Tenant, job_id: str) -> AssignmentJob:
-    job = session.get(AssignmentJob, job_id)
-    if job is None or job.tenant_id != tenant.id:
+    job = owned(session, AssignmentJob, job_id, tenant.id)
+    if job is None:
         raise NotFound(f"assignment job {job_id} not found (list yours with GET /v1/assignment-jobs)")
     return job
 

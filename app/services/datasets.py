@@ -27,7 +27,7 @@ from app.core.settings import Settings
 from app.core.text import MESSAGE as TEXT_MESSAGE
 from app.core.text import is_printable
 from app.services.failures import public_message, strip_paths
-from app.tables import Dataset, DatasetState, ModelVersion, Run, RunState, Tenant, utcnow
+from app.tables import Dataset, DatasetState, ModelVersion, Run, RunState, Tenant, owned, utcnow
 
 log = logging.getLogger("scan.ingest")
 
@@ -98,8 +98,8 @@ def discard(settings: Settings, dataset_id: str) -> None:
 
 
 def get(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.tenant_id != tenant.id:
+    dataset = owned(session, Dataset, dataset_id, tenant.id)
+    if dataset is None:
         raise NotFound(f"dataset {dataset_id} not found (list yours with GET /v1/datasets)")
     return dataset
 

@@ -22,7 +22,7 @@ from app.core.queue import enqueue_stage
 from app.core.settings import Settings, get_settings
 from app.services import datasets as dataset_service
 from app.services import devices, webhooks, weights
-from app.tables import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, utcnow
+from app.tables import DatasetState, Run, RunEvent, RunState, StageState, StageStatus, Tenant, owned, utcnow
 from ml.rundir import RunDir
 from ml.stages import STAGES
 
@@ -123,8 +123,8 @@ def _replay(existing: Run, digest: str, key: str) -> Run:
 
 
 def get(session: Session, tenant: Tenant, run_id: str) -> Run:
-    run = session.get(Run, run_id)
-    if run is None or run.tenant_id != tenant.id:
+    run = owned(session, Run, run_id, tenant.id)
+    if run is None:
         raise NotFound(f"run {run_id} not found (list yours with GET /v1/runs)")
     return run
 

@@ -44,6 +44,7 @@ from app.tables import (
     WebhookAttempt,
     WebhookDelivery,
     new_id,
+    owned,
     utcnow,
 )
 
@@ -69,8 +70,8 @@ def create(session: Session, settings: Settings, tenant: Tenant, url: str) -> We
 
 
 def get(session: Session, tenant: Tenant, webhook_id: str) -> Webhook:
-    hook = session.get(Webhook, webhook_id)
-    if hook is None or hook.tenant_id != tenant.id:
+    hook = owned(session, Webhook, webhook_id, tenant.id)
+    if hook is None:
         raise NotFound(f"webhook {webhook_id} not found (list yours with GET /v1/webhooks)")
     return hook
 

@@ -29,7 +29,7 @@ from app.core.db import new_session
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.settings import Settings
 from app.core.text import check_printable
-from app.tables import Run, RunState, StageState, StageStatus, Tenant, Weights
+from app.tables import Run, RunState, StageState, StageStatus, Tenant, Weights, owned
 
 log = logging.getLogger("scan.weights")
 
@@ -203,8 +203,8 @@ def _remove_files(settings: Settings, weights_id: str) -> None:
 
 
 def get(session: Session, tenant: Tenant, weights_id: str) -> Weights:
-    row = session.get(Weights, weights_id)
-    if row is None or row.tenant_id != tenant.id:
+    row = owned(session, Weights, weights_id, tenant.id)
+    if row is None:
         raise NotFound(f"weights {weights_id} not found (list yours with GET /v1/weights)")
     return row
 
