@@ -12,9 +12,9 @@ both into a temporary table shaped like `assignments`, in rows/s.
 index: for each N, 128-d clustered features (`bench/mining.py`'s mixture) through what the mining
 stage does: `build_index` (exact up to 50k, IVF beyond) and `mine_neighbors` K=20, timed together;
 then the same with the index cut into `--shards` faiss shards (the ratio against the unsharded run
-above it, and a check that the neighbours are identical); then the index saved and loaded as the API
-loads a run's `index.faiss`, and single-vector k=10 searches (what one `/neighbors` query does in
-process, without HTTP), p50/p99 over 300 queries.
+above it, and the count of rows whose neighbours differ from the unsharded ones: 0 is identical);
+then the index saved and loaded as the API loads a run's `index.faiss`, and single-vector k=10
+searches (what one `/neighbors` query does in process, without HTTP), p50/p99 over 300 queries.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def index(sizes: list[int], shards: int) -> None:
     from ml.index import build_index, describe_index, load_index, mine_neighbors, save_index, search
 
     print(
-        f"{'N':>9} {'index':>22} {'mine s':>8} {f'{shards} shards s':>11} {'ratio':>6} {'same':>5} "
+        f"{'N':>9} {'index':>22} {'mine s':>8} {f'{shards} shards s':>11} {'ratio':>6} {'rows differ':>11} "
         f"{'search p50 ms':>14} {'p99 ms':>7}"
     )
     for n in sizes:
@@ -123,7 +123,7 @@ def index(sizes: list[int], shards: int) -> None:
         sharded = build_index(x, shards=shards)
         sharded_ids, _ = mine_neighbors(x, k=20, index=sharded)
         shard_s = time.perf_counter() - t0
-        same = bool(np.array_equal(ids, sharded_ids))
+        differ = int((ids != sharded_ids).any(axis=1).sum())  # 0: the same neighbours, in order
         del sharded, sharded_ids
         info = describe_index(whole)
         kind = info["kind"] + (f" nlist={info['nlist']} nprobe={info['nprobe']}" if info["kind"] == "ivf" else "")
@@ -141,7 +141,7 @@ def index(sizes: list[int], shards: int) -> None:
                 lat.append(time.perf_counter() - t0)
         p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99])
         print(
-            f"{n:>9} {kind:>22} {mine_s:>8.1f} {shard_s:>11.1f} {shard_s / mine_s:>6.2f} {same!s:>5} "
+            f"{n:>9} {kind:>22} {mine_s:>8.1f} {shard_s:>11.1f} {shard_s / mine_s:>6.2f} {differ:>11} "
             f"{p50:>14.2f} {p99:>7.2f}",
             flush=True,
         )

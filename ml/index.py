@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +226,8 @@ def _ivf_lists(template: faiss.Index, x: np.ndarray) -> np.ndarray | None:
     """For an IVF template: every row's list, assigned once over the whole array in fixed blocks
     (None for a flat index). Sharded and unsharded builds both add with these: a shard assigning
     its own rows would run the quantizer's matrix product on other block shapes, whose last-bit
-    differences could move a vector lying between two centroids to the other list. (At 300k vectors
-    bench/scaling.py still finds sharded and unsharded neighbours differing, with or without this;
-    the cause is open: docs/scaling.md.)"""
+    differences could move a vector lying between two centroids to the other list (the same reason
+    `_search` chooses the probed lists once for all shards)."""
     base = faiss.downcast_index(template)
     if not isinstance(base, faiss.IndexIVF):
         return None
@@ -271,7 +271,27 @@ def search(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, np.nda
     q = _normalized(queries, "queries")
     if q.shape[1] != index.d:
         raise ValueError(f"queries have dimension {q.shape[1]}, the index {index.d}")
-    scores, ids = index.search(q, k)
+    return _search(index, q, k)
+
+
+def _search(index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """index.search, except for sharded IVF: there the lists each query probes are chosen once, by
+    the shared quantizer on the whole batch as the unsharded index would, and every shard scans those
+    lists (IndexIVF.search_preassigned); faiss.IndexShards would let each shard run the quantizer
+    itself, in its own thread, and the quantizer's BLAS scores change in the last bit with the
+    thread count and batch shape: a query nearly equidistant from its 16th and 17th list then probes
+    different lists in different shards, which made 300k-vector sharded mining differ from unsharded.
+    """
+    parts = _shards(index)
+    if parts is None or not isinstance(_base_index(parts[0]), faiss.IndexIVF):
+        return index.search(x, k)
+    first = _base_index(parts[0])
+    probe_scores, probes = first.quantizer.search(x, first.nprobe)
+    with ThreadPoolExecutor(len(parts)) as pool:  # faiss releases the GIL: one thread per shard/GPU
+        answers = list(pool.map(lambda part: part.search_preassigned(x, k, probes, probe_scores), parts))
+    scores, ids = faiss.merge_knn_results(
+        np.stack([a[0] for a in answers]), np.stack([a[1] for a in answers]), keep_max=True
+    )
     return scores, ids
 
 
@@ -313,7 +333,7 @@ def mine_neighbors(
     out_scores = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, MINE_BATCH):
         stop = min(n, start + MINE_BATCH)
-        scores, ids = index.search(x[start:stop], k + 1)
+        scores, ids = _search(index, x[start:stop], k + 1)
         self_ids = np.arange(start, stop, dtype=np.int64)
         out_ids[start:stop], out_scores[start:stop] = _drop_self(ids, scores, self_ids)
 
