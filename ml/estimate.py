@@ -12,7 +12,8 @@ The cost model (docs/service.md, "Duration and memory estimates"):
 - Each stage's work is counted in such training-image passes: pretext epochs x n x 2 views,
   clustering epochs x n x 2 (anchor and neighbour) plus its per-epoch loss over the dataset, self-
   labeling epochs x n (strong view) plus the weak view and the confident count. Self-labeling stops
-  early on a plateau, so its figure is an upper bound.
+  early on a plateau, so its figure is an upper bound. With `seeds: N` both of those stages run N
+  times, pretext and mining once.
 - Memory: parameters x 16 bytes (weights, gradients, two Adam moments) + batch x views x the
   activations one image leaves for the backward pass x 4 bytes + (on a CPU) the dataset resident at
   training size + a fixed framework overhead. The activation and parameter counts per arch are
@@ -111,6 +112,9 @@ def stage_work(cfg: RunConfig, n: int) -> dict[str, float]:
     selflabel = 0.0
     if sl.enabled and sl.epochs > 0:
         selflabel = sl.epochs * n * (1 + 2 * ev) + n * ev  # strong + weak view, confident count
+    # Each seed trains both stages again (ml/stages/seeds.py); its one extra evaluation pass is
+    # small next to an epoch and left out.
+    clustering, selflabel = cfg.seeds * clustering, cfg.seeds * selflabel
     return {"pretext": pretext, "mining": mining, "clustering": clustering, "selflabel": selflabel}
 
 

@@ -38,14 +38,18 @@ def missing_input(run_dir: str | Path, stage: str) -> tuple[str, str] | None:
     return min(missing, key=lambda m: order[m[1]]) if missing else None
 
 
-def _stage_fn(stage: str) -> Callable:
+def _stage_fn(stage: str, seeds: int = 1) -> Callable:
     # Imported lazily so that `import ml.pipeline` stays cheap for the API process.
     if stage == "pretext":
         from ml.stages.pretext import run_pretext as fn
     elif stage == "mining":
         from ml.stages.mining import run_mining as fn
+    elif stage == "clustering" and seeds > 1:
+        from ml.stages.seeds import run_clustering_seeds as fn
     elif stage == "clustering":
         from ml.stages.clustering import run_clustering as fn
+    elif stage == "selflabel" and seeds > 1:
+        from ml.stages.seeds import run_selflabel_seeds as fn
     elif stage == "selflabel":
         from ml.stages.selflabel import run_selflabel as fn
     else:
@@ -76,9 +80,10 @@ def run_stage(
 ) -> dict[str, Any]:
     """``cfg``: the run's recipe where its owner keeps it (the service: the database); None reads
     the run directory's ``config.json``, which ``prepare_run`` wrote (``scan train``, bench/)."""
-    fn = _stage_fn(stage)
+    _stage_fn(stage)  # an unknown stage is an error before anything is read
     run = RunDir(run_dir).ensure()
     cfg = cfg if cfg is not None else load_config(run_dir)
+    fn = _stage_fn(stage, cfg.seeds)
     rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
     ctx = StageContext(stage, run, cfg, rt, progress, should_cancel)
     t0 = time.perf_counter()

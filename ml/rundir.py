@@ -33,6 +33,10 @@ class RunDir:
     def checkpoint(self, stage: str) -> Path:
         return self.path / "checkpoints" / f"{stage}.pt"
 
+    def seed(self, index: int) -> SeedDir:
+        """The folder of seed `index` of a run trained over several seeds (ml/stages/seeds.py)."""
+        return SeedDir(self, index)
+
     def read_json(self, path: Path, default: Any = None) -> Any:
         if not path.exists():
             return default
@@ -42,6 +46,22 @@ class RunDir:
         data = self.read_json(path, {})
         data[key] = value
         atomic_write_text(path, json.dumps(data, indent=1))
+
+
+class SeedDir(RunDir):
+    """One seed's folder, ``seeds/<index>/`` in the run directory: its own models, checkpoints,
+    assignments, metrics and history; the pretext model, features, neighbours and index of the run
+    it belongs to (every seed trains on the one pretext and the one mining)."""
+
+    def __init__(self, run: RunDir, index: int):
+        super().__init__(run.path / "seeds" / str(index))
+        self.run, self.index = run, index
+
+    config_path = property(lambda self: self.run.config_path)
+    pretext_path = property(lambda self: self.run.pretext_path)
+    features_path = property(lambda self: self.run.features_path)
+    neighbors_path = property(lambda self: self.run.neighbors_path)
+    index_path = property(lambda self: self.run.index_path)
 
 
 def save_torch(path: Path, obj: Any) -> None:

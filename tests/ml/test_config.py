@@ -52,6 +52,9 @@ def test_a_typo_in_an_override_is_an_error_naming_the_field():
         ({"clustering.augment": False, "clustering.freeze_backbone": False}, "freeze_backbone"),
         ({"pretext.crop_scale": [0.9, 0.5]}, "crop_scale"),
         ({"num_clusters": 1}, "num_clusters"),
+        ({"seeds": 0}, "seeds"),
+        ({"seeds": 11}, "seeds"),
+        ({"seeds": 2.5}, "seeds"),
     ],
 )
 def test_combinations_that_cannot_train_are_refused(overrides, message):
@@ -89,3 +92,9 @@ def test_overrides_name_only_what_differs_from_the_preset():
     same = PRESETS["small"]["pretext"]["epochs"]
     assert RunConfig.from_preset("small", 4, {"pretext.epochs": same}).overrides() == {}
     assert RunConfig.from_preset("small", 4, {"pretext.epochs": same + 1}).overrides() == {"pretext.epochs": same + 1}
+
+
+def test_seeds_default_to_one_and_accept_the_papers_ten():
+    assert RunConfig.from_preset("small", 10).seeds == 1
+    cfg = RunConfig.from_preset("small", 10, {"seeds": 10})
+    assert cfg.seeds == 10 and cfg.overrides() == {"seeds": 10}

@@ -45,6 +45,15 @@ def test_estimate_grows_with_epochs_and_images_and_warns_past_an_hour():
     assert long["total_s"] > est.LONG_RUN_S and "hours" in long["warning"] and "budget_minutes" in long["warning"]
 
 
+def test_seeds_multiply_clustering_and_selflabel_only():
+    one = est.estimate(RunConfig.from_preset("small", 10), 10_000, 28, DEVICE)["stages_s"]
+    three = est.estimate(RunConfig.from_preset("small", 10, {"seeds": 3}), 10_000, 28, DEVICE)["stages_s"]
+    for stage in ("pretext", "mining"):
+        assert three[stage] == one[stage]
+    for stage in ("clustering", "selflabel"):
+        assert three[stage] == pytest.approx(3 * one[stage], abs=0.2)
+
+
 def test_a_budget_is_met_by_cutting_epochs_first_then_size():
     cfg = RunConfig.from_preset("cifar", 10)
     full = est.estimate(cfg, 10_000, 32, DEVICE)["total_s"]
