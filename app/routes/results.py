@@ -52,9 +52,10 @@ def list_assignments(
 
 @router.get(
     "/{run_id}/metrics",
-    summary="ACC/NMI/ARI/top-5/confusion, K-means baseline, neighbour purity",
+    summary="ACC/NMI/ARI/top-5/confusion, K-means baseline, neighbour purity, mean +- std over seeds",
     response_model=MetricsOut,
 )
 def read_metrics(run_id: str, session: SessionDep, tenant: TenantDep) -> MetricsOut:
     run = run_service.get(session, tenant, run_id)
-    return MetricsOut(run_id=run.id, metrics=service.metrics(session, run))
+    metrics = service.metrics(session, run)
+    return MetricsOut(run_id=run.id, metrics=metrics, seeds=metrics.get("seeds"))

@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.schemas.common import ORMModel
-from ml.config import DEFAULT_PRESET
+from ml.config import DEFAULT_PRESET, MAX_SEEDS
 
 RunStateName = Literal["QUEUED", "PRETEXT", "MINING", "CLUSTERING", "SELFLABEL", "SUCCEEDED", "FAILED", "CANCELED"]
 
@@ -23,6 +23,14 @@ class RunCreate(BaseModel):
         description="fit the recipe to this many minutes on the workers' reported device: the epochs "
         "of every stage are scaled down, then the image size and the convnet's width halve "
         "(docs/service.md, 'Duration and memory estimates'); what changed is in estimate.budget_changes",
+    )
+    seeds: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SEEDS,
+        description="train clustering and self-labeling this many times on the one pretext model (the "
+        "paper's protocol): GET /v1/runs/{id}/metrics reports every seed, their mean +- std, and the seed "
+        'kept by the lowest SCAN loss. The same as overrides {"seeds": N}; default 1',
     )
 
 

@@ -45,6 +45,18 @@ def validate_config(preset: str, num_clusters: int, overrides: dict[str, Any]) -
         raise Invalid(f"invalid run configuration: {exc}") from exc
 
 
+def _overrides(body: dict[str, Any]) -> dict[str, Any]:
+    """The body's overrides with its top-level run options (seeds) folded in; the two may not
+    disagree."""
+    overrides = dict(body.get("overrides") or {})
+    if body.get("seeds") is not None:
+        given = overrides.get("seeds", body["seeds"])
+        if given != body["seeds"]:
+            raise Invalid(f"seeds: the body says {body['seeds']}, overrides.seeds says {given!r}; give one")
+        overrides["seeds"] = body["seeds"]
+    return overrides
+
+
 def submit(
     session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any], idempotency_key: str | None
 ) -> tuple[Run, bool]:
@@ -78,7 +90,7 @@ def create(
     dataset = dataset_service.get(session, tenant, body["dataset_id"])
     if dataset.state != DatasetState.READY:
         raise Conflict(f"dataset {dataset.id} is {dataset.state}; runs need a READY dataset")
-    config = validate_config(body["preset"], body["num_clusters"], body.get("overrides") or {})
+    config = validate_config(body["preset"], body["num_clusters"], _overrides(body))
     weights.check_reference(session, tenant, config)
     if dataset.count is not None and body["num_clusters"] >= dataset.count:
         raise Invalid(f"num_clusters: {body['num_clusters']} must be below the dataset's {dataset.count} images")

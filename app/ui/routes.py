@@ -261,7 +261,8 @@ METRIC_NAMES = ("acc", "nmi", "ari", "top5_acc", "many_to_one_acc", "neighbor_pu
 def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
     """(metrics table, confusion matrix): the table has one column per stage that was evaluated."""
     data = results.stage_metrics(session, run)
-    stages = {k: _flatten(v) for k, v in data.items() if isinstance(v, dict)}
+    # The seeds' own table is _seeds's.
+    stages = {k: _flatten(v) for k, v in data.items() if isinstance(v, dict) and k != "seeds"}
     if not stages and any(isinstance(v, (int, float)) for v in data.values()):
         stages = {"final": data}  # a flat dict of one evaluation
     names = [n for n in METRIC_NAMES if any(n in v for v in stages.values())]
@@ -289,6 +290,41 @@ def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
     final = stages.get(data.get("final")) if isinstance(data.get("final"), str) else None
     final = final or next((stages[s] for s in ("selflabel", "scan", "final") if s in stages), None)
     return table, final.get("confusion") if final else None
+
+
+SEED_METRICS = ("acc", "nmi", "ari", "scan_loss", "confident")
+STEP_NAMES = {"scan": "SCAN", "selflabel": "self-label"}
+
+
+def _seeds(run: Run, session: Session) -> dict | None:
+    """A run over several seeds: one row per seed (the kept one marked), then mean +- std."""
+    data = results.stage_metrics(session, run).get("seeds")
+    if not isinstance(data, dict) or not data.get("runs"):
+        return None
+    mean, std = data.get("mean") or {}, data.get("std") or {}
+    columns = [
+        (step, key) for step in ("scan", "selflabel") if step in mean for key in SEED_METRICS if key in mean[step]
+    ]
+
+    def fmt(x) -> str:
+        if not isinstance(x, (int, float)):
+            return ""
+        return f"{x:.4g}"
+
+    return {
+        "n": data.get("n"),
+        "criterion": data.get("criterion"),
+        "columns": [f"{STEP_NAMES[step]} {key}" for step, key in columns],
+        "rows": [
+            {
+                "name": f"seed {r['index'] + 1} ({r['seed']})",
+                "kept": r["index"] == data.get("kept"),
+                "cells": [fmt((r.get(step) or {}).get(key)) for step, key in columns],
+            }
+            for r in data["runs"]
+        ],
+        "summary": [f"{fmt(mean[step][key])} ± {fmt(std[step][key])}" for step, key in columns],
+    }
 
 
 def _shortcut_warnings(run: Run, session: Session) -> list[dict[str, str]]:
@@ -364,6 +400,7 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
             "stages": stages,
             "charts": _charts(run_service.history(session, run)),
             "metrics": table,
+            "seeds": _seeds(run, session),
             "confusion": _confusion(confusion, dataset.class_names if dataset else None),
             "clusters": clusters,
             "shortcut_warnings": _shortcut_warnings(run, session),
