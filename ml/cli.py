@@ -69,6 +69,9 @@ def train(
     cache_dir: Path | None = typer.Option(Path(".cache/scan"), help="decoded-dataset cache"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
     seed: int | None = typer.Option(None),
+    seeds: int | None = typer.Option(
+        None, help="train clustering and self-labeling this many times (1-10) on one pretext: mean +- std"
+    ),
 ) -> None:
     """Train all four SCAN stages; rerunning the same command resumes where it stopped."""
     from pydantic import ValidationError
@@ -81,6 +84,8 @@ def train(
         overrides["device"] = device
     if seed is not None:
         overrides["seed"] = seed
+    if seeds is not None:
+        overrides["seeds"] = seeds
     try:
         cfg = RunConfig.from_preset(preset, clusters, overrides)
     except (ValidationError, ValueError) as e:
@@ -208,11 +213,29 @@ def _print_metrics(run_dir: Path, timings: dict[str, float] | None) -> None:
                 ),
             )
     Console().print(table)
+    _print_seeds(metrics.get("seeds"))
     purity = metrics.get("mining", {}).get("neighbor_purity")
     if purity is not None:
         Console().print(f"neighbour purity (K={metrics['mining']['num_neighbors']}): {purity:.3f}")
     if timings:
         Console().print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+
+
+def _print_seeds(seeds: dict[str, Any] | None) -> None:
+    """A run over several seeds: every seed's ACC / NMI / ARI / SCAN loss, then mean +- std."""
+    if not seeds:
+        return
+    step = "selflabel" if "selflabel" in seeds["mean"] else "scan"
+    keys = [k for k in ("acc", "nmi", "ari", "scan_loss", "confident") if k in seeds["mean"][step]]
+    table = Table(title=f"{seeds['n']} seeds after {'self-labeling' if step == 'selflabel' else 'SCAN'}")
+    for col in ("seed", *keys):
+        table.add_column(col)
+    for r in seeds["runs"]:
+        kept = " (kept)" if r["index"] == seeds["kept"] else ""
+        table.add_row(f"{r['index'] + 1}: {r['seed']}{kept}", *(f"{r[step][k]:.4g}" for k in keys))
+    table.add_row("mean +- std", *(f"{seeds['mean'][step][k]:.4g} +- {seeds['std'][step][k]:.2g}" for k in keys))
+    Console().print(table)
+    Console().print(f"kept: {seeds['criterion']}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

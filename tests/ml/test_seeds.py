@@ -131,3 +131,28 @@ def test_a_stage_killed_between_seeds_redoes_none_of_the_finished_ones(seeds_run
     epochs = TINY["clustering.epochs"]
     last = [p for p in resumed if p.epoch_end and p.epoch is not None][-1]
     assert (last.epoch, last.epochs) == (3 * epochs, 3 * epochs)
+
+
+def test_the_cli_refuses_seeds_out_of_range(tmp_path):
+    from typer.testing import CliRunner
+
+    from ml.cli import app
+
+    out = CliRunner().invoke(app, ["train", "digits", "-k", "10", "--out", str(tmp_path / "r"), "--seeds", "11"])
+    assert out.exit_code == 2 and "seeds" in out.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_cli_prints_every_seed_and_the_mean_and_std(seeds_run):
+    from typer.testing import CliRunner
+
+    from ml.cli import app
+
+    run_dir, _, _ = seeds_run
+    out = CliRunner().invoke(app, ["evaluate", str(run_dir)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    summary = json.loads((run_dir / "metrics.json").read_text())["seeds"]
+    assert "3 seeds after self-labeling" in out.output and "mean +- std" in out.output
+    assert f"{summary['mean']['selflabel']['acc']:.4g}" in out.output
+    assert f"{summary['kept'] + 1}: {summary['runs'][summary['kept']]['seed']} (kept)" in out.output
