@@ -148,10 +148,11 @@ def servable_run_dir(run: Run) -> Path:
     settings = get_settings()
     if settings.artifact_store:
         # Another machine trained it: fetch the run once (a SUCCEEDED run never changes), without the
-        # training checkpoints. Blocks the first request for this run on this API process only.
+        # training checkpoints and the other seeds (the kept one's files are the run's own). Blocks
+        # the first request for this run on this API process only.
         local = settings.runs_dir / run.id
         if not (local / "model.pt").is_file():
-            synced(settings).pull(f"runs/{run.id}", skip=("checkpoints/",))
+            synced(settings).pull(f"runs/{run.id}", skip=("checkpoints/", "seeds/"))
         if not (local / "model.pt").is_file():
             raise Conflict(f"run {run.id} has no model files in the artifact store")
         return local
