@@ -45,9 +45,9 @@ CRITERION = "lowest SCAN loss (Eq. 2) of the final model over every image and al
 CLUSTERING_CRITERION = "lowest SCAN loss (Eq. 2) of the SCAN model; self-labeling still to come"
 # Facts of the data or the recipe, the same for every seed: not metrics to average.
 NOT_METRICS = {"num_clusters", "num_classes", "num_samples"}
-# What the kept seed hands to the run directory itself: models and results, then the assignments
-# last (their presence with model.pt marks the self-label stage done).
-KEPT_FILES = ("scan.pt", "model.pt", "clusters.json", "assignments.npz")
+# What the kept seed hands to the run directory itself, before its assignments.npz (copied last:
+# with model.pt, it marks the self-label stage done).
+KEPT_FILES = ("scan.pt", "model.pt", "clusters.json")
 
 
 def seed_of(run_seed: int, index: int) -> int:
@@ -139,7 +139,7 @@ def run_selflabel_seeds(ctx: StageContext, data) -> dict[str, Any]:
     summary = _summary(ctx.cfg, rows, kept, CRITERION)
     seed = run.seed(kept)
     steps = ("scan", "selflabel") if final == "selflabel" else ("scan",)
-    _hand_over(run, seed, KEPT_FILES[:-1], steps=steps, history=None)
+    _hand_over(run, seed, KEPT_FILES, steps=steps, history=None)
     run.update_json(run.metrics_path, "final", final)
     run.update_json(run.metrics_path, "seeds", summary)
     _copy(seed.assignments_path, run.assignments_path)
