@@ -275,24 +275,44 @@ def search(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, np.nda
 
 
 def _search(index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """index.search, except for sharded IVF: there the lists each query probes are chosen once, by
-    the shared quantizer on the whole batch as the unsharded index would, and every shard scans those
-    lists (IndexIVF.search_preassigned); faiss.IndexShards would let each shard run the quantizer
-    itself, in its own thread, and the quantizer's BLAS scores change in the last bit with the
-    thread count and batch shape: a query nearly equidistant from its 16th and 17th list then probes
-    different lists in different shards, which made 300k-vector sharded mining differ from unsharded.
+    """index.search, with the same answer sharded or not.
+
+    For IVF (CPU) the lists each query probes are chosen here, by one quantizer call on the whole
+    batch, and every shard (or the one index) scans those lists (IndexIVF.search_preassigned).
+    Left to faiss, each shard of an IndexShards runs its quantizer in its own thread, and
+    IndexIVF.search runs it on per-thread slices of the batch: the quantizer's BLAS scores change
+    in the last bit with the batch shape and thread count, so a query nearly equidistant from its
+    16th and 17th list probed different lists sharded and unsharded (300k-vector mining differed).
+    Equal scores (duplicate images) are then listed by id, whatever order a heap or a merge left
+    them in; TIE_SLACK extra hits decide which of several equal scores at the k-th place are kept.
     """
-    parts = _shards(index)
-    if parts is None or not isinstance(_base_index(parts[0]), faiss.IndexIVF):
-        return index.search(x, k)
-    first = _base_index(parts[0])
-    probe_scores, probes = first.quantizer.search(x, first.nprobe)
-    with ThreadPoolExecutor(len(parts)) as pool:  # faiss releases the GIL: one thread per shard/GPU
-        answers = list(pool.map(lambda part: part.search_preassigned(x, k, probes, probe_scores), parts))
+    wanted = k
+    k = min(k + TIE_SLACK, int(index.ntotal))
+    parts = _shards(index) or [index]
+    bases = [_base_index(p) for p in parts]
+    if not all(isinstance(b, faiss.IndexIVF) for b in bases):  # flat, HNSW, GPU indexes
+        return _ties_by_id(*index.search(x, k), wanted)
+    probe_scores, probes = bases[0].quantizer.search(x, bases[0].nprobe)
+    if len(bases) == 1:
+        return _ties_by_id(*bases[0].search_preassigned(x, k, probes, probe_scores), wanted)
+    with ThreadPoolExecutor(len(bases)) as pool:  # faiss releases the GIL: the shards scan in parallel
+        answers = list(pool.map(lambda base: base.search_preassigned(x, k, probes, probe_scores), bases))
     scores, ids = faiss.merge_knn_results(
         np.stack([a[0] for a in answers]), np.stack([a[1] for a in answers]), keep_max=True
     )
-    return scores, ids
+    return _ties_by_id(scores, ids, wanted)
+
+
+# Equal scores at the k-th place are settled by id among k + TIE_SLACK hits: more twins than that of
+# one image, straddling the k-th place, could still come back in another order sharded.
+TIE_SLACK = 4
+
+
+def _ties_by_id(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k of each row by decreasing score, equal scores by increasing id (missing slots,
+    id -1, last)."""
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def _drop_self(ids: np.ndarray, scores: np.ndarray, self_ids: np.ndarray):

@@ -147,8 +147,11 @@ def test_neighbor_purity():
 )  # the IVF variant trains quantizers: make test only
 def test_sharded_index_answers_exactly_like_the_unsharded_one(tmp_path, threshold):
     # Exact: every shard is a flat index, so the merged top-k is the global top-k. IVF: every shard
-    # shares one trained quantizer and nprobe, so it probes the same lists as the unsharded index.
+    # shares one trained quantizer and nprobe, and the lists a query probes are chosen once for all
+    # shards, so they scan what the unsharded index scans. The last 200 rows repeat the first 200,
+    # in another shard: their exact ties must come back in one order (by id) both ways.
     x = np.random.default_rng(3).standard_normal((3001, 24)).astype(np.float32)
+    x = np.concatenate([x, x[:200]])
     whole = build_index(x, exact_threshold=threshold)
     sharded = build_index(x, exact_threshold=threshold, shards=3)
     assert describe_index(sharded)["shards"] == 3
@@ -157,6 +160,7 @@ def test_sharded_index_answers_exactly_like_the_unsharded_one(tmp_path, threshol
     sharded_ids, sharded_scores = mine_neighbors(x, k=15, index=sharded)
     np.testing.assert_array_equal(sharded_ids, ids)
     np.testing.assert_array_equal(sharded_scores, scores)
+    assert ids[0, 0] == 3001 and ids[3001, 0] == 0 and scores[0, 0] == scores[3001, 0]  # twins, found
     # Saved for serving, the shards become the one index they equal.
     save_index(sharded, tmp_path / "index.faiss")
     loaded = load_index(tmp_path / "index.faiss")
