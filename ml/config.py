@@ -31,6 +31,7 @@ MAX_DIM = 8_192
 MAX_QUEUE = 1 << 20
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_SEEDS = 10  # the paper reports 10 runs; each seed repeats clustering and self-labeling
+MAX_DEVICES = 64  # ranks of one data-parallel stage (one machine's GPUs)
 
 
 class OptimConfig(_Strict):
@@ -144,6 +145,10 @@ class RunConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool | None = None  # None: on (measured faster on CPU and GPU, see ml/device.py)
     eval_every: int = Field(0, ge=0, le=MAX_EPOCHS)  # 0: metrics only at the end of a stage
+    # Data-parallel ranks for the pretext and self-label stages (ml/distributed.py): one process per
+    # GPU (at most the GPUs the worker sees), CPU processes on a machine without one. The global
+    # batch stays batch_size, split evenly: the same training as one device, faster.
+    devices: int = Field(1, ge=1, le=MAX_DEVICES)
     pretext: PretextConfig = PretextConfig()
     mining: MiningConfig = MiningConfig()
     clustering: ClusteringConfig = ClusteringConfig()
@@ -161,6 +166,9 @@ class RunConfig(_Strict):
         bad = {k: v for k, v in self.pretext.invariances.items() if not 0 <= v <= 1}
         if bad:
             raise ValueError(f"pretext.invariances are probabilities in [0, 1], got {bad}")
+        for name, batch in (("pretext", self.pretext.batch_size), ("selflabel", self.selflabel.batch_size)):
+            if batch % self.devices:
+                raise ValueError(f"{name}.batch_size {batch} does not split evenly over devices={self.devices}")
         lo, hi = self.pretext.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("pretext.crop_scale must satisfy 0 < low <= high <= 1")

@@ -57,6 +57,23 @@ def _stage_fn(stage: str, seeds: int = 1) -> Callable:
     return fn
 
 
+def _world(ctx: StageContext, data) -> int:
+    """The number of data-parallel ranks for this stage: 1 unless the run asks for more devices and
+    the stage trains data-parallel (ml/distributed.py)."""
+    cfg = ctx.cfg
+    from ml.distributed import DATA_PARALLEL_STAGES, world_size
+
+    trains = {"pretext": cfg.pretext.epochs > 0, "selflabel": cfg.selflabel.enabled and cfg.selflabel.epochs > 0}
+    if cfg.devices == 1 or ctx.stage not in DATA_PARALLEL_STAGES or not trains[ctx.stage]:
+        return 1
+
+    batch = cfg.pretext.batch_size if ctx.stage == "pretext" else cfg.selflabel.batch_size
+    world = world_size(cfg.devices, ctx.rt.device, min(batch, data.n))
+    if world < cfg.devices:
+        ctx.note(f"{ctx.stage} asked for {cfg.devices} devices and trains on {world} (visible devices, even batches)")
+    return world
+
+
 def prepare_run(run_dir: str | Path, cfg: RunConfig) -> RunDir:
     """Create the run directory and write its config (kept if already there: a rerun must not
     silently change the recipe of a half-finished run)."""
@@ -86,8 +103,15 @@ def run_stage(
     fn = _stage_fn(stage, cfg.seeds)
     rt = select_runtime(cfg.device, cfg.precision, cfg.channels_last)
     ctx = StageContext(stage, run, cfg, rt, progress, should_cancel)
+    world = _world(ctx, data)
     t0 = time.perf_counter()
-    summary = fn(ctx, data)
-    summary = {**summary, "seconds": time.perf_counter() - t0, "device": str(rt.device)}
+    if world > 1:
+        from ml.launch import launch
+
+        summary = launch(fn, stage, run.path, data, cfg, world, progress, should_cancel)
+    else:
+        summary = fn(ctx, data)
+    device = str(rt.device) if world == 1 else f"{rt.device.type} x{world}"
+    summary = {**summary, "seconds": time.perf_counter() - t0, "device": device, "devices": world}
     run.update_json(run.path / "timings.json", stage, summary)
     return summary

@@ -13,6 +13,7 @@ import torch
 from ml.config import RunConfig
 from ml.data import resize_to
 from ml.device import Runtime
+from ml.distributed import SINGLE, Group
 from ml.rundir import RunDir
 
 
@@ -48,6 +49,7 @@ class StageContext:
     rt: Runtime
     progress: ProgressFn | None = None
     should_cancel: CancelFn | None = None
+    group: Group = SINGLE  # this process's rank among the stage's data-parallel ranks
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -107,9 +109,18 @@ def channel_stats(images: np.ndarray, sample: int = 10_000, seed: int = 0) -> tu
 
 @torch.no_grad()
 def predict_all(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, rt: Runtime, batch_size: int = 1024
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    rt: Runtime,
+    batch_size: int = 1024,
+    group: Group = SINGLE,
 ) -> torch.Tensor:
-    """forward() over every image, no augmentation, in eval batches; result on the CPU, float32."""
+    """forward() over every image, no augmentation, in eval batches; result on the CPU, float32.
+    With a data-parallel ``group`` each rank predicts its share of the rows of a 2-D result and every
+    rank gets the whole."""
+    if group.active and images.shape[0] >= group.world:
+        mine = predict_all(forward, images[group.split(images.shape[0])], rt, batch_size)
+        return group.gather_rows(mine.to(_gather_device(rt)), images.shape[0]).cpu()
     outs = []
     for i in range(0, images.shape[0], batch_size):
         x = images[i : i + batch_size].to(rt.device, non_blocking=True)
@@ -118,3 +129,8 @@ def predict_all(
             y = forward(x)
         outs.append(y.float().cpu())
     return torch.cat(outs, dim=-2 if outs[0].dim() == 3 else 0)
+
+
+def _gather_device(rt: Runtime) -> torch.device:
+    # NCCL moves CUDA tensors only; gloo CPU ones.
+    return rt.device if rt.device.type == "cuda" else torch.device("cpu")

@@ -165,7 +165,8 @@ class Trainer:
             "history": self.history,
             **(extra or {}),
         }
-        save_torch(self.ctx.run.checkpoint(self.ctx.stage), state)
+        if self.ctx.group.is_main:  # data-parallel ranks hold the same state; one writes it
+            save_torch(self.ctx.run.checkpoint(self.ctx.stage), state)
         elapsed = max(time.perf_counter() - self._timer_start, 1e-9)
         self.ctx.report(
             Progress(

@@ -1,6 +1,7 @@
 """Stage 1: the pretext task (SCAN section 2.1). Instance discrimination with SimCLR's NT-Xent, or
 MoCo v2 (queue + momentum encoder) for ImageNet-scale data. Writes the trained model and the
-L2-normalised features every later stage mines neighbours from."""
+L2-normalised features every later stage mines neighbours from. With ``devices`` > 1 it trains on
+that many ranks (ml/distributed.py): NT-Xent's negatives and MoCo's queue span the global batch."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ml.stages.loop import Trainer
 
 
 def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
-    cfg, pc, rt, run = ctx.cfg, ctx.cfg.pretext, ctx.rt, ctx.run
+    cfg, pc, rt, run, group = ctx.cfg, ctx.cfg.pretext, ctx.rt, ctx.run, ctx.group
     if run.pretext_path.exists() and run.features_path.exists():
         return {"resumed": "done"}
     images = resident_images(data.images, rt, cfg.image_size)
@@ -35,6 +36,7 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     if pc.backbone_weights:
         load_backbone_weights(backbone, Path(pc.backbone_weights))
     model = rt.model(ContrastiveModel(backbone, hidden_dim=pc.hidden_dim, feature_dim=pc.feature_dim))
+    model = group.sync_batchnorm(model, rt.device)
     aug = SimCLRAugment(
         size,
         crop_scale=pc.crop_scale,
@@ -51,18 +53,21 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     extras = trainer.resume()
     if moco is not None and extras:
         moco.load(extras)
+    net = group.wrap(model, rt.device)
 
     for _ in trainer.epochs():
         model.train()
         for idx in trainer.batches():
+            # Every rank augments the global batch from the shared stream and keeps its own rows.
             x = take(images, idx, rt)
-            v1, v2 = rt.prepare(aug(x, trainer.g)), rt.prepare(aug(x, trainer.g))
+            v1, v2 = rt.prepare(group.shard(aug(x, trainer.g))), rt.prepare(group.shard(aug(x, trainer.g)))
             with rt.autocast():
                 if moco is None:
-                    z = model(torch.cat([v1, v2])).float()
-                    loss = nt_xent_loss(z[: len(idx)], z[len(idx) :], pc.temperature)
+                    z = group.gather(net(torch.cat([v1, v2])).float())  # rank-major: [v1_r, v2_r] per rank
+                    z = z.view(group.world, 2, v1.shape[0], -1).transpose(0, 1).reshape(2, x.shape[0], -1)
+                    loss = nt_xent_loss(z[0], z[1], pc.temperature)
                 else:
-                    loss = moco.loss(model(v1).float(), v2)
+                    loss = moco.loss(net(v1).float(), v2, group)
             trainer.step(loss, x.shape[0])
             if moco is not None:
                 moco.enqueue()
@@ -72,7 +77,9 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     feature_space = pc.feature_space if pc.epochs > 0 else "backbone"
     model.eval()
     forward = model if feature_space == "head" else (lambda x: F.normalize(model.features(x), dim=1))
-    features = predict_all(forward, images, rt).numpy().astype(np.float32)
+    features = predict_all(forward, images, rt, group=group).numpy().astype(np.float32)
+    if not group.is_main:
+        return {}
     atomic_write(run.features_path, lambda f: np.save(f, features))
     meta = model_meta(
         cfg.arch,
@@ -105,11 +112,13 @@ class _Moco:
         self.ptr = [0]
         self._keys = None
 
-    def loss(self, q: torch.Tensor, key_view: torch.Tensor) -> torch.Tensor:
+    def loss(self, q: torch.Tensor, key_view: torch.Tensor, group) -> torch.Tensor:
+        """InfoNCE of the global batch: queries and keys gathered from every rank (the keys also
+        go into the queue, so it stays the same on every rank)."""
         with torch.no_grad():
             _momentum_update(self.key_model, self.model, self.momentum)
-            self._keys = self.key_model(key_view).float()
-        return moco_loss(q, self._keys, self.queue, self.temperature)
+            self._keys = group.gather(self.key_model(key_view).float())
+        return moco_loss(group.gather(q), self._keys, self.queue, self.temperature)
 
     def enqueue(self) -> None:
         _enqueue(self.queue, self.ptr, self._keys.detach())

@@ -2,7 +2,8 @@
 on a weakly augmented view become pseudo-labels for the strongly augmented view; cross-entropy is
 weighted against class imbalance. Training stops once the number of confident samples plateaus
 (the paper's Fig. 4), which is also what the history records each epoch; the weights with the most
-confident samples are the ones kept."""
+confident samples are the ones kept. With ``devices`` > 1 it trains on that many ranks
+(ml/distributed.py); class weights and quotas are those of the global batch."""
 
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
         return {"skipped": True}
 
     n = images.shape[0]
-    model = rt.model(model)
+    model = ctx.group.sync_batchnorm(rt.model(model), rt.device)
     params = model.heads.parameters() if sl.freeze_backbone else model.parameters()
     trainer = Trainer(ctx, model, params, sl.optim, epochs=sl.epochs, batch_size=sl.batch_size, n=n, stream=3)
     weak, strong = _views(cfg, images.shape[-1])
     extras = trainer.resume()
-    confidence = _Confidence(model, images, data.labels, sl.threshold, rt)
+    confidence = _Confidence(model, images, data.labels, sl.threshold, rt, ctx.group)
+    net = ctx.group.wrap(model, rt.device)
 
     # The weights with the most confident samples are kept (the paper's Fig. 4 criterion, no labels
     # involved), starting from the SCAN model itself: where self-labeling only loses confidence
@@ -50,7 +52,7 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     for _ in trainer.epochs():
         model.train(not sl.freeze_backbone)
         skipped = sum(
-            not _step(model, sl, take(images, idx, rt), weak, strong, trainer, rt) for idx in trainer.batches()
+            not _step(net, sl, take(images, idx, rt), weak, strong, trainer, rt, ctx.group) for idx in trainer.batches()
         )
         confident = confidence.count()
         if confident > best["confident"]:
@@ -60,6 +62,8 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
         if confidence.acc is not None:
             record["acc"] = confidence.acc
         trainer.end_epoch(record, stop=stop, extra={"best": best, "start": start})
+    if not ctx.group.is_main:
+        return {}
 
     model.load_state_dict(best["state"])
     save_clustering(run.model_path, model, {**meta, "selflabel_epoch": best["epoch"]})
@@ -89,17 +93,18 @@ def _views(cfg, size: int):
     return weak, strong
 
 
-def _step(model, sl, x, weak, strong, trainer: Trainer, rt) -> bool:
+def _step(model, sl, x, weak, strong, trainer: Trainer, rt, group) -> bool:
     """One batch: pseudo-labels from the weak view teach the strong view. False when the batch held
-    no confident sample (nothing to learn from; not an error)."""
-    xw, xs = rt.prepare(weak(x, trainer.g)), rt.prepare(strong(x, trainer.g))
+    no confident sample (nothing to learn from; not an error). ``x`` is the global batch; a
+    data-parallel rank augments it all (the shared random stream) and trains on its own rows."""
+    xw, xs = rt.prepare(group.shard(weak(x, trainer.g))), rt.prepare(group.shard(strong(x, trainer.g)))
     if sl.teacher_mode == "eval":
         model.eval()  # running BatchNorm statistics, as the confident count is measured
     with torch.no_grad(), rt.autocast():
-        weak_logits = model(xw)[0].float()
+        weak_logits = group.gather(model(xw)[0].float())
     model.train(not sl.freeze_backbone)
     with rt.autocast():
-        strong_logits = model(xs)[0].float()
+        strong_logits = group.gather(model(xs)[0].float())
     loss, confident = selflabel_loss(
         weak_logits, strong_logits, sl.threshold, sl.class_balance, cluster_quota=sl.cluster_quota
     )
@@ -118,14 +123,14 @@ class _Confidence:
     """The confident count over the whole set (the stage's selection criterion) and, where labels
     exist, the ACC beside it for the history only (Fig. 4's curve); nothing selects on the ACC."""
 
-    def __init__(self, model, images, labels, threshold: float, rt) -> None:
-        self.model, self.images, self.threshold, self.rt = model, images, threshold, rt
+    def __init__(self, model, images, labels, threshold: float, rt, group) -> None:
+        self.model, self.images, self.threshold, self.rt, self.group = model, images, threshold, rt, group
         self.labels = np.asarray(labels) if labels is not None else None
         self.acc: float | None = None
 
     def count(self) -> int:
         self.model.eval()
-        probs = predict_all(lambda x: self.model(x)[0].float().softmax(-1), self.images, self.rt)
+        probs = predict_all(lambda x: self.model(x)[0].float().softmax(-1), self.images, self.rt, group=self.group)
         if self.labels is not None:
             self.acc = hungarian_accuracy(probs.argmax(1).numpy(), self.labels)
         return int((probs.max(1).values > self.threshold).sum())
