@@ -1,9 +1,13 @@
-"""One `celery worker -Q gpu -c 1` per GPU, each pinned to its device by CUDA_VISIBLE_DEVICES, in one
-container: compose scales GPU workers by a variable instead of by editing the file.
+"""One `celery worker -Q gpu -c 1` per GPU (or per group of SCAN_GPUS_PER_WORKER GPUs), each pinned
+by CUDA_VISIBLE_DEVICES, in one container: compose scales GPU workers by a variable instead of by editing the file.
 
     python -m workers.per_gpu                    # one worker per GPU that nvidia-smi lists (or 1)
     SCAN_GPU_WORKERS=4 python -m workers.per_gpu # exactly 4, on GPUs 0..3
+    SCAN_GPU_WORKERS=4 SCAN_GPUS_PER_WORKER=2 python -m workers.per_gpu  # 2 workers, GPUs 0,1 and 2,3
     python -m workers.per_gpu --ping             # healthcheck: every worker on this host answers
+
+A worker that sees k GPUs trains a run asking for `devices: k` (or more) data-parallel on all k
+(ml/distributed.py); with one GPU each, such a run trains on one, with the same result, slower.
 
 SIGTERM/SIGINT are passed to every worker (a warm shutdown: each finishes or requeues its stage). If
 one worker dies the others are stopped and the launcher exits non-zero, so the container's restart
@@ -38,6 +42,17 @@ def gpu_count() -> int:
     return 1
 
 
+def gpu_groups(gpus: int, per_worker: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each worker: consecutive groups of ``per_worker`` GPUs."""
+    if per_worker < 1 or gpus % per_worker:
+        raise SystemExit(f"SCAN_GPUS_PER_WORKER={per_worker} must be >= 1 and divide the {gpus} GPUs")
+    return [",".join(str(g) for g in range(w, w + per_worker)) for w in range(0, gpus, per_worker)]
+
+
+def worker_groups() -> list[str]:
+    return gpu_groups(gpu_count(), int(os.environ.get("SCAN_GPUS_PER_WORKER") or 1))
+
+
 def names(n: int) -> list[str]:
     host = socket.gethostname()
     return [f"gpu-{i}@{host}" for i in range(n)]
@@ -45,7 +60,7 @@ def names(n: int) -> list[str]:
 
 def ping() -> int:
     """Exit 0 when every worker of this host answers a Celery ping (the compose healthcheck)."""
-    want = names(gpu_count())
+    want = names(len(worker_groups()))
     cmd = [
         sys.executable,
         "-m",
@@ -68,10 +83,10 @@ def ping() -> int:
 
 
 def main() -> int:
-    n = gpu_count()
+    groups = worker_groups()
     procs = []
-    for i, name in enumerate(names(n)):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}
+    for visible, name in zip(groups, names(len(groups))):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
         procs.append(
             subprocess.Popen(
                 [

@@ -43,6 +43,7 @@ def test_compose_config_is_valid():
     gpu = gpu_worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"] and int(gpu["count"]) == 3
     assert gpu_worker["environment"]["SCAN_GPU_WORKERS"] == "3"
+    assert gpu_worker["environment"]["SCAN_GPUS_PER_WORKER"] == "1"
     assert gpu_worker["command"] == ["python", "-m", "workers.per_gpu"]
     assert "--ping" in gpu_worker["healthcheck"]["test"]
     cpu_worker = services["worker-cpu"]
@@ -78,6 +79,16 @@ def test_each_image_variant_gets_exactly_one_faiss():
     assert [r for r in gpu if r.startswith("faiss")] == ["faiss-gpu-cu12"]
     assert {r for r in cpu if not r.startswith("faiss")} == {r for r in gpu if not r.startswith("faiss")}
     assert "torch" in cpu
+
+
+def test_gpus_per_worker_groups_consecutive_gpus():
+    from workers.per_gpu import gpu_groups
+
+    assert gpu_groups(4, 1) == ["0", "1", "2", "3"]
+    assert gpu_groups(4, 2) == ["0,1", "2,3"]  # two workers that each train `devices: 2` runs on both
+    assert gpu_groups(8, 8) == ["0,1,2,3,4,5,6,7"]
+    with pytest.raises(SystemExit, match="divide the 4 GPUs"):
+        gpu_groups(4, 3)
 
 
 def test_per_gpu_launcher_runs_one_pinned_worker_per_gpu_and_stops_cleanly(stack):
