@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.service.conftest import start_run, wait_for_run
+from tests.service.conftest import TINY, start_run, wait_for_run
 
 
 def test_run_succeeds_with_progress_for_every_stage(finished_run):
@@ -112,3 +112,21 @@ def test_killed_worker_resumes_from_checkpoint(client, small_dataset, gpu_worker
     assert second, json.dumps(events[-20:])
     assert min(e["epoch"] for e in second) >= 3, "the restarted stage began again at epoch 1"
     assert any(e["kind"] == "recovered" for e in events)
+
+
+def test_a_run_asking_for_two_devices_trains_data_parallel_in_the_worker(client, small_dataset, gpu_worker):
+    """`devices: 2` on a machine without a GPU: the worker's stage starts two gloo ranks for pretext
+    and self-labeling (ml/distributed.py), rank 0's progress reaches the run, and the run finishes
+    with the results of every stage. The stage summaries say what trained them."""
+    run = start_run(client, small_dataset, {**TINY, "devices": 2})
+    done = wait_for_run(client, run["id"], timeout=600)
+    assert done["state"] == "SUCCEEDED", done["error"]
+    stages = {s["stage"]: s for s in done["stages"]}
+    assert stages["pretext"]["epoch"] == stages["pretext"]["epochs"] == 2
+    assert stages["pretext"]["loss"] is not None
+    events = client.get(f"/v1/runs/{run['id']}/events", params={"limit": 1000}).json()["items"]
+    finished = {e["stage"]: e["data"] for e in events if e["kind"] == "stage_finished"}
+    for stage in ("pretext", "selflabel"):
+        assert finished[stage]["devices"] == 2 and finished[stage]["device"] == "cpu x2", finished[stage]
+    assert finished["clustering"]["devices"] == 1  # SCAN's stage trains on one device
+    assert len(client.get(f"/v1/runs/{run['id']}/clusters").json()) == 10
