@@ -63,7 +63,13 @@ def seed_context(ctx: StageContext, index: int) -> StageContext:
     whole stage (epoch e of seed i reports as epoch i * epochs + e of seeds * epochs)."""
     cfg = ctx.cfg.model_copy(update={"seed": seed_of(ctx.cfg.seed, index), "seeds": 1})
     return StageContext(
-        ctx.stage, ctx.run.seed(index).ensure(), cfg, ctx.rt, _seed_progress(ctx, index), ctx.should_cancel
+        ctx.stage,
+        ctx.run.seed(index).ensure(),
+        cfg,
+        ctx.rt,
+        _seed_progress(ctx, index),
+        ctx.should_cancel,
+        group=ctx.group,  # a data-parallel self-label stage trains every seed on all its ranks
     )
 
 
@@ -127,12 +133,16 @@ def run_selflabel_seeds(ctx: StageContext, data) -> dict[str, Any]:
     for i in range(ctx.cfg.seeds):
         sctx = seed_context(ctx, i)
         trained = "epochs" in run_selflabel(sctx, data)
+        if not ctx.group.is_main:  # rank 0 writes; the other ranks go on to train the next seed
+            continue
         final = sctx.run.read_json(sctx.run.metrics_path, {}).get("final", "selflabel")
         if not probe.measured(sctx.run, final):
             with np.load(sctx.run.assignments_path) as npz:  # what this seed would serve
                 probe.record(sctx.run, final, torch.from_numpy(np.asarray(npz["probs"], dtype=np.float32)))
         if trained:
             _note_seed(ctx, i, "self-labeling", sctx.run)
+    if not ctx.group.is_main:
+        return {}
     rows = _rows(run, ctx.cfg)
     final = "selflabel" if all("selflabel" in r for r in rows) else "scan"
     kept = _lowest(rows, final)
