@@ -24,6 +24,7 @@ from app.routes.predict import _BODY_DOC as PREDICT_BODY
 from app.routes.predict import read_request_images
 from app.routes.registry import ModelName, ModelRef, VersionNumber
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody
+from app.schemas.predict import ModelPredictAnswer, NeighborsAnswer
 from app.schemas.registry import NamedAssignmentPage
 from app.services import registry
 from app.services import runs as run_service
@@ -35,7 +36,6 @@ router = APIRouter(prefix="/v1/models", tags=["serving"])
 
 _SERVING_ERRORS = {
     **ERRORS,
-    200: {"content": {"application/json": {"schema": {"type": "object"}}}},
     400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
     413: {
         "model": ErrorBody,
@@ -43,6 +43,11 @@ _SERVING_ERRORS = {
     },
     415: {"model": ErrorBody, "description": "neither JSON nor multipart"},
 }
+_PREDICT_RESPONSES = {
+    **_SERVING_ERRORS,
+    200: {"model": ModelPredictAnswer, "description": "one prediction per image, in the order sent, with names"},
+}
+_NEIGHBORS_RESPONSES = {**_SERVING_ERRORS, 200: {"model": NeighborsAnswer, "description": "one list per query"}}
 TopK = Annotated[
     int, Query(ge=1, le=1000, description="how many clusters to list per image; capped at the served clusters")
 ]
@@ -63,7 +68,7 @@ async def _predict(reference: str, request: Request, session, tenant, k: int) ->
     "/{ref}/predict",
     openapi_extra=PREDICT_BODY,
     summary="Predict with the version a model name or alias points at now",
-    responses=_SERVING_ERRORS,
+    responses=_PREDICT_RESPONSES,
 )
 async def predict_model(ref: ModelRef, request: Request, session: SessionDep, tenant: TenantDep, k: TopK = 5):
     return await _predict(ref, request, session, tenant, k)
@@ -73,7 +78,7 @@ async def predict_model(ref: ModelRef, request: Request, session: SessionDep, te
     "/{name}/versions/{version}/predict",
     openapi_extra=PREDICT_BODY,
     summary="Predict with one version of a model",
-    responses=_SERVING_ERRORS,
+    responses=_PREDICT_RESPONSES,
 )
 async def predict_model_version(
     name: ModelName, version: VersionNumber, request: Request, session: SessionDep, tenant: TenantDep, k: TopK = 5
@@ -96,7 +101,7 @@ async def _neighbors(reference: str, request: Request, session, tenant) -> Respo
     "/{ref}/neighbors",
     openapi_extra=NEIGHBORS_BODY,
     summary="Nearest training items, in the version a model name or alias points at now",
-    responses=_SERVING_ERRORS,
+    responses=_NEIGHBORS_RESPONSES,
 )
 async def model_neighbors(ref: ModelRef, request: Request, session: SessionDep, tenant: TenantDep):
     return await _neighbors(ref, request, session, tenant)
@@ -106,7 +111,7 @@ async def model_neighbors(ref: ModelRef, request: Request, session: SessionDep, 
     "/{name}/versions/{version}/neighbors",
     openapi_extra=NEIGHBORS_BODY,
     summary="Nearest training items, in one version of a model",
-    responses=_SERVING_ERRORS,
+    responses=_NEIGHBORS_RESPONSES,
 )
 async def model_version_neighbors(
     name: ModelName, version: VersionNumber, request: Request, session: SessionDep, tenant: TenantDep

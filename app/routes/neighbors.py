@@ -21,6 +21,7 @@ from app.deps import SessionDep, TenantDep
 from app.error_handlers import describe
 from app.request_bodies import check_count, max_images, read_limited_body, read_upload_form
 from app.schemas.common import ERRORS, MAX_INT, ErrorBody
+from app.schemas.predict import NeighborsAnswer
 from app.services import runs as run_service
 from app.serving.model_cache import served_run
 from app.serving.neighbors import find_neighbors
@@ -143,7 +144,7 @@ def _validate_json(raw: bytes) -> NeighborsRequest:
     summary="Nearest dataset items to items, vectors or uploaded images",
     responses={
         **ERRORS,
-        200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+        200: {"model": NeighborsAnswer, "description": "one list per query (combine=separate), else one"},
         400: {"model": ErrorBody, "description": "malformed JSON or multipart body"},
         413: {
             "model": ErrorBody,

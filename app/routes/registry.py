@@ -18,6 +18,7 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.core.names import REFERENCE_PATTERN
 from app.deps import SessionDep, SettingsDep, TenantDep
 from app.schemas.common import ERRORS, MAX_INT, ClusterIndex, Limit, Offset, Page
 from app.schemas.registry import (
@@ -50,7 +51,7 @@ ModelRef = Annotated[
     str,
     Path(
         max_length=2 * registry.MAX_NAME + 1,
-        pattern=registry.REFERENCE_PATTERN,
+        pattern=REFERENCE_PATTERN,
         description="`name` (its production alias, else its latest version) or `name@alias`",
     ),
 ]

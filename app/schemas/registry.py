@@ -7,8 +7,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.names import MAX_CLUSTER_NAME, MAX_DESCRIPTION, MAX_NAME, NAME_PATTERN
 from app.schemas.common import MAX_INT
-from app.services.registry import MAX_CLUSTER_NAME, MAX_DESCRIPTION, MAX_NAME, NAME_PATTERN
 from ml.limits import MAX_K
 
 Description = Field(None, max_length=MAX_DESCRIPTION, description="printable text (new lines allowed)")

@@ -21,19 +21,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, Invalid, NotFound
+from app.core.names import MAX_CLUSTER_NAME, MAX_DESCRIPTION, MAX_NAME, NAME_PATTERN
 from app.core.text import is_printable
 from app.services import runs as run_service
 from app.tables import Cluster, ModelAlias, ModelVersion, RegisteredModel, Run, RunState, Tenant, VersionCluster, utcnow
 
-# URL-safe, so a name or alias sits in a path as it is; "@" and "/" separate the parts of a reference.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-MAX_NAME = 64
-MAX_CLUSTER_NAME = 100
-MAX_DESCRIPTION = 2000
 DEFAULT_ALIAS = "production"
 MAX_VERSION = 2**31 - 1  # fits an INTEGER column everywhere
-# A reference in a path: ``name`` or ``name@alias`` (``name/versions/N`` has routes of its own).
-REFERENCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
 _NAME = re.compile(NAME_PATTERN)
 _REFERENCE = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/versions/(?P<version>[0-9]{1,10}))?$")
 
