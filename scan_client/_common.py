@@ -1,25 +1,31 @@
-"""What the sync and the async client share: errors, retry timing, request bodies, SSE parsing."""
+"""What the sync and the async client share: errors, retry timing, request bodies, SSE parsing,
+and `Call` / `Poll`, the descriptions of calls that both clients run (built in _calls.py)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import json
 import os
+import re
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Concatenate, Generic, ParamSpec, TypeVar
 
 import httpx
 import numpy as np
 
-from app.schemas.runs import RunEventOut, RunOut
+from app.schemas.runs import RunEventOut
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
 Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
 ImageLike = bytes | str | os.PathLike
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class ApiError(Exception):
@@ -131,8 +137,8 @@ def predict_request(images: Any) -> dict[str, Any]:
 
 @dataclass
 class StallWatch:
-    """Fails a wait only after `timeout` seconds without progress, never a slow run that keeps moving;
-    waiting in the queue behind other runs is not a stall either."""
+    """Fails a wait only after `timeout` seconds without progress, never a slow run or job that
+    keeps moving; waiting in the queue behind others is not a stall either."""
 
     timeout: float
     mark: tuple | None = None
@@ -141,12 +147,67 @@ class StallWatch:
     def __post_init__(self) -> None:
         self.deadline = time.monotonic() + self.timeout
 
-    def see(self, run: RunOut) -> None:
-        mark = (run.state, tuple((s.stage, s.state, s.epoch, s.step) for s in run.stages))
-        if mark != self.mark or run.state == "QUEUED":
+    def see(self, what: str, state: str, mark: tuple) -> None:
+        if mark != self.mark or state == "QUEUED":
             self.mark, self.deadline = mark, time.monotonic() + self.timeout
         if time.monotonic() > self.deadline:
-            raise StalledRun(f"run {run.id} made no progress in {self.timeout:.0f}s (still {run.state})")
+            raise StalledRun(f"{what} made no progress in {self.timeout:.0f}s (still {state})")
+
+
+# -- one description of a call, run by either client ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One API call, described once for both clients (scan_client/_calls.py builds them): what to
+    send, the statuses that mean success, and how the answer becomes a schema."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    expect: tuple[int, ...] = (200,)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    rewind: BinaryIO | None = None  # a body read again from its start on each retry
+    cleanup: Callable[[], None] | None = None  # after the call, answered or not (a file opened here)
+
+
+@dataclass(frozen=True)
+class Poll(Generic[T]):
+    """A wait: `get` until `done(answer)`, every `poll_s` seconds; StalledRun when `progress(answer)`
+    has not changed for `stall_timeout` seconds (a QUEUED answer is never a stall)."""
+
+    what: str
+    get: Call[T]
+    done: Callable[[T], bool]
+    progress: Callable[[T], tuple]
+    stall_timeout: float
+    poll_s: float
+
+
+def sync_method(build: Callable[P, Call[T] | Poll[T]]) -> Callable[Concatenate[Any, P], T]:
+    """A method of `Client` that runs what `build` describes (`self.call`)."""
+    return _method(build, "{}")  # type: ignore[return-value]
+
+
+def async_method(build: Callable[P, Call[T] | Poll[T]]) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, T]]:
+    """A method of `AsyncClient` that runs what `build` describes (`await self.call`)."""
+    return _method(build, "Coroutine[Any, Any, {}]")  # type: ignore[return-value]
+
+
+def _method(build: Callable[..., Any], returns: str) -> Callable[..., Any]:
+    @functools.wraps(build)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.call(build(*args, **kwargs))
+
+    # help() and IDEs show the method's own signature: self, the builder's parameters, and the
+    # schema it answers (the builder's Call[X] / Poll[X] is X).
+    sig = inspect.signature(build)
+    answer = re.sub(r"^(?:Call|Poll)\[(.*)\]$", r"\1", str(sig.return_annotation))
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = sig.replace(
+        parameters=[self_param, *sig.parameters.values()], return_annotation=returns.format(answer)
+    )
+    return method
 
 
 class SSEParser:

@@ -1,38 +1,26 @@
-"""The asynchronous client: the same calls as `Client`, awaited (httpx.AsyncClient underneath)."""
+"""The asynchronous client: the same calls as `Client` (scan_client/_calls.py describes them for
+both), awaited, over httpx.AsyncClient."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
-from app.schemas.datasets import DatasetOut
-from app.schemas.keys import KeyOwner
-from app.schemas.predict import PredictAnswer
-from app.schemas.results import ClusterOut, MetricsOut
-from app.schemas.runs import RunEventOut, RunOut
-from scan_client._common import (
-    TERMINAL,
-    ApiError,
-    Progress,
-    ProgressFile,
-    SSEParser,
-    StallWatch,
-    check,
-    event_of,
-    may_resend,
-    open_upload,
-    predict_request,
-    retry_delay,
-)
+import scan_client._calls as calls
+from app.schemas.runs import RunEventOut
+from scan_client._common import ApiError, Call, Poll, SSEParser, StallWatch, check, event_of, may_resend, retry_delay
+from scan_client._common import async_method as M
+
+T = TypeVar("T")
 
 
 class AsyncClient:
     """
     >>> async with AsyncClient("http://127.0.0.1:8000", api_key) as scan:
-    ...     answers = await asyncio.gather(*(scan.predict(run_id, [png]) for png in pngs))
+    ...     answers = await asyncio.gather(*(scan.predict_model("digits@production", [png]) for png in pngs))
     """
 
     def __init__(
@@ -49,6 +37,8 @@ class AsyncClient:
         self.http = http or httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
         self._owns_http = http is None
         self.retries, self.max_retry_wait = retries, max_retry_wait
+
+    # -- plumbing ---------------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -78,88 +68,21 @@ class AsyncClient:
             await asyncio.sleep(retry_delay(response, attempt, self.max_retry_wait))
         raise AssertionError("unreachable")
 
-    async def whoami(self) -> KeyOwner:
-        return KeyOwner.model_validate((await self.request("GET", "/v1/keys/current")).json())
-
-    async def upload_dataset(
-        self,
-        source: bytes | str | BinaryIO,
-        *,
-        name: str | None = None,
-        filename: str | None = None,
-        split: str = "train",
-        wait: bool = True,
-        progress: Progress | None = None,
-    ) -> DatasetOut:
-        raw, size, fname = open_upload(source, filename)
-        body = ProgressFile(raw, size, progress)
+    async def call(self, call: Call[T] | Poll[T]) -> T:
+        if isinstance(call, Poll):
+            watch = StallWatch(call.stall_timeout)
+            while True:
+                answer = await self.call(call.get)
+                if call.done(answer):
+                    return answer
+                watch.see(call.what, answer.state, call.progress(answer))
+                await asyncio.sleep(call.poll_s)
         try:
-            r = await self.request(
-                "POST",
-                "/v1/datasets",
-                expect=(201, 202),
-                rewind=body,
-                files={"file": (fname, body, "application/octet-stream")},
-                data={"name": name} if name else None,
-                params={"split": split, "wait": wait},
-            )
+            response = await self.request(call.method, call.path, expect=call.expect, rewind=call.rewind, **call.kwargs)
         finally:
-            if raw is not source:
-                raw.close()
-        return DatasetOut.model_validate(r.json())
-
-    async def import_dataset(self, source: str, *, name: str | None = None, split: str = "train") -> DatasetOut:
-        body = {"source": source, "split": split, **({"name": name} if name else {})}
-        r = await self.request("POST", "/v1/datasets/import", expect=(201, 202), json=body)
-        return DatasetOut.model_validate(r.json())
-
-    async def get_dataset(self, dataset_id: str) -> DatasetOut:
-        return DatasetOut.model_validate((await self.request("GET", f"/v1/datasets/{dataset_id}")).json())
-
-    async def create_run(
-        self,
-        dataset_id: str,
-        num_clusters: int,
-        *,
-        preset: str = "small",
-        overrides: dict[str, Any] | None = None,
-        idempotency_key: str | None = None,
-        **extra: Any,
-    ) -> RunOut:
-        body = {
-            "dataset_id": dataset_id,
-            "num_clusters": num_clusters,
-            "preset": preset,
-            "overrides": overrides or {},
-            **extra,
-        }
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        r = await self.request("POST", "/v1/runs", expect=(200, 202), json=body, headers=headers)
-        return RunOut.model_validate(r.json())
-
-    async def get_run(self, run_id: str) -> RunOut:
-        return RunOut.model_validate((await self.request("GET", f"/v1/runs/{run_id}")).json())
-
-    async def cancel_run(self, run_id: str) -> RunOut:
-        r = await self.request("POST", f"/v1/runs/{run_id}/cancel", expect=(200, 202))
-        return RunOut.model_validate(r.json())
-
-    async def wait_for_run(
-        self,
-        run_id: str,
-        states: tuple[str, ...] = TERMINAL,
-        *,
-        stall_timeout: float = 600.0,
-        until: Callable[[RunOut], bool] | None = None,
-        poll_s: float = 0.3,
-    ) -> RunOut:
-        watch = StallWatch(stall_timeout)
-        while True:
-            run = await self.get_run(run_id)
-            if (until(run) if until else run.state in states) or run.state in TERMINAL:
-                return run
-            watch.see(run)
-            await asyncio.sleep(poll_s)
+            if call.cleanup is not None:
+                call.cleanup()
+        return call.parse(response)
 
     async def follow_events(self, run_id: str, *, after: int = 0) -> AsyncIterator[RunEventOut]:
         last = after
@@ -193,13 +116,64 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(retry_delay(httpx.Response(503, request=exc.request), attempt, self.max_retry_wait))
 
-    async def clusters(self, run_id: str) -> list[ClusterOut]:
-        r = await self.request("GET", f"/v1/runs/{run_id}/clusters")
-        return [ClusterOut.model_validate(c) for c in r.json()]
+    # -- keys and datasets ------------------------------------------------------------------------
+    whoami = M(calls.whoami)
+    upload_dataset = M(calls.upload_dataset)
+    import_dataset = M(calls.import_dataset)
+    get_dataset = M(calls.get_dataset)
+    list_datasets = M(calls.list_datasets)
+    delete_dataset = M(calls.delete_dataset)
 
-    async def metrics(self, run_id: str) -> MetricsOut:
-        return MetricsOut.model_validate((await self.request("GET", f"/v1/runs/{run_id}/metrics")).json())
+    # -- runs -------------------------------------------------------------------------------------
+    create_run = M(calls.create_run)
+    get_run = M(calls.get_run)
+    list_runs = M(calls.list_runs)
+    cancel_run = M(calls.cancel_run)
+    retry_run = M(calls.retry_run)
+    events = M(calls.events)
+    wait_for_run = M(calls.wait_for_run)
+    clusters = M(calls.clusters)
+    metrics = M(calls.metrics)
+    predict = M(calls.predict)
+    neighbors = M(calls.neighbors)
 
-    async def predict(self, run_id: str, images: Any, *, k: int = 5) -> PredictAnswer:
-        r = await self.request("POST", f"/v1/runs/{run_id}/predict", params={"k": k}, **predict_request(images))
-        return PredictAnswer.model_validate_json(r.content)
+    # -- registered models, aliases, named and merged clusters ------------------------------------
+    create_model = M(calls.create_model)
+    list_models = M(calls.list_models)
+    get_model = M(calls.get_model)
+    update_model = M(calls.update_model)
+    delete_model = M(calls.delete_model)
+    publish_version = M(calls.publish_version)
+    list_versions = M(calls.list_versions)
+    get_version = M(calls.get_version)
+    move_alias = M(calls.move_alias)
+    rollback_alias = M(calls.rollback_alias)
+    delete_alias = M(calls.delete_alias)
+    model_clusters = M(calls.model_clusters)
+    name_cluster = M(calls.name_cluster)
+    merge_clusters = M(calls.merge_clusters)
+    unmerge_cluster = M(calls.unmerge_cluster)
+    predict_model = M(calls.predict_model)
+    model_neighbors = M(calls.model_neighbors)
+    model_assignments = M(calls.model_assignments)
+    export_model = M(calls.export_model)
+
+    # -- assignment jobs and drift ----------------------------------------------------------------
+    create_assignment_job = M(calls.create_assignment_job)
+    list_assignment_jobs = M(calls.list_assignment_jobs)
+    get_assignment_job = M(calls.get_assignment_job)
+    cancel_assignment_job = M(calls.cancel_assignment_job)
+    resume_assignment_job = M(calls.resume_assignment_job)
+    wait_for_assignment_job = M(calls.wait_for_assignment_job)
+    job_assignments = M(calls.job_assignments)
+    drift_report = M(calls.drift_report)
+
+    # -- webhooks and weights ---------------------------------------------------------------------
+    create_webhook = M(calls.create_webhook)
+    list_webhooks = M(calls.list_webhooks)
+    delete_webhook = M(calls.delete_webhook)
+    webhook_deliveries = M(calls.webhook_deliveries)
+    upload_weights = M(calls.upload_weights)
+    list_weights = M(calls.list_weights)
+    get_weights = M(calls.get_weights)
+    delete_weights = M(calls.delete_weights)

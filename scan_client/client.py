@@ -1,34 +1,24 @@
 """The synchronous client. Every call answers a pydantic model of the API's own schemas
 (app/schemas/), raises `ApiError` on an unexpected status, and retries a 503 (database or broker
-unreachable: nothing was written) after its Retry-After, up to `retries` times."""
+unreachable: nothing was written) after its Retry-After, up to `retries` times.
+
+The calls themselves are described once, in scan_client/_calls.py, for this client and `AsyncClient`
+alike; this module runs them (`call`), and follows run events as they happen (`follow_events`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import Iterator
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
-from app.schemas.datasets import DatasetOut
-from app.schemas.keys import KeyOwner
-from app.schemas.predict import PredictAnswer
-from app.schemas.results import ClusterOut, MetricsOut
-from app.schemas.runs import RunEventOut, RunOut
-from scan_client._common import (
-    TERMINAL,
-    ApiError,
-    Progress,
-    ProgressFile,
-    SSEParser,
-    StallWatch,
-    check,
-    event_of,
-    may_resend,
-    open_upload,
-    predict_request,
-    retry_delay,
-)
+import scan_client._calls as calls
+from app.schemas.runs import RunEventOut
+from scan_client._common import ApiError, Call, Poll, SSEParser, StallWatch, check, event_of, may_resend, retry_delay
+from scan_client._common import sync_method as M
+
+T = TypeVar("T")
 
 
 class Client:
@@ -37,7 +27,9 @@ class Client:
     ...     ds = scan.import_dataset("digits")
     ...     run = scan.create_run(ds.id, num_clusters=10)
     ...     for event in scan.follow_events(run.id): print(event)
-    ...     scan.predict(run.id, ["a.png"]).predictions[0].cluster
+    ...     scan.create_model("digits"); scan.publish_version("digits", run.id)
+    ...     scan.move_alias("digits", "production", 1)
+    ...     scan.predict_model("digits@production", ["a.png"]).predictions[0].name
     """
 
     def __init__(
@@ -86,96 +78,22 @@ class Client:
             time.sleep(retry_delay(response, attempt, self.max_retry_wait))
         raise AssertionError("unreachable")
 
-    # -- keys and datasets ------------------------------------------------------------------------
-
-    def whoami(self) -> KeyOwner:
-        return KeyOwner.model_validate(self.request("GET", "/v1/keys/current").json())
-
-    def upload_dataset(
-        self,
-        source: bytes | str | BinaryIO,
-        *,
-        name: str | None = None,
-        filename: str | None = None,
-        split: str = "train",
-        wait: bool = True,
-        progress: Progress | None = None,
-    ) -> DatasetOut:
-        """Upload a zip / tar.gz / npz / IDX file (bytes, a path or an open binary file);
-        `progress(sent, total)` is called as the body goes out."""
-        raw, size, fname = open_upload(source, filename)
-        body = ProgressFile(raw, size, progress)
+    def call(self, call: Call[T] | Poll[T]) -> T:
+        """Run a described call (or a wait) and answer its schema."""
+        if isinstance(call, Poll):
+            watch = StallWatch(call.stall_timeout)
+            while True:
+                answer = self.call(call.get)
+                if call.done(answer):
+                    return answer
+                watch.see(call.what, answer.state, call.progress(answer))
+                time.sleep(call.poll_s)
         try:
-            r = self.request(
-                "POST",
-                "/v1/datasets",
-                expect=(201, 202),
-                rewind=body,
-                files={"file": (fname, body, "application/octet-stream")},
-                data={"name": name} if name else None,
-                params={"split": split, "wait": wait},
-            )
+            response = self.request(call.method, call.path, expect=call.expect, rewind=call.rewind, **call.kwargs)
         finally:
-            if raw is not source:  # opened here (a path) or wrapped here (bytes)
-                raw.close()
-        return DatasetOut.model_validate(r.json())
-
-    def import_dataset(self, source: str, *, name: str | None = None, split: str = "train") -> DatasetOut:
-        body = {"source": source, "split": split, **({"name": name} if name else {})}
-        return DatasetOut.model_validate(
-            self.request("POST", "/v1/datasets/import", expect=(201, 202), json=body).json()
-        )
-
-    def get_dataset(self, dataset_id: str) -> DatasetOut:
-        return DatasetOut.model_validate(self.request("GET", f"/v1/datasets/{dataset_id}").json())
-
-    # -- runs -------------------------------------------------------------------------------------
-
-    def create_run(
-        self,
-        dataset_id: str,
-        num_clusters: int,
-        *,
-        preset: str = "small",
-        overrides: dict[str, Any] | None = None,
-        idempotency_key: str | None = None,
-        **extra: Any,
-    ) -> RunOut:
-        body = {
-            "dataset_id": dataset_id,
-            "num_clusters": num_clusters,
-            "preset": preset,
-            "overrides": overrides or {},
-            **extra,
-        }
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        r = self.request("POST", "/v1/runs", expect=(200, 202), json=body, headers=headers)
-        return RunOut.model_validate(r.json())
-
-    def get_run(self, run_id: str) -> RunOut:
-        return RunOut.model_validate(self.request("GET", f"/v1/runs/{run_id}").json())
-
-    def cancel_run(self, run_id: str) -> RunOut:
-        return RunOut.model_validate(self.request("POST", f"/v1/runs/{run_id}/cancel", expect=(200, 202)).json())
-
-    def wait_for_run(
-        self,
-        run_id: str,
-        states: tuple[str, ...] = TERMINAL,
-        *,
-        stall_timeout: float = 600.0,
-        until: Callable[[RunOut], bool] | None = None,
-        poll_s: float = 0.3,
-    ) -> RunOut:
-        """Poll until the run's state is in `states` (or `until(run)`), or it ends. `stall_timeout`
-        bounds a stall (no progress), never a slow run: StalledRun only when nothing moves."""
-        watch = StallWatch(stall_timeout)
-        while True:
-            run = self.get_run(run_id)
-            if (until(run) if until else run.state in states) or run.state in TERMINAL:
-                return run
-            watch.see(run)
-            time.sleep(poll_s)
+            if call.cleanup is not None:
+                call.cleanup()
+        return call.parse(response)
 
     def follow_events(self, run_id: str, *, after: int = 0) -> Iterator[RunEventOut]:
         """The run's events as they happen (Server-Sent Events), until the run ends. A dropped
@@ -211,16 +129,64 @@ class Client:
                     raise
                 time.sleep(retry_delay(httpx.Response(503, request=exc.request), attempt, self.max_retry_wait))
 
-    def clusters(self, run_id: str) -> list[ClusterOut]:
-        return [ClusterOut.model_validate(c) for c in self.request("GET", f"/v1/runs/{run_id}/clusters").json()]
+    # -- keys and datasets ------------------------------------------------------------------------
+    whoami = M(calls.whoami)
+    upload_dataset = M(calls.upload_dataset)
+    import_dataset = M(calls.import_dataset)
+    get_dataset = M(calls.get_dataset)
+    list_datasets = M(calls.list_datasets)
+    delete_dataset = M(calls.delete_dataset)
 
-    def metrics(self, run_id: str) -> MetricsOut:
-        return MetricsOut.model_validate(self.request("GET", f"/v1/runs/{run_id}/metrics").json())
+    # -- runs -------------------------------------------------------------------------------------
+    create_run = M(calls.create_run)
+    get_run = M(calls.get_run)
+    list_runs = M(calls.list_runs)
+    cancel_run = M(calls.cancel_run)
+    retry_run = M(calls.retry_run)
+    events = M(calls.events)
+    wait_for_run = M(calls.wait_for_run)
+    clusters = M(calls.clusters)
+    metrics = M(calls.metrics)
+    predict = M(calls.predict)
+    neighbors = M(calls.neighbors)
 
-    # -- serving ----------------------------------------------------------------------------------
+    # -- registered models, aliases, named and merged clusters ------------------------------------
+    create_model = M(calls.create_model)
+    list_models = M(calls.list_models)
+    get_model = M(calls.get_model)
+    update_model = M(calls.update_model)
+    delete_model = M(calls.delete_model)
+    publish_version = M(calls.publish_version)
+    list_versions = M(calls.list_versions)
+    get_version = M(calls.get_version)
+    move_alias = M(calls.move_alias)
+    rollback_alias = M(calls.rollback_alias)
+    delete_alias = M(calls.delete_alias)
+    model_clusters = M(calls.model_clusters)
+    name_cluster = M(calls.name_cluster)
+    merge_clusters = M(calls.merge_clusters)
+    unmerge_cluster = M(calls.unmerge_cluster)
+    predict_model = M(calls.predict_model)
+    model_neighbors = M(calls.model_neighbors)
+    model_assignments = M(calls.model_assignments)
+    export_model = M(calls.export_model)
 
-    def predict(self, run_id: str, images: Any, *, k: int = 5) -> PredictAnswer:
-        """`images`: image files (bytes or paths), sent as multipart; or a uint8 array (N, C, H, W) at
-        the run's shape, sent raw as application/octet-stream (no decoding on the server)."""
-        r = self.request("POST", f"/v1/runs/{run_id}/predict", params={"k": k}, **predict_request(images))
-        return PredictAnswer.model_validate_json(r.content)
+    # -- assignment jobs and drift ----------------------------------------------------------------
+    create_assignment_job = M(calls.create_assignment_job)
+    list_assignment_jobs = M(calls.list_assignment_jobs)
+    get_assignment_job = M(calls.get_assignment_job)
+    cancel_assignment_job = M(calls.cancel_assignment_job)
+    resume_assignment_job = M(calls.resume_assignment_job)
+    wait_for_assignment_job = M(calls.wait_for_assignment_job)
+    job_assignments = M(calls.job_assignments)
+    drift_report = M(calls.drift_report)
+
+    # -- webhooks and weights ---------------------------------------------------------------------
+    create_webhook = M(calls.create_webhook)
+    list_webhooks = M(calls.list_webhooks)
+    delete_webhook = M(calls.delete_webhook)
+    webhook_deliveries = M(calls.webhook_deliveries)
+    upload_weights = M(calls.upload_weights)
+    list_weights = M(calls.list_weights)
+    get_weights = M(calls.get_weights)
+    delete_weights = M(calls.delete_weights)
