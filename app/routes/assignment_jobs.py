@@ -80,7 +80,7 @@ def resume_assignment_job(
 
 @router.get(
     "/{job_id}/assignments",
-    summary="The job's assignments so far (cluster, confidence, novelty distance), paginated",
+    summary="The job's assignments so far (cluster, its name in the model version, confidence, novelty), paginated",
     response_model=JobAssignmentPage,
 )
 def list_job_assignments(
@@ -95,9 +95,14 @@ def list_job_assignments(
 ) -> JobAssignmentPage:
     job = service.get(session, tenant, job_id)
     limit = min(limit or settings.default_page_size, settings.max_page_size)
-    rows, total = service.assignments(session, job, cluster=cluster, order=order, limit=limit, offset=offset)
+    rows, total, version = service.assignments(session, job, cluster=cluster, order=order, limit=limit, offset=offset)
     return JobAssignmentPage(
-        items=[JobAssignmentOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset
+        model=job.model,
+        version=version,
+        items=[JobAssignmentOut.model_validate(r) for r in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 
@@ -107,4 +112,4 @@ def list_job_assignments(
     response_model=DriftReport,
 )
 def read_drift(job_id: str, session: SessionDep, tenant: TenantDep) -> DriftReport:
-    return DriftReport.model_validate(service.drift(service.get(session, tenant, job_id)))
+    return DriftReport.model_validate(service.drift(session, service.get(session, tenant, job_id)))

@@ -56,12 +56,22 @@ class AssignmentJobOut(ORMModel):
 
 class JobAssignmentOut(ORMModel):
     item_index: int
-    cluster: int
+    cluster: int = Field(description="the run's cluster (the `cluster` filter and the drift report count these)")
+    served_as: int = Field(
+        description="the cluster the job's model version serves it as (a merged group: its number; else `cluster`)"
+    )
+    name: str | None = Field(None, description="that served cluster's name in the job's model version, as of now")
     confidence: float
     distance: float = Field(description="cosine distance to the nearest training image (novelty)")
 
 
 class JobAssignmentPage(BaseModel):
+    model: str = Field(description="the model reference the job was created with")
+    version: int | None = Field(
+        None,
+        description="the version of that model that publishes the job's run: its cluster names and merges are "
+        "shown (None: the job named a run id, whose clusters have no names)",
+    )
     items: list[JobAssignmentOut]
     total: int
     limit: int
@@ -74,12 +84,14 @@ class DriftReport(BaseModel):
     items: int
     training_items: int
     proportions: dict[str, Any] = Field(
-        description="clusters (training_share, share, count), chi_square, psi, psi_level"
+        description="clusters (per run cluster: training_share, share, count, and served_as and name in the "
+        "job's model version), chi_square, psi, psi_level"
     )
     confidence: dict[str, Any] = Field(
         description="threshold, means, shares below the threshold, Kolmogorov-Smirnov statistic and p-value"
     )
     novelty: dict[str, Any] = Field(
-        description="training 95th/99th percentile distances, shares beyond them, the most novel items"
+        description="training 95th/99th percentile distances, shares beyond them, the most novel items "
+        "(with their cluster's served_as and name)"
     )
     verdict: Literal["stable", "moderate", "major"]

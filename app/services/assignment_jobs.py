@@ -16,7 +16,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -34,12 +34,17 @@ from app.tables import (
     DatasetState,
     JobAssignment,
     JobState,
+    ModelVersion,
+    RegisteredModel,
     Run,
     RunState,
     Tenant,
     owned,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from app.services.registry import ClusterMap
 
 log = logging.getLogger("scan.worker")
 
@@ -197,20 +202,72 @@ ORDERS = {
 
 def assignments(
     session: Session, job: AssignmentJob, *, cluster: int | None, order: str, limit: int, offset: int
-) -> tuple[list[JobAssignment], int]:
-    """The rows written so far (also while the job runs: they grow batch by batch)."""
+) -> tuple[list[dict[str, Any]], int, int | None]:
+    """(rows, total, version): the rows written so far (also while the job runs: they grow batch by
+    batch), each with the cluster it is served as and that cluster's name in the job's model
+    version (``model_version``; None for a job made with a run id)."""
     query = select(JobAssignment).where(JobAssignment.job_id == job.id)
     if cluster is not None:
         query = query.where(JobAssignment.cluster == cluster)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(*ORDERS[order]).limit(limit).offset(offset))
-    return list(rows), total
+    version, clusters = model_version(session, job)
+    out = [
+        {
+            "item_index": r.item_index,
+            "cluster": r.cluster,
+            **served(clusters, r.cluster),
+            "confidence": r.confidence,
+            "distance": r.distance,
+        }
+        for r in rows
+    ]
+    return out, total, version
 
 
-def drift(job: AssignmentJob) -> dict[str, Any]:
+def drift(session: Session, job: AssignmentJob) -> dict[str, Any]:
+    """The stored report, its per-cluster rows and most novel items named as the job's model
+    version serves them now (names change without rerunning the job)."""
     if job.state != JobState.SUCCEEDED or job.drift is None:
         raise Conflict(f"assignment job {job.id} is {job.state}; its drift report exists once it has SUCCEEDED")
-    return job.drift
+    _, clusters = model_version(session, job)
+    report = dict(job.drift)
+    proportions, novelty = dict(report["proportions"]), dict(report["novelty"])
+    proportions["clusters"] = [{**row, **served(clusters, row["cluster"])} for row in proportions["clusters"]]
+    novelty["most_novel"] = [{**row, **served(clusters, row["cluster"])} for row in novelty["most_novel"]]
+    return {**report, "proportions": proportions, "novelty": novelty}
+
+
+def model_version(session: Session, job: AssignmentJob) -> tuple[int | None, ClusterMap | None]:
+    """(number, cluster names and merges) of the version of the job's registered model that
+    publishes the job's run: the version the reference resolved to when the job was created, even
+    if its alias has moved since (a model publishes a run once). (None, None) when the job named a
+    run id or the model is gone: a run's clusters have no names."""
+    from app.services import registry
+
+    try:
+        name, _alias, _number = registry.parse_reference(job.model)
+    except Invalid:
+        return None, None
+    version = session.scalar(
+        select(ModelVersion)
+        .join(RegisteredModel, RegisteredModel.id == ModelVersion.model_id)
+        .where(
+            RegisteredModel.tenant_id == job.tenant_id,
+            RegisteredModel.name == name,
+            ModelVersion.run_id == job.run_id,
+        )
+    )
+    if version is None:
+        return None, None
+    return version.version, registry.cluster_map(registry.version_clusters(session, version))
+
+
+def served(clusters: ClusterMap | None, cluster: int) -> dict[str, Any]:
+    """``served_as`` and ``name`` of a run cluster in a version (a run id: itself, no name)."""
+    if clusters is None or not 0 <= cluster < len(clusters.target):
+        return {"served_as": cluster, "name": None}
+    return {"served_as": clusters.target[cluster], "name": clusters.names[cluster]}
 
 
 # --- worker side -------------------------------------------------------------------------------

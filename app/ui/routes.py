@@ -525,7 +525,7 @@ def assignment_job_page(request: Request, job_id: str, session: SessionDep, tena
 
     job = assignment_jobs.get(session, tenant, job_id)
     dataset = dataset_service.get(session, tenant, job.dataset_id)
-    drift = job.drift if job.state == JobState.SUCCEEDED else None
+    drift = assignment_jobs.drift(session, job) if job.state == JobState.SUCCEEDED and job.drift else None
     return templates.TemplateResponse(
         request,
         "assignment_job.html",
