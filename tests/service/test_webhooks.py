@@ -1,5 +1,6 @@
 """Webhooks over the real stack: a receiver on loopback (a real HTTP server thread) hears the state
-changes of tenant A's runs, signed, retried from the outbox with backoff, listed with attempts."""
+changes of tenant A's runs, signed, retried from the outbox with backoff, listed with attempts.
+Ordinary calls go through scan_client; refusals are asserted on raw status codes (httpx)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlalchemy import select
+
+from scan_client import Client
+from tests.stack import scan_client
 
 
 class Receiver:
@@ -55,6 +59,11 @@ class Receiver:
             return [json.loads(r["body"]) for r in self.received if r["status"] == status]
 
 
+@pytest.fixture(scope="module")
+def scan(client) -> Client:
+    return scan_client(client)
+
+
 @pytest.fixture
 def flaky():
     receiver = Receiver(fail_first=2)
@@ -72,21 +81,20 @@ def _wait(predicate, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_state_changes_are_signed_retried_and_listed(client, client_b, small_dataset, flaky):
-    r = client.post("/v1/webhooks", json={"url": flaky.url})
-    assert r.status_code == 201, r.text
-    hook = r.json()
-    secret = hook["secret"]
+def test_state_changes_are_signed_retried_and_listed(client, client_b, scan, small_dataset, flaky):
+    hook = scan.create_webhook(flaky.url)
+    secret = hook.secret
     assert len(secret) == 64 and "secret" not in client.get("/v1/webhooks").json()[0]
+    assert hook.id in [h.id for h in scan.list_webhooks()]
     try:
         # The run is canceled while QUEUED, or, in services mode where an earlier test's gpu worker
         # may still be up, after it was picked up: either way every state change is delivered, and
         # the CANCELED delivery names the state before it, itself delivered.
-        run = client.post("/v1/runs", json={"dataset_id": small_dataset, "num_clusters": 5}).json()
-        assert client.post(f"/v1/runs/{run['id']}/cancel").status_code == 202
+        run = scan.create_run(small_dataset, 5)
+        scan.cancel_run(run.id)
 
         def run_bodies():
-            return [b for b in flaky.bodies() if b["data"].get("run_id") == run["id"]]
+            return [b for b in flaky.bodies() if b["data"].get("run_id") == run.id]
 
         def all_delivered():
             states = {b["data"]["state"] for b in run_bodies()}
@@ -110,28 +118,27 @@ def test_state_changes_are_signed_retried_and_listed(client, client_b, small_dat
         page = _wait(
             lambda: (
                 p
-                if (p := client.get(f"/v1/webhooks/{hook['id']}/deliveries").json())["total"] >= 2
-                and all(d["state"] == "DELIVERED" for d in p["items"])
+                if (p := scan.webhook_deliveries(hook.id)).total >= 2 and all(d.state == "DELIVERED" for d in p.items)
                 else None
             ),
             what="deliveries marked DELIVERED",
         )
-        for delivery in page["items"]:
-            log = delivery["attempt_log"]
-            assert [a["status_code"] for a in log] == [500, 500, 200], log
-            assert "HTTP 500" in log[0]["error"] and log[2]["error"] is None
-            assert delivery["attempts"] == 3 and delivery["delivered_at"] is not None
+        for delivery in page.items:
+            log = delivery.attempt_log
+            assert [a.status_code for a in log] == [500, 500, 200], log
+            assert "HTTP 500" in log[0].error and log[2].error is None
+            assert delivery.attempts == 3 and delivery.delivered_at is not None
         # Backoff: the second retry waited about twice as long as the first (0.5 s, then 1 s).
         posts = sorted(r["at"] for r in flaky.received if r["headers"].get("X-Scan-Delivery") == canceled["id"])
         assert posts[1] - posts[0] >= 0.45 and posts[2] - posts[1] >= 0.95, posts
 
         # Another tenant sees none of it.
-        assert client_b.get(f"/v1/webhooks/{hook['id']}/deliveries").status_code == 404
-        assert client_b.delete(f"/v1/webhooks/{hook['id']}").status_code == 404
-        assert all(h["id"] != hook["id"] for h in client_b.get("/v1/webhooks").json())
+        assert client_b.get(f"/v1/webhooks/{hook.id}/deliveries").status_code == 404
+        assert client_b.delete(f"/v1/webhooks/{hook.id}").status_code == 404
+        assert all(h["id"] != hook.id for h in client_b.get("/v1/webhooks").json())
     finally:
-        assert client.delete(f"/v1/webhooks/{hook['id']}").status_code == 204
-    assert client.get(f"/v1/webhooks/{hook['id']}/deliveries").status_code == 404
+        scan.delete_webhook(hook.id)
+    assert client.get(f"/v1/webhooks/{hook.id}/deliveries").status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -159,7 +166,7 @@ def test_webhooks_per_tenant_are_bounded(client_b, stack):
             client_b.delete(f"/v1/webhooks/{hook_id}")
 
 
-def test_a_receiver_that_never_answers_2xx_ends_failed(client, stack):
+def test_a_receiver_that_never_answers_2xx_ends_failed(scan, stack):
     """One delivery tried to the attempt limit (here 3, in-process against a receiver that always
     answers 500): each attempt recorded, the wait doubled each time, then FAILED."""
     from app.core.db import new_session
@@ -167,14 +174,14 @@ def test_a_receiver_that_never_answers_2xx_ends_failed(client, stack):
     from app.tables import Tenant, WebhookDelivery, utcnow
 
     receiver = Receiver(fail_first=1000)
-    hook = client.post("/v1/webhooks", json={"url": receiver.url}).json()
+    hook = scan.create_webhook(receiver.url)
     settings = stack.settings.model_copy(update={"webhook_max_attempts": 3, "webhook_backoff_s": 30.0})
     try:
         with new_session() as session:
             tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == "tenant-a"))
             # Far in the future, so the workers' own sender leaves it to this test.
             row = WebhookDelivery(
-                webhook_id=hook["id"],
+                webhook_id=hook.id,
                 tenant_id=tenant_id,
                 event="run.state_changed",
                 payload={"data": {"run_id": "x", "state": "FAILED"}},
@@ -190,11 +197,10 @@ def test_a_receiver_that_never_answers_2xx_ends_failed(client, stack):
                 waits.append((row.next_attempt_at - before).total_seconds())
             assert row.state == "FAILED" and row.attempts == 3
             assert 29 < waits[0] < 32 and 59 < waits[1] < 62  # 30 s, then 60 s
-        page = client.get(f"/v1/webhooks/{hook['id']}/deliveries").json()
-        failed = next(d for d in page["items"] if d["id"] == row.id)
-        assert failed["state"] == "FAILED" and failed["next_attempt_at"] is None
-        assert [a["status_code"] for a in failed["attempt_log"]] == [500, 500, 500]
+        failed = next(d for d in scan.webhook_deliveries(hook.id).items if d.id == row.id)
+        assert failed.state == "FAILED" and failed.next_attempt_at is None
+        assert [a.status_code for a in failed.attempt_log] == [500, 500, 500]
         assert len(receiver.received) == 3
     finally:
-        client.delete(f"/v1/webhooks/{hook['id']}")
+        scan.delete_webhook(hook.id)
         receiver.close()
