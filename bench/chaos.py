@@ -9,7 +9,9 @@ workers it starts reach PostgreSQL and Redis through TCP proxies of this process
 tests/service/test_faults.py), so the machine's servers are never restarted. Prints runs submitted
 / succeeded / lost / failed (failed by the infrastructure vs by the run itself), epochs redone per
 fault, and the status codes a poller of GET /v1/runs/{id} saw; the goal is 0 lost, 0 failed by the
-infrastructure, 0 plain-text 500s.
+infrastructure, 0 plain-text 500s. Every API call goes through scan_client: the submitter with its
+retries (503 after Retry-After, with an Idempotency-Key so a resent submit makes no second run), the
+poller with none, so that it sees every status the API answers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402 - after the sys.path line, like the other benches
 
+from app.schemas.runs import RunOut  # noqa: E402
+from scan_client import ApiError, Client  # noqa: E402
 from tests.service.tcp_proxy import TcpProxy  # noqa: E402
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
@@ -200,20 +204,31 @@ def main() -> None:
     for p in procs:
         p.start()
     base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    answered_503 = Counter()
+
+    def count_503(response: httpx.Response) -> None:
+        if response.status_code == 503:
+            answered_503[response.request.method, response.request.url.path] += 1
+
+    http = httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120, event_hooks={"response": [count_503]}
+    )
+    scan = Client(http=http, retries=20, max_retry_wait=5)
+    probe = Client(base, key, timeout=30, retries=0)  # the poller: every answer counted, none retried
     try:
         _wait_http(base)
-        r = client.post("/v1/datasets", files={"file": ("digits360.npz", _digits_npz(360))}, data={"name": "chaos"})
-        assert r.status_code in (201, 202), r.text
-        dataset = r.json()["id"]
-        while client.get(f"/v1/datasets/{dataset}").json()["state"] != "READY":
+        dataset = scan.upload_dataset(_digits_npz(360), filename="digits360.npz", name="chaos")
+        while dataset.state != "READY":
             time.sleep(0.5)
-        report = _soak(args, rng, client, dataset, pg, rd, gpus)
+            dataset = scan.get_dataset(dataset.id)
+        report = _soak(args, rng, scan, probe, dataset.id, pg, rd, gpus, answered_503)
     finally:
         for p in procs:
             p.stop()
         pg.close()
         rd.close()
+        http.close()
+        probe.close()
     print(f"\nlogs: {var}")
     sys.exit(0 if report else 1)
 
@@ -231,39 +246,41 @@ def _wait_http(base: str) -> None:
 
 
 def _soak(
-    args, rng: random.Random, client: httpx.Client, dataset: str, pg: TcpProxy, rd: TcpProxy, gpus: list[Proc]
+    args,
+    rng: random.Random,
+    scan: Client,
+    probe: Client,
+    dataset: str,
+    pg: TcpProxy,
+    rd: TcpProxy,
+    gpus: list[Proc],
+    answered_503: Counter,
 ) -> bool:
     polls: Counter = Counter()
     plain_500 = 0
     stop = threading.Event()
     ids: list[str] = []
-    submit_503 = 0
 
     def submit(i: int) -> None:
-        nonlocal submit_503
-        key = f"chaos-{uuid.uuid4()}"
-        body = {"dataset_id": dataset, "num_clusters": 10, "preset": "small", "overrides": RECIPE}
+        key = f"chaos-{uuid.uuid4()}"  # the same key on every resend: at most one run per submit
         while not stop.is_set():
             try:
-                r = client.post("/v1/runs", json=body, headers={"Idempotency-Key": key})
-            except httpx.HTTPError:
-                time.sleep(1)
-                continue
-            if r.status_code in (200, 202):
-                ids.append(r.json()["id"])
+                ids.append(scan.create_run(dataset, 10, preset="small", overrides=RECIPE, idempotency_key=key).id)
                 return
-            submit_503 += r.status_code == 503
-            time.sleep(float(r.headers.get("retry-after", 1)))
+            except (ApiError, httpx.HTTPError):  # retries spent, or a POST whose connection broke
+                time.sleep(1)
 
     def poll() -> None:
         nonlocal plain_500
         while not stop.is_set():
             if ids:
                 try:
-                    r = client.get(f"/v1/runs/{rng.choice(ids)}", timeout=30)
-                    polls[r.status_code] += 1
-                    if r.status_code >= 500 and not r.headers.get("content-type", "").startswith("application/json"):
-                        plain_500 += 1
+                    probe.get_run(rng.choice(ids))
+                    polls[200] += 1
+                except ApiError as err:
+                    polls[err.status_code] += 1
+                    ctype = err.response.headers.get("content-type", "")
+                    plain_500 += err.status_code >= 500 and not ctype.startswith("application/json")
                 except httpx.HTTPError as exc:
                     polls[type(exc).__name__] += 1
             time.sleep(0.2)
@@ -290,29 +307,28 @@ def _soak(
         print(f"[{time.monotonic() - t0:6.1f}s] fault {n + 1}/{args.faults}: {kind} for {outage:.1f}s", flush=True)
         if n == args.faults // 2:  # one more submit in the middle of the storm, through whatever is down
             submit(args.runs)
-    states: dict[str, dict] = {}
+    states: dict[str, RunOut] = {}
     deadline = t0 + args.timeout
     while time.monotonic() < deadline:
         for run_id in ids:
             try:
-                r = client.get(f"/v1/runs/{run_id}")
-            except httpx.HTTPError:
+                states[run_id] = scan.get_run(run_id)
+            except (ApiError, httpx.HTTPError):
                 continue
-            if r.status_code == 200:
-                states[run_id] = r.json()
-        if len(states) == len(ids) and all(s["state"] in TERMINAL for s in states.values()):
+        if len(states) == len(ids) and all(s.state in TERMINAL for s in states.values()):
             break
         time.sleep(2)
     stop.set()
     poller.join(timeout=30)
 
-    counts = Counter(s["state"] for s in states.values())
-    unfinished = [i for i in ids if states.get(i, {}).get("state") not in TERMINAL]
-    failed = [s for s in states.values() if s["state"] == "FAILED"]
-    by_infra = [s for s in failed if any(w in (s.get("error") or "") for w in INFRA_WORDS)]
-    redone, needed = _epochs(client, ids)
+    counts = Counter(s.state for s in states.values())
+    unfinished = [i for i in ids if i not in states or states[i].state not in TERMINAL]
+    failed = [s for s in states.values() if s.state == "FAILED"]
+    by_infra = [s for s in failed if any(w in (s.error or "") for w in INFRA_WORDS)]
+    redone, needed = _epochs(scan, ids)
     submitted = args.runs + 1
     lost = submitted - len(ids) + len(unfinished)
+    submit_503 = answered_503["POST", "/v1/runs"]
     print(f"\nfaults: {dict(faults)} in {time.monotonic() - t0:.0f}s")
     print(
         f"runs submitted {submitted} | accepted {len(ids)} (503s answered on the way: {submit_503}) | "
@@ -320,7 +336,7 @@ def _soak(
         f"(by infrastructure {len(by_infra)}) | canceled {counts['CANCELED']}"
     )
     for s in failed:
-        print(f"  failed {s['id']}: {s.get('error')}")
+        print(f"  failed {s.id}: {s.error}")
     total_faults = sum(faults.values()) or 1
     print(
         f"epochs trained {needed + redone}, needed {needed}, redone {redone} -> "
@@ -332,7 +348,7 @@ def _soak(
     return ok
 
 
-def _epochs(client: httpx.Client, ids: list[str]) -> tuple[int, int]:
+def _epochs(scan: Client, ids: list[str]) -> tuple[int, int]:
     """(epochs redone, epochs needed) over all runs, from their progress logs: an epoch is trained
     once per start of its stage (a ``stage_started`` event) that reported the epoch's last step."""
     redone = needed = 0
@@ -340,17 +356,17 @@ def _epochs(client: httpx.Client, ids: list[str]) -> tuple[int, int]:
         trained: set[tuple] = set()
         after, segment = 0, 0
         while True:
-            r = client.get(f"/v1/runs/{run_id}/events", params={"after": after, "limit": 1000})
-            if r.status_code != 200:
+            try:
+                page = scan.events(run_id, after=after, limit=1000)
+            except ApiError:
                 break
-            page = r.json()
-            for e in page["items"]:
-                segment += e["kind"] == "stage_started"
-                if e["kind"] == "progress" and e.get("epoch") and e.get("steps") and e.get("step") == e["steps"]:
-                    trained.add((e["stage"], segment, e["epoch"]))
-            if not page["items"]:
+            for e in page.items:
+                segment += e.kind == "stage_started"
+                if e.kind == "progress" and e.epoch and e.steps and e.step == e.steps:
+                    trained.add((e.stage, segment, e.epoch))
+            if not page.items:
                 break
-            after = page["next_after"]
+            after = page.next_after
         distinct = {(stage, epoch) for stage, _, epoch in trained}
         redone += len(trained) - len(distinct)
         needed += len(distinct)

@@ -94,24 +94,21 @@ def bench_size(n: int, args, rng: np.random.Generator, tmp: Path) -> None:
     )
 
     if args.http:
-        import httpx
-
         from bench.serve import register_run, start_api
+        from scan_client import Client
 
         key, run_id = register_run(tmp / f"var-{n}", run_dir, 8, 1, 10)
         proc, base = start_api(tmp / f"var-{n}", {})
         try:
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=300) as http:
-                url = f"/v1/runs/{run_id}/neighbors"
-                r = http.post(url, json={"k": args.k, "query": {"vectors": [queries[0].tolist()]}})
-                assert r.status_code == 200, r.text  # loads the index in the server
+            with Client(base, key, timeout=300) as scan:
+                scan.neighbors(run_id, vectors=[queries[0].tolist()], k=args.k)  # loads the index in the server
                 lat, found = [], []
                 for q in queries:
-                    body = {"k": args.k, "query": {"vectors": [q.tolist()]}}
+                    vector = [q.tolist()]
                     t0 = time.perf_counter()
-                    r = http.post(url, json=body)
+                    answer = scan.neighbors(run_id, vectors=vector, k=args.k)
                     lat.append(time.perf_counter() - t0)
-                    found.append([h["item"] for h in r.json()["results"][0]["neighbors"]])
+                    found.append([h.item for h in answer.results[0].neighbors])
             print(
                 f"{n:>9,} vectors over HTTP /neighbors: {pct(lat)}, recall@{args.k} "
                 f"{recall(np.array(found), truth):.3f}"
