@@ -94,10 +94,10 @@ def bench_size(n: int, args, rng: np.random.Generator, tmp: Path) -> None:
     )
 
     if args.http:
-        from bench.serve import register_run, start_api
+        from bench.serve import register_runs, start_api
         from scan_client import Client
 
-        key, run_id = register_run(tmp / f"var-{n}", run_dir, 8, 1, 10)
+        key, (run_id,) = register_runs(tmp / f"var-{n}", [(run_dir, 8, 1, 10)])
         proc, base = start_api(tmp / f"var-{n}", {})
         try:
             with Client(base, key, timeout=300) as scan:
