@@ -1,6 +1,7 @@
 """`scan` command line: the whole pipeline on a folder of images, no server needed.
 
 scan train digits --clusters 10 --out runs/digits --preset small
+scan train digits --clusters auto --out runs/digits-auto      # K chosen in 2..20 (or --clusters 5..15)
 scan evaluate runs/digits
 scan predict runs/digits a.png b.jpg
 """
@@ -45,6 +46,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_num_clusters(text: str) -> int | str | dict[str, int]:
+    """--clusters: "10", "auto", or a range "5..15" (also "5-15")."""
+    text = text.strip().lower()
+    if text == "auto" or text.lstrip("+-").isdigit():
+        return text if text == "auto" else int(text)
+    for sep in ("..", "-", ":"):
+        lo, found, hi = text.partition(sep)
+        if found and lo.strip().isdigit() and hi.strip().isdigit():
+            return {"min": int(lo), "max": int(hi)}
+    _fail(f"--clusters {text!r}: give a number (10), auto, or a range (5..15)")
+
+
 def _load(source: str, split: str, cache_dir: Path | None):
     from ml.data import DataError, load_source
 
@@ -61,7 +74,9 @@ def train(
     source: str = typer.Argument(
         ..., help="folder, archive, .npz, IDX, CIFAR/STL folder, or a built-in name (digits, fashion-mnist)"
     ),
-    clusters: int = typer.Option(..., "--clusters", "-k", help="number of clusters"),
+    clusters: str = typer.Option(
+        ..., "--clusters", "-k", help='number of clusters: 10, "auto" (chosen in 2..20) or a range 5..15'
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="run directory"),
     preset: str = typer.Option(DEFAULT_PRESET, help="small (CPU) | cifar | stl | imagenet (see ml/config.py)"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set pretext.epochs=100"),
@@ -87,7 +102,7 @@ def train(
     if seeds is not None:
         overrides["seeds"] = seeds
     try:
-        cfg = RunConfig.from_preset(preset, clusters, overrides)
+        cfg = RunConfig.from_preset(preset, parse_num_clusters(clusters), overrides)
     except (ValidationError, ValueError) as e:
         _fail(f"invalid configuration: {e}")
     data = _load(source, split, cache_dir)
@@ -217,6 +232,10 @@ def _print_metrics(run_dir: Path, timings: dict[str, float] | None) -> None:
     purity = metrics.get("mining", {}).get("neighbor_purity")
     if purity is not None:
         Console().print(f"neighbour purity (K={metrics['mining']['num_neighbors']}): {purity:.3f}")
+    sweep = metrics.get("num_clusters")
+    if isinstance(sweep, dict) and sweep.get("curve"):
+        curve = ", ".join(f"{r['k']}: {r['criterion']:.3f}" for r in sweep["curve"])
+        Console().print(f"clusters: K={sweep['chosen']} chosen by {sweep['criterion']} ({curve})")
     if timings:
         Console().print("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 

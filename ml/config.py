@@ -10,9 +10,9 @@ paper is silent, from the reference implementation's configs (facts noted in
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 Arch = Literal["resnet18_cifar", "resnet18_stl", "resnet18", "resnet50", "convnet"]
 
@@ -80,6 +80,40 @@ class MiningConfig(_Strict):
     shards: int = Field(1, ge=1, le=1024)
 
 
+MAX_CLUSTERS = 10_000
+# num_clusters "auto": the range of K the clustering stage chooses from (ml/num_clusters.py).
+AUTO_MIN, AUTO_MAX = 2, 20
+
+
+class ClusterRange(_Strict):
+    """num_clusters as a range: the clustering stage picks K in [min, max] (ml/num_clusters.py)."""
+
+    min: int = Field(..., ge=2, le=MAX_CLUSTERS)
+    max: int = Field(..., ge=2, le=MAX_CLUSTERS)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClusterRange:
+        if self.min > self.max:
+            raise ValueError(f"num_clusters: min {self.min} is above max {self.max}")
+        return self
+
+
+def _num_clusters_kind(value: Any) -> str:
+    # One branch per input shape, so a wrong value gets one error, not one per branch.
+    if isinstance(value, (dict, ClusterRange)):
+        return "range"
+    return "auto" if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else "count"
+
+
+# An int K, "auto" (K chosen in AUTO_MIN..AUTO_MAX), or {"min": a, "max": b} (K chosen in a..b).
+NumClusters = Annotated[
+    Annotated[Annotated[int, Field(ge=2, le=MAX_CLUSTERS)], Tag("count")]
+    | Annotated[Literal["auto"], Tag("auto")]
+    | Annotated[ClusterRange, Tag("range")],
+    Discriminator(_num_clusters_kind),
+]
+
+
 class ClusteringConfig(_Strict):
     epochs: int = Field(50, ge=0, le=MAX_EPOCHS)
     batch_size: int = Field(128, ge=2, le=MAX_BATCH)
@@ -95,6 +129,8 @@ class ClusteringConfig(_Strict):
     # ImageNet setting, supplement B.1).
     augmentation: Literal["strong", "simclr"] = "strong"
     cutout: int | None = Field(None, ge=0, le=512)  # None: half the image side, the paper's 16 px on 32 px CIFAR
+    # num_clusters "auto" or a range: steps of the K sweep on frozen features (ml/num_clusters.py).
+    sweep_steps: int = Field(1000, ge=1, le=100_000)
 
 
 class SelfLabelConfig(_Strict):
@@ -132,7 +168,9 @@ DEFAULT_PRESET = "small"
 
 class RunConfig(_Strict):
     preset: str = "cifar"  # the preset these field defaults come from (the paper's CIFAR recipe)
-    num_clusters: int = Field(..., ge=2, le=10_000)
+    num_clusters: NumClusters
+    # Set by the clustering stage when num_clusters is "auto" or a range: the K it chose.
+    num_clusters_chosen: int | None = Field(None, ge=2, le=MAX_CLUSTERS)
     arch: Arch = "resnet18_cifar"
     width: int = Field(32, ge=4, le=512)  # convnet only: channels of the first block (doubling after)
     image_size: int | None = Field(None, ge=8, le=512)  # None: the dataset's own size
@@ -172,26 +210,57 @@ class RunConfig(_Strict):
         lo, hi = self.pretext.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("pretext.crop_scale must satisfy 0 < low <= high <= 1")
+        chosen = self.num_clusters_chosen
+        if chosen is not None:
+            lo, hi = self.num_clusters_range or (self.num_clusters, self.num_clusters)
+            if not lo <= chosen <= hi:
+                raise ValueError(f"num_clusters_chosen {chosen} is outside num_clusters {lo}..{hi}")
         return self
 
+    @property
+    def num_clusters_range(self) -> tuple[int, int] | None:
+        """(min, max) when K is to be chosen, None when num_clusters is a number."""
+        if isinstance(self.num_clusters, int):
+            return None
+        if self.num_clusters == "auto":
+            return AUTO_MIN, AUTO_MAX
+        return self.num_clusters.min, self.num_clusters.max
+
+    @property
+    def k(self) -> int | None:
+        """The number of clusters the model has: num_clusters when it is a number, else the K the
+        clustering stage chose (None before it has)."""
+        return self.num_clusters if isinstance(self.num_clusters, int) else self.num_clusters_chosen
+
     @classmethod
-    def from_preset(cls, preset: str, num_clusters: int, overrides: dict[str, Any] | None = None) -> RunConfig:
+    def from_preset(
+        cls, preset: str, num_clusters: int | str | dict[str, int], overrides: dict[str, Any] | None = None
+    ) -> RunConfig:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
         data = copy.deepcopy(PRESETS[preset])
         data.update(preset=preset, num_clusters=num_clusters)
-        _deep_merge(data, expand_dotted(overrides or {}))
+        extra = expand_dotted(overrides or {})
+        if "num_clusters_chosen" in extra:
+            raise ValueError("num_clusters_chosen is set by the clustering stage, not by an override")
+        _deep_merge(data, extra)
         return cls.model_validate(data)
+
+    def with_chosen_k(self, k: int) -> RunConfig:
+        """This config with the K the clustering stage chose recorded (validated against the range)."""
+        return RunConfig.model_validate({**self.model_dump(mode="json"), "num_clusters_chosen": int(k)})
 
     def overrides(self) -> dict[str, Any]:
         """What this config changes from its preset, as dotted keys: derived, so a run stores its
         config once and still shows what was asked for. ``from_preset(preset, num_clusters,
         cfg.overrides())`` gives ``cfg`` back."""
+        asked = self.num_clusters if isinstance(self.num_clusters, (int, str)) else self.num_clusters.model_dump()
         if self.preset in PRESETS:
-            reference = RunConfig.from_preset(self.preset, self.num_clusters)
+            reference = RunConfig.from_preset(self.preset, asked)
         else:  # a preset since removed: show what differs from the field defaults
             reference = RunConfig.model_construct(num_clusters=self.num_clusters)
-        return _dotted_diff(self.model_dump(mode="json"), reference.model_dump(mode="json"))
+        mine = self.model_dump(mode="json", exclude={"num_clusters_chosen"})
+        return _dotted_diff(mine, reference.model_dump(mode="json", exclude={"num_clusters_chosen"}))
 
 
 def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:

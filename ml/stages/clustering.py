@@ -14,6 +14,7 @@ import torch
 from ml.augment import SimCLRAugment, StrongAugment
 from ml.losses import scan_loss_all_neighbors, scan_loss_per_head
 from ml.networks import ClusteringModel
+from ml.num_clusters import resolve_num_clusters
 from ml.saved_models import cpu_state, load_contrastive, save_clustering
 from ml.stages.common import StageContext, predict_all, resident_images, take
 from ml.stages.loop import Trainer
@@ -27,9 +28,10 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     images = resident_images(data.images, rt, cfg.image_size)
     neighbors = _partners(run, images.shape[0], rt)
     contrastive, meta = load_contrastive(run.pretext_path)
+    k = resolve_num_clusters(ctx)  # num_clusters, or the K the sweep picks for "auto" / a range
 
     torch.manual_seed(cfg.seed + 2)
-    model = rt.model(ClusteringModel(contrastive.backbone, cfg.num_clusters, num_heads=cc.num_heads))
+    model = rt.model(ClusteringModel(contrastive.backbone, k, num_heads=cc.num_heads))
     # Frozen backbone (the paper's ImageNet setting): only the linear heads learn, BN stays fixed.
     params = model.heads.parameters() if cc.freeze_backbone else model.parameters()
     trainer = Trainer(
@@ -39,12 +41,14 @@ def run_clustering(ctx: StageContext, data) -> dict[str, Any]:
     best = _train(trainer, model, heads, neighbors, cc)
     kept, head_losses = _keep_best(model, heads, neighbors, best)
 
-    out_meta = {**meta, "num_clusters": cfg.num_clusters, "num_heads": 1, "head": kept, "head_losses": head_losses}
+    out_meta = {**meta, "num_clusters": k, "num_heads": 1, "head": kept, "head_losses": head_losses}
     out_meta["kept_epoch"] = best["epoch"] if best else 0
     save_clustering(run.scan_model_path, model, out_meta)
     run.update_json(run.history_path, "clustering", trainer.history)
     results = write_outputs(ctx, model, images, data, "scan", final=not cfg.selflabel.enabled)
-    summary = {"epochs": len(trainer.history), "head": kept, "kept_epoch": out_meta["kept_epoch"]}
+    summary = {"epochs": len(trainer.history), "head": kept, "kept_epoch": out_meta["kept_epoch"], "num_clusters": k}
+    if cfg.k is None:
+        summary["num_clusters_chosen"] = k  # the service records it in the run's config
     return {**summary, "head_losses": head_losses, **results}
 
 

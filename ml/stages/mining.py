@@ -42,7 +42,9 @@ def run_mining(ctx: StageContext, data) -> dict[str, Any]:
     metrics["shortcuts"] = shortcuts.neighbor_shortcuts(shortcuts.image_statistics(data.images), neighbors)
     if data.labels is not None:
         metrics["neighbor_purity"] = float(faiss_index.neighbor_purity(neighbors, np.asarray(data.labels)))
-        metrics["kmeans"] = evaluate.kmeans_baseline(features, np.asarray(data.labels), cfg.num_clusters, seed=cfg.seed)
+        # K not chosen yet ("auto" or a range): the baseline gets as many clusters as there are classes.
+        k = cfg.k if cfg.k is not None else int(np.asarray(data.labels).max()) + 1
+        metrics["kmeans"] = evaluate.kmeans_baseline(features, np.asarray(data.labels), k, seed=cfg.seed)
     run.update_json(run.metrics_path, "mining", metrics)
     ctx.report(
         Progress(
