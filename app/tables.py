@@ -166,8 +166,10 @@ class Run(Base):
     finished_at: Mapped[datetime | None]
 
     @property
-    def num_clusters(self) -> int:
-        return int(self.config["num_clusters"])
+    def num_clusters(self) -> int | None:
+        """K: as asked, or for "auto" / a range the K the clustering stage chose (None before)."""
+        asked = self.config["num_clusters"]
+        return asked if isinstance(asked, int) else self.config.get("num_clusters_chosen")
 
     @property
     def preset(self) -> str:

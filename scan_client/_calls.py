@@ -167,7 +167,7 @@ def delete_dataset(dataset_id: str) -> Call[None]:
 
 def create_run(
     dataset_id: str,
-    num_clusters: int,
+    num_clusters: int | str | dict[str, int],  # K, "auto", or {"min": 2, "max": 20}
     *,
     preset: str = "small",
     overrides: dict[str, Any] | None = None,

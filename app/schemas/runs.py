@@ -6,14 +6,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.schemas.common import ORMModel
-from ml.config import DEFAULT_PRESET, MAX_SEEDS
+from ml.config import DEFAULT_PRESET, MAX_SEEDS, NumClusters
 
 RunStateName = Literal["QUEUED", "PRETEXT", "MINING", "CLUSTERING", "SELFLABEL", "SUCCEEDED", "FAILED", "CANCELED"]
 
 
 class RunCreate(BaseModel):
     dataset_id: str
-    num_clusters: int = Field(ge=2, le=10_000)
+    num_clusters: NumClusters = Field(
+        description='K, or "auto" (K chosen in 2..20), or a range {"min": 2, "max": 30}: the clustering stage '
+        "trains heads for every K on the frozen pretext features and keeps the K of the highest neighbour "
+        "modularity (docs/num_clusters.md); the curve is in the run's metrics under num_clusters"
+    )
     preset: str = Field(DEFAULT_PRESET, description="small (CPU) | cifar | stl | imagenet (see ml/config.py)")
     overrides: dict[str, Any] = Field(default_factory=dict, description='e.g. {"pretext.epochs": 5}')
     budget_minutes: int | None = Field(
@@ -67,7 +71,9 @@ class RunOut(ORMModel):
     dataset_id: str
     state: RunStateName
     stage: str | None = Field(None, description="the stage running now (or next to run)")
-    num_clusters: int = Field(description="from config")
+    num_clusters: int | None = Field(
+        description='from config: K as asked, or for "auto" / a range the K chosen (null until clustering has chosen)'
+    )
     preset: str = Field(description="from config")
     overrides: dict[str, Any] = Field(
         description="what config changes from its preset, as dotted keys (derived from config)"

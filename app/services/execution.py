@@ -250,6 +250,9 @@ def finish_stage(
         if status.epochs is not None:
             status.epoch = status.epochs
         status.eta_s = 0.0
+    chosen = (summary or {}).get("num_clusters_chosen")
+    if chosen is not None:  # "auto" or a range: the config records the K the clustering stage chose
+        run.config = run.recipe().with_chosen_k(chosen).model_dump(mode="json")
     run.stage = nxt
     if nxt in RUNNING_STATES:
         run.state = RUNNING_STATES[nxt]

@@ -31,7 +31,7 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def validate_config(preset: str, num_clusters: int, overrides: dict[str, Any]) -> dict[str, Any]:
+def validate_config(preset: str, num_clusters: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     """RunConfig.from_preset; a pydantic.ValidationError reaches the 422 handler with field paths."""
     from pydantic import ValidationError
 
@@ -92,8 +92,7 @@ def create(
         raise Conflict(f"dataset {dataset.id} is {dataset.state}; runs need a READY dataset")
     config = validate_config(body["preset"], body["num_clusters"], _overrides(body))
     weights.check_reference(session, tenant, config)
-    if dataset.count is not None and body["num_clusters"] >= dataset.count:
-        raise Invalid(f"num_clusters: {body['num_clusters']} must be below the dataset's {dataset.count} images")
+    _check_num_clusters(body["num_clusters"], dataset.count)
     config, estimate = devices.plan(session, settings, config, dataset, body.get("budget_minutes"))
     run = Run(
         tenant_id=tenant.id,
@@ -119,6 +118,21 @@ def create(
     session.add(RunEvent(run_id=run.id, kind="state", message="run queued", data={"state": RunState.QUEUED}))
     session.commit()
     return run, True
+
+
+def _check_num_clusters(asked: Any, count: int | None) -> None:
+    """K below the number of images: a number, a range's max, or for "auto" at least its smallest
+    K ("auto" sweeps up to count - 1 on a small set)."""
+    from ml.config import AUTO_MIN
+
+    if count is None:
+        return
+    if isinstance(asked, int) and asked >= count:
+        raise Invalid(f"num_clusters: {asked} must be below the dataset's {count} images")
+    if isinstance(asked, dict) and asked["max"] >= count:
+        raise Invalid(f"num_clusters: max {asked['max']} must be below the dataset's {count} images")
+    if asked == "auto" and AUTO_MIN >= count:
+        raise Invalid(f'num_clusters: "auto" needs more than {AUTO_MIN} images; the dataset has {count}')
 
 
 def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Run | None:

@@ -188,13 +188,22 @@ def _progress(run: Run, stages: list[StageStatus]) -> tuple[float, str]:
     return run_fraction(done), label
 
 
+def _k_label(run: Run) -> str:
+    """ "10", or for "auto" / a range "10 (chosen in 2..20)", "auto: 2..20" before the choice."""
+    if isinstance(run.config.get("num_clusters"), int):
+        return str(run.num_clusters)
+    lo, hi = run.recipe().num_clusters_range
+    span = f"{lo}..{hi}"
+    return f"{run.num_clusters} (chosen in {span})" if run.num_clusters is not None else f"auto: {span}"
+
+
 def _run_view(run: Run, stages: list[StageStatus], dataset: Dataset | None) -> dict[str, Any]:
     progress, label = _progress(run, stages)
     return {
         "id": run.id,
         "state": run.state,
         "stage": run.stage,
-        "num_clusters": run.num_clusters,
+        "num_clusters": _k_label(run),
         "preset": run.preset,
         "error": run.error,
         "created_at": run.created_at,
@@ -261,8 +270,8 @@ METRIC_NAMES = ("acc", "nmi", "ari", "top5_acc", "many_to_one_acc", "neighbor_pu
 def _metrics(run: Run, session: Session) -> tuple[dict | None, dict | None]:
     """(metrics table, confusion matrix): the table has one column per stage that was evaluated."""
     data = results.stage_metrics(session, run)
-    # The seeds' own table is _seeds's.
-    stages = {k: _flatten(v) for k, v in data.items() if isinstance(v, dict) and k != "seeds"}
+    # The seeds' own table is _seeds's, the K sweep's _num_clusters_view's.
+    stages = {k: _flatten(v) for k, v in data.items() if isinstance(v, dict) and k not in ("seeds", "num_clusters")}
     if not stages and any(isinstance(v, (int, float)) for v in data.values()):
         stages = {"final": data}  # a flat dict of one evaluation
     names = [n for n in METRIC_NAMES if any(n in v for v in stages.values())]
@@ -324,6 +333,28 @@ def _seeds(run: Run, session: Session) -> dict | None:
             for r in data["runs"]
         ],
         "summary": [f"{fmt(mean[step][key])} ± {fmt(std[step][key])}" for step, key in columns],
+    }
+
+
+def _num_clusters_view(run: Run, session: Session) -> dict[str, Any] | None:
+    """The K sweep of an "auto" / range run: its criterion per K as a chart, and the K chosen."""
+    sweep = results.stage_metrics(session, run).get("num_clusters")
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("curve"), list):
+        return None
+    pts = [(r["k"], r["criterion"]) for r in sweep["curve"] if isinstance(r, dict) and "k" in r]
+    chosen = sweep.get("chosen")
+    mark = [(k, c) for k, c in pts if k == chosen]
+    return {
+        "chosen": chosen,
+        "range": sweep.get("range"),
+        "criterion": sweep.get("criterion"),
+        "curve": [r for r in sweep["curve"] if isinstance(r, dict)],
+        "chart": line_chart(
+            {"neighbour modularity": pts, f"chosen K = {chosen}": mark},
+            title="criterion per number of clusters K",
+            x_label="K",
+            css_class="chart chart-num-clusters",
+        ),
     }
 
 
@@ -404,6 +435,7 @@ def run_page(request: Request, run_id: str, session: SessionDep, tenant: UiTenan
             "confusion": _confusion(confusion, dataset.class_names if dataset else None),
             "clusters": clusters,
             "shortcut_warnings": _shortcut_warnings(run, session),
+            "num_clusters": _num_clusters_view(run, session),
             "estimate": run.estimate or {},
             "published": registry.published_versions(session, tenant, run.id),
         },
