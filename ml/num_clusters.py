@@ -209,8 +209,10 @@ def resolve_num_clusters(ctx) -> int:
     """The K the clustering stage trains (``ctx``: its StageContext): ``num_clusters`` when it is a
     number; else the sweep's choice, run once and kept in metrics.json["num_clusters"] (with the
     curve), so a restarted stage trains the same K. The run directory's config.json, where there
-    is one (``scan train``), records the choice too."""
-    cfg, run = ctx.cfg, ctx.run
+    is one (``scan train``), records the choice too. With several seeds the choice is the run's,
+    made once and kept in the run directory itself: every seed trains that K."""
+    cfg = ctx.cfg
+    run = getattr(ctx.run, "run", ctx.run)  # a seed's folder (ml.rundir.SeedDir): its run's
     if cfg.k is not None:
         return cfg.k
     done = (run.read_json(run.metrics_path, {}) or {}).get("num_clusters")

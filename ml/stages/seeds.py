@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ml.losses import scan_loss_all_neighbors
+from ml.num_clusters import resolve_num_clusters
 from ml.rundir import RunDir, SeedDir, atomic_write
 from ml.saved_models import load_clustering
 from ml.stages.common import Progress, StageContext, predict_all, resident_images
@@ -104,6 +105,7 @@ def run_clustering_seeds(ctx: StageContext, data) -> dict[str, Any]:
     run = ctx.run
     if run.scan_model_path.exists():
         return {"resumed": "done"}
+    k = resolve_num_clusters(ctx)  # "auto" / a range: one K for the run, chosen before any seed trains
     probe = _Probe(ctx, data)
     for i in range(ctx.cfg.seeds):
         sctx = seed_context(ctx, i)
@@ -120,7 +122,10 @@ def run_clustering_seeds(ctx: StageContext, data) -> dict[str, Any]:
     run.update_json(run.metrics_path, "seeds", summary)
     # scan.pt last: its presence marks the stage done.
     _copy(run.seed(kept).scan_model_path, run.scan_model_path)
-    return {"seeds": ctx.cfg.seeds, "kept_seed": kept, "mean": summary["mean"]["scan"], "std": summary["std"]["scan"]}
+    out = {"seeds": ctx.cfg.seeds, "kept_seed": kept, "mean": summary["mean"]["scan"], "std": summary["std"]["scan"]}
+    if ctx.cfg.k is None:
+        out["num_clusters_chosen"] = k  # the service records it in the run's config
+    return out
 
 
 def run_selflabel_seeds(ctx: StageContext, data) -> dict[str, Any]:

@@ -61,9 +61,9 @@ def test_the_sweep_finds_the_number_of_planted_groups():
     torch.manual_seed(0)
     for k in (4, 7):
         features, neighbors = _blobs(k, per=60, dim=32, seed=k)
-        curve, chosen = choose_num_clusters(features, neighbors, range(2, 11), steps=300)
+        curve, chosen = choose_num_clusters(features, neighbors, range(2, 10), steps=200)
         assert chosen == k, [(r["k"], round(r["criterion"], 3)) for r in curve]
-        assert [r["k"] for r in curve] == list(range(2, 11))
+        assert [r["k"] for r in curve] == list(range(2, 10))
         row = next(r for r in curve if r["k"] == k)
         assert row["clusters_used"] == k and row["head_agreement"] > 0.9
 
@@ -101,3 +101,25 @@ def test_auto_picks_ten_clusters_on_digits_and_the_run_trains_that_k(tmp_path):
     assert Predictor.load(tmp_path, device="cpu", model="scan").num_clusters == k
     assert np.load(tmp_path / "assignments.npz")["probs"].shape == (data.n, k)
     assert metrics["scan"]["num_clusters"] == k
+
+
+def test_every_seed_of_an_auto_run_trains_the_one_k_chosen_for_the_run(tmp_path):
+    """seeds: N with "auto": the sweep runs once, before the seeds, and every seed trains its K."""
+    from ml.config import RunConfig
+    from ml.data import ImageSet, load_source
+    from ml.pipeline import load_config, prepare_run, run_stage
+    from ml.saved_models import load_clustering
+
+    digits = load_source("digits")
+    data = ImageSet(digits.images[:300], digits.labels[:300], digits.class_names, "digits[:300]")
+    overrides = {"seeds": 2, "pretext.epochs": 1, "clustering.epochs": 1, "clustering.sweep_steps": 30}
+    prepare_run(tmp_path, RunConfig.from_preset("small", {"min": 3, "max": 6}, overrides))
+    for stage in ("pretext", "mining", "clustering"):
+        summary = run_stage(stage, tmp_path, data)
+    sweep = json.loads((tmp_path / "metrics.json").read_text())["num_clusters"]
+    k = sweep["chosen"]
+    assert [r["k"] for r in sweep["curve"]] == [3, 4, 5, 6] and summary["num_clusters_chosen"] == k
+    assert load_config(tmp_path).num_clusters_chosen == k
+    for i in range(2):
+        assert "num_clusters" not in json.loads((tmp_path / "seeds" / str(i) / "metrics.json").read_text())
+        assert load_clustering(tmp_path / "seeds" / str(i) / "scan.pt")[1]["num_clusters"] == k
