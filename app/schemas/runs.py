@@ -15,8 +15,9 @@ class RunCreate(BaseModel):
     dataset_id: str
     num_clusters: NumClusters = Field(
         description='K, or "auto" (K chosen in 2..20), or a range {"min": 2, "max": 30}: the clustering stage '
-        "trains heads for every K on the frozen pretext features and keeps the K of the highest neighbour "
-        "modularity (docs/num_clusters.md); the curve is in the run's metrics under num_clusters"
+        "trains heads for every K on the frozen pretext features and keeps the smallest K within noise of "
+        "the highest neighbour modularity (docs/num_clusters.md); the curve is in the run's metrics under "
+        "num_clusters"
     )
     preset: str = Field(DEFAULT_PRESET, description="small (CPU) | cifar | stl | imagenet (see ml/config.py)")
     overrides: dict[str, Any] = Field(default_factory=dict, description='e.g. {"pretext.epochs": 5}')
