@@ -40,6 +40,9 @@ from ml.rundir import atomic_write_text
 CRITERION = "neighbor_modularity"
 # Candidates swept at most: every K of a short range, a geometric ladder across a long one.
 MAX_CANDIDATES = 30
+# Probabilities (heads x images x max K) held at once to measure Eq. 2 (256 MB of float32); beyond,
+# Eq. 2 is measured on a sample of anchors. The criterion itself needs only cluster ids.
+PROBS_MAX = 1 << 26
 
 
 def candidate_ks(lo: int, hi: int, n: int) -> list[int]:
@@ -148,26 +151,45 @@ def sweep(
         loss.backward()
         opt.step()
     with torch.no_grad():
+        # Cluster ids of every image under every head, a chunk at a time: the criterion is exact.
+        chunks = [heads(x[i : i + 8192]).argmax(-1).to(torch.int16).cpu() for i in range(0, n, 8192)]
+        preds = torch.cat(chunks, dim=1).numpy()  # (M, N); K <= 10,000 fits int16
+        losses, entropies = _eq2(heads, x, nb, entropy_weight, g)
+    return _score(preds, losses, entropies, ks, heads_per_k, nb.numpy(), entropy_weight, keep_assignments)
+
+
+def _eq2(heads: _MaskedHeads, x, nb, entropy_weight: float, g) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 2's loss and entropy of every head, unaugmented, over every image and all its
+    neighbours; beyond PROBS_MAX probabilities in memory, over a random sample of anchors."""
+    m, kmax = heads.shape
+    n = x.shape[0]
+    if m * n * kmax <= PROBS_MAX:
         probs = F.softmax(heads(x), dim=-1).cpu()  # (M, N, Kmax)
-    return _score(probs, heads.ks, ks, heads_per_k, nb, entropy_weight, keep_assignments)
+        return scan_loss_all_neighbors(probs, nb, entropy_weight).numpy(), mean_entropy(probs).numpy()
+    s = max(1, PROBS_MAX // (m * kmax * (nb.shape[1] + 1)))
+    anchors = torch.randperm(n, generator=g)[:s]
+    rows, where = torch.unique(torch.cat([anchors, nb[anchors].flatten()]), return_inverse=True)
+    p = F.softmax(heads(x[rows.to(x.device)]), dim=-1).cpu()
+    pa, pn = p[:, where[:s]], p[:, where[s:]].view(m, s, nb.shape[1], kmax)
+    consistency = -(pa[:, :, None, :] * pn).sum(-1).clamp_min(1e-8).log().mean((1, 2))
+    entropy = mean_entropy(pa)
+    return (consistency - entropy_weight * entropy).numpy(), entropy.numpy()
 
 
-def _score(probs, head_ks, ks, heads_per_k, nb, entropy_weight, keep=False) -> list[dict[str, Any]]:
-    losses = scan_loss_all_neighbors(probs, nb, entropy_weight)
-    nb_np = nb.numpy()
+def _score(preds, losses, entropies, ks, heads_per_k, nb_np, entropy_weight, keep=False) -> list[dict[str, Any]]:
     curve = []
     for j, k in enumerate(ks):
         rows = range(j * heads_per_k, (j + 1) * heads_per_k)
         best = min(rows, key=lambda r: float(losses[r]))
-        p = probs[best, :, :k]
-        pred = p.argmax(-1).numpy()
-        entropy = float(mean_entropy(p))
-        preds = [probs[r, :, :k].argmax(-1).numpy() for r in rows]
-        pairs = [(a, b) for a in range(len(preds)) for b in range(a + 1, len(preds))]
+        pred = preds[best]
+        entropy = float(entropies[best])
+        heads_preds = [preds[r] for r in rows]
+        pairs = [(a, b) for a in range(len(heads_preds)) for b in range(a + 1, len(heads_preds))]
+        ari = [adjusted_rand_score(heads_preds[a], heads_preds[b]) for a, b in pairs]
         sizes = np.bincount(pred, minlength=k)
         agree, _ = neighbor_agreement(pred, nb_np)
         # Every head of this K is a replicate: the criterion is their mean, their spread its noise.
-        modularity = [neighbor_modularity(q, nb_np) for q in preds]
+        modularity = [neighbor_modularity(q, nb_np) for q in heads_preds]
         curve.append(
             {
                 "k": k,
@@ -178,9 +200,7 @@ def _score(probs, head_ks, ks, heads_per_k, nb, entropy_weight, keep=False) -> l
                 "consistency": float(losses[best]) + entropy_weight * entropy,
                 "entropy": entropy,
                 "normalized_entropy": entropy / math.log(k),
-                "head_agreement": float(np.mean([adjusted_rand_score(preds[a], preds[b]) for a, b in pairs]))
-                if pairs
-                else None,
+                "head_agreement": float(np.mean(ari)) if ari else None,
                 "clusters_used": int((sizes > 0).sum()),
                 "smallest_share": float(sizes.min() / pred.size),
             }
