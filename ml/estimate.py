@@ -13,7 +13,8 @@ The cost model (docs/service.md, "Duration and memory estimates"):
   clustering epochs x n x 2 (anchor and neighbour) plus its per-epoch loss over the dataset, self-
   labeling epochs x n (strong view) plus the weak view and the confident count. Self-labeling stops
   early on a plateau, so its figure is an upper bound. With `seeds: N` both of those stages run N
-  times, pretext and mining once.
+  times, pretext and mining once. With `devices: N` on GPUs, pretext and self-labeling take 1/N of
+  the time (data-parallel); on a CPU the N processes share its cores and gain nothing.
 - Memory: parameters x 16 bytes (weights, gradients, two Adam moments) + batch x views x the
   activations one image leaves for the backward pass x 4 bytes + (on a CPU) the dataset resident at
   training size + a fixed framework overhead. The activation and parameter counts per arch are
@@ -122,7 +123,13 @@ def estimate(cfg: RunConfig, n: int, native_size: int, device: Device, *, report
     """Expected seconds per stage and in total on `device`, with a plain-words warning past an hour."""
     size = train_size(cfg, native_size)
     speed = device.images_per_s(cfg.arch, size, cfg.width)
-    stages = {stage: round(work / speed, 1) for stage, work in stage_work(cfg, n).items()}
+    work = stage_work(cfg, n)
+    if cfg.devices > 1 and device.kind == "cuda":
+        # devices: N splits every global batch of these two stages over N GPUs (ml/launch.py); the
+        # all-gathers are small next to a step. On a CPU the N processes share the same cores.
+        work["pretext"] /= cfg.devices
+        work["selflabel"] /= cfg.devices
+    stages = {stage: round(w / speed, 1) for stage, w in work.items()}
     total = round(sum(stages.values()), 1)
     out: dict[str, Any] = {
         "stages_s": stages,

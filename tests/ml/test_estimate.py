@@ -54,6 +54,19 @@ def test_seeds_multiply_clustering_and_selflabel_only():
         assert three[stage] == pytest.approx(3 * one[stage], abs=0.2)
 
 
+def test_devices_divide_the_data_parallel_stages_on_gpus_only():
+    gpu = est.Device(kind="cuda", name="gpu", memory_bytes=80 << 30, train_images_per_s={"resnet18_cifar": 5000.0})
+    cfg = RunConfig.from_preset("cifar", 10, {"pretext.batch_size": 512, "selflabel.batch_size": 1000})
+    one = est.estimate(cfg, 50_000, 32, gpu)["stages_s"]
+    four = est.estimate(cfg.model_copy(update={"devices": 4}), 50_000, 32, gpu)["stages_s"]
+    for stage in ("pretext", "selflabel"):
+        assert four[stage] == pytest.approx(one[stage] / 4, abs=0.2)
+    for stage in ("mining", "clustering"):  # one device
+        assert four[stage] == one[stage]
+    cpu = est.estimate(cfg.model_copy(update={"devices": 4}), 50_000, 32, DEVICE)["stages_s"]
+    assert cpu == est.estimate(cfg, 50_000, 32, DEVICE)["stages_s"]  # the processes share the cores
+
+
 def test_a_budget_is_met_by_cutting_epochs_first_then_size():
     cfg = RunConfig.from_preset("cifar", 10)
     full = est.estimate(cfg, 10_000, 32, DEVICE)["total_s"]
