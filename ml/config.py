@@ -174,6 +174,12 @@ class RunConfig(_Strict):
     arch: Arch = "resnet18_cifar"
     width: int = Field(32, ge=4, le=512)  # convnet only: channels of the first block (doubling after)
     image_size: int | None = Field(None, ge=8, le=512)  # None: the dataset's own size
+    # Colour and polarity canonicalised inside the model (ml.networks.CanonicalColour): each image
+    # projected on its principal colour axis, standardised, its ground made the dark side. Training,
+    # /predict and exports all see the same; clusters can then follow neither ink/ground colour,
+    # brightness, contrast nor inversion. For glyphs, icons, scans; not where colour or lightness is
+    # the class (flowers, day vs night).
+    canonicalise: bool = False
     seed: int = Field(0, ge=0, le=MAX_SEED)
     # The paper's protocol (section 3.1, Table 3): clustering and self-labeling trained `seeds` times
     # on the one pretext model and its mined neighbours, metrics reported as mean +- std, the seed

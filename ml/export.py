@@ -63,6 +63,8 @@ def export_model(
         # offline without extra packages (the dynamo ONNX exporter needs onnxscript).
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        # CanonicalColour's border width is computed from the image size, which an export fixes.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="ml.networks")
         if fmt == "onnx":
 
             def write(f):

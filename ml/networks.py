@@ -26,6 +26,7 @@ __all__ = [
     "ARCHS",
     "Backbone",
     "Normalize",
+    "CanonicalColour",
     "build_backbone",
     "load_backbone_weights",
     "fit_backbone",
@@ -47,6 +48,62 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+
+class CanonicalColour(nn.Module):
+    """Each image reduced to one standardised channel whose colours and polarity no longer matter.
+
+    Per image: the pixels are projected on their principal colour axis (the leading eigenvector of
+    the image's 3x3 colour covariance; a gray image is its own axis), the projection is standardised
+    to zero mean and unit variance, and its sign is chosen so that the border (the outer eighth of
+    the side, at least one pixel) lies below the mean: the ground is negative, the content positive.
+    (N, C, H, W) in [0, 1], C in {1, 3} -> (N, 1, H, W).
+
+    An image drawn in two colours, ``rgb = ground + (ink - ground) * g``, becomes the standardised
+    glyph ``g`` whatever the two colours are and whichever way round they are (issue #10): ink and
+    ground colour, brightness, contrast and inversion are gone before the first convolution. What
+    is lost with them: anything the classes differ in by colour or by how light they are.
+
+    The eigenvector comes from repeated squaring of the covariance (C^32, rescaled each time) and
+    its largest column, not from ``eigh``: a fixed number of 3x3 products, deterministic, in
+    float32 whatever autocast says, and exported as plain ops to ONNX and TorchScript. Columns of
+    C^32 are all the principal axis (times its component) once it dominates; the largest column is
+    never the zero vector unless the image is flat. Flat images give zeros.
+    """
+
+    SQUARINGS = 5  # C^32: the second eigenvalue's share falls as (l2/l1)^32
+    EPS = 1e-4  # variance floor (std 0.01 in [0, 1] units): a flat image stays flat, not noise
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        self.in_channels = int(in_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The batch size is never named (-1 instead), so exports keep a dynamic batch dimension.
+        h, w = x.shape[2:]
+        flat = x.float().flatten(2)
+        centred = flat - flat.mean(dim=2, keepdim=True)
+        if self.in_channels == 3:
+            # Elementwise products, not matmul: autocast leaves them in float32.
+            cov = (centred.unsqueeze(2) * centred.unsqueeze(1)).mean(dim=3)  # (N, 3, 3)
+            m = cov + 1e-12 * torch.eye(3, device=x.device, dtype=cov.dtype)
+            for _ in range(self.SQUARINGS):
+                m = (m.unsqueeze(3) * m.unsqueeze(1)).sum(dim=2)
+                m = m / m.abs().amax(dim=(1, 2), keepdim=True)
+            pick = m.square().sum(dim=1).argmax(dim=1)  # the largest column
+            axis = m.gather(2, pick.view(-1, 1, 1).expand(-1, 3, 1))  # (N, 3, 1)
+            axis = axis / axis.square().sum(dim=1, keepdim=True).sqrt()
+            proj = (centred * axis).sum(dim=1)  # (N, H*W)
+        else:
+            proj = centred[:, 0]
+        z = (proj / (proj.square().mean(dim=1, keepdim=True) + self.EPS).sqrt()).view(-1, 1, h, w)
+        b = max(1, min(int(h), int(w)) // 8)  # a constant in an export, whose image size is fixed
+        inner = z[:, :, b:-b]
+        border = z[:, :, :b].sum((1, 2, 3)) + z[:, :, -b:].sum((1, 2, 3))
+        border = border + inner[..., :b].sum((1, 2, 3)) + inner[..., -b:].sum((1, 2, 3))
+        return torch.where(border.view(-1, 1, 1, 1) > 0, -z, z)
 
 
 class Backbone(nn.Sequential):
@@ -104,14 +161,20 @@ def _convnet_layers(in_channels: int, width: int = 32) -> tuple[OrderedDict[str,
 
 
 def build_backbone(
-    arch: str, in_channels: int, mean: Sequence[float], std: Sequence[float], width: int = 32
+    arch: str,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: int = 32,
+    canonicalise: bool = False,
 ) -> Backbone:
     """A backbone for float images in [0, 1] with ``in_channels`` channels (1 or 3).
 
     arch: "resnet18_cifar" (3x3 stride-1 conv1, no max-pool; 512-d), "resnet18_stl" (3x3 stride-1
     conv1, 2x2 max-pool; 512-d), "resnet18" (standard stem;
     512-d), "resnet50" (2048-d), "convnet" (small and CPU-sized; 256-d). ``mean``/``std`` hold one
-    value per channel (a single value is repeated).
+    value per channel (a single value is repeated). ``canonicalise`` puts ``CanonicalColour`` first:
+    the layers then see one standardised channel, and ``mean``/``std`` are not used.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -124,11 +187,15 @@ def build_backbone(
         std = std * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean/std need {in_channels} values, got {len(mean)} and {len(std)}")
+    # After CanonicalColour the image is one channel of mean 0 and variance 1: nothing to normalise.
+    front = OrderedDict(canonical=CanonicalColour(in_channels)) if canonicalise else OrderedDict()
+    front["normalize"] = Normalize((0.0,), (1.0,)) if canonicalise else Normalize(mean, std)
+    seen = 1 if canonicalise else in_channels
     if arch == "convnet":
-        layers, out_dim = _convnet_layers(in_channels, width)
+        layers, out_dim = _convnet_layers(seen, width)
     else:
-        layers, out_dim = _resnet_layers(arch, in_channels)
-    return Backbone(OrderedDict(normalize=Normalize(mean, std), **layers), out_dim, arch, in_channels)
+        layers, out_dim = _resnet_layers(arch, seen)
+    return Backbone(OrderedDict(**front, **layers), out_dim, arch, in_channels)
 
 
 # Wrappers that checkpoints put around a backbone's keys (DataParallel, our models, MoCo).

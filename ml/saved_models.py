@@ -22,7 +22,7 @@ def save_contrastive(path: Path, model: ContrastiveModel, meta: dict[str, Any]) 
 def load_contrastive(path: Path, device: str | torch.device = "cpu") -> tuple[ContrastiveModel, dict[str, Any]]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     meta = blob["meta"]
-    backbone = build_backbone(meta["arch"], meta["channels"], meta["mean"], meta["std"], meta.get("width", 32))
+    backbone = _backbone(meta)
     model = ContrastiveModel(backbone, hidden_dim=meta["hidden_dim"], feature_dim=meta["feature_dim"])
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
@@ -35,10 +35,22 @@ def save_clustering(path: Path, model: ClusteringModel, meta: dict[str, Any]) ->
 def load_clustering(path: Path, device: str | torch.device = "cpu") -> tuple[ClusteringModel, dict[str, Any]]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     meta = blob["meta"]
-    backbone = build_backbone(meta["arch"], meta["channels"], meta["mean"], meta["std"], meta.get("width", 32))
+    backbone = _backbone(meta)
     model = ClusteringModel(backbone, meta["num_clusters"], num_heads=meta["num_heads"])
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
+
+
+def _backbone(meta: dict[str, Any]):
+    # Models saved before a field existed have its default (width 32, no canonicalisation).
+    return build_backbone(
+        meta["arch"],
+        meta["channels"],
+        meta["mean"],
+        meta["std"],
+        meta.get("width", 32),
+        canonicalise=meta.get("canonicalise", False),
+    )
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -93,7 +93,7 @@ def neighbor_shortcuts(stats: dict[str, np.ndarray], neighbors: np.ndarray) -> d
             f"Neighbours follow {_words(worst)}: an image and its mined neighbours agree on it "
             f"{agreement[worst]:.0%} of the way (0% would be no more than random pairs). "
             f"Clusters built on them may group images by {_words(worst)} rather than by what "
-            f"they show; consider the pretext.invariances that remove it."
+            f"they show; {_cure(worst)}"
         )
     return out
 
@@ -134,9 +134,20 @@ def cluster_shortcuts(
             f"Clusters follow trivial image statistics: {_words(worst)} alone predicts an image's "
             f"cluster with {per_stat[worst]:.0%} of the possible gain, all simple statistics together "
             f"{trivial:.0%}, the learned features {learned:.0%}. The clusters likely group images by "
-            f"{_words(worst)}, not content; add the matching pretext.invariances and retrain."
+            f"{_words(worst)}, not content; {_cure(worst)}"
         )
     return out
+
+
+def _cure(stat: str) -> str:
+    """What a user can do about a run that follows ``stat``."""
+    if stat in ("brightness", "contrast", "colour", "polarity"):
+        # CanonicalColour removes exactly these (tests/ml/test_invariance.py).
+        return (
+            "where that is not what tells the classes apart, retrain with canonicalise: true (each image's "
+            "colours, brightness, contrast and polarity are normalised away inside the model)."
+        )
+    return "consider the pretext.invariances that remove it, and retrain."
 
 
 def _words(stat: str) -> str:

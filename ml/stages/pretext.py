@@ -32,7 +32,7 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
     mean, std = channel_stats(data.images, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.arch, channels, mean, std, cfg.width)
+    backbone = build_backbone(cfg.arch, channels, mean, std, cfg.width, cfg.canonicalise)
     if pc.backbone_weights:
         load_backbone_weights(backbone, Path(pc.backbone_weights))
     model = rt.model(ContrastiveModel(backbone, hidden_dim=pc.hidden_dim, feature_dim=pc.feature_dim))
@@ -88,6 +88,7 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
         mean,
         std,
         width=cfg.width,
+        canonicalise=cfg.canonicalise,
         hidden_dim=pc.hidden_dim,
         feature_dim=pc.feature_dim,
         feature_space=feature_space,
