@@ -26,7 +26,8 @@ import time
 import faiss
 import numpy as np
 
-from ml.index import MINE_BATCH, _cpu_count, _normalized, build_index, describe_index, mine_neighbors, search
+from ml.device import cpu_cores
+from ml.index import MINE_BATCH, _normalized, build_index, describe_index, mine_neighbors, search
 
 DIM = 128
 SAMPLE_QUERIES = 2_000
@@ -88,7 +89,7 @@ def main() -> None:
     k = args.k
 
     print(
-        f"faiss {faiss.__version__}, {_cpu_count()} cores, dim {DIM}, k {k}, seed {args.seed}; "
+        f"faiss {faiss.__version__}, {cpu_cores()} cores, dim {DIM}, k {k}, seed {args.seed}; "
         f"recall against exact brute force (all queries up to {EXACT_ALL_UP_TO:,}, "
         f"a random sample of {SAMPLE_QUERIES:,} queries above)"
     )

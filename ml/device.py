@@ -9,6 +9,7 @@ for both: on this project's 2-core CPU it made a convnet training step 1.5x fast
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +54,12 @@ def select_runtime(device: str = "auto", precision: str = "auto", channels_last:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(dev, bf16, channels_last)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on: the CPU affinity mask (containers, taskset), not the
+    machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ml.device import cpu_cores
+
 # The stages that train data-parallel; mining (sharded faiss, ml/index.py) and clustering run in one.
 DATA_PARALLEL_STAGES = ("pretext", "selflabel")
 
@@ -218,7 +220,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def world_size(devices: int, device: torch.device, batch: int) -> int:
     """How many ranks a stage asking for ``devices`` gets here: at most one per visible GPU on CUDA,
-    as many CPU processes as asked otherwise, and a number that splits the global batch evenly. The
-    result does not depend on it (see above), so fewer ranks than asked is slower, never different."""
-    cap = max(1, min(devices, torch.cuda.device_count()) if device.type == "cuda" else devices)
+    at most one per core on a CPU (each rank is a process holding torch and a copy of the batch:
+    ``devices: 64`` must not start 64 of them on a 2-core worker), and a number that splits the
+    global batch evenly. The result does not depend on it (see above), so fewer ranks than asked is
+    slower, never different."""
+    available = torch.cuda.device_count() if device.type == "cuda" else cpu_cores()
+    cap = max(1, min(devices, available))
     return next(w for w in range(cap, 0, -1) if batch % w == 0)

@@ -39,6 +39,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ml.device import cpu_cores
 from ml.limits import MAX_K
 
 # Queries per faiss call while mining: bounds the (batch, k) result buffers and, for the exact
@@ -51,17 +52,9 @@ IVF_TRAIN_ITERATIONS = 20
 TRAIN_SEED = 1234
 
 
-def _cpu_count() -> int:
-    # Respect the CPU affinity mask (containers, taskset) instead of the machine's core count.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def use_all_cores() -> None:
     """Let faiss's OpenMP loops use every core this process may run on."""
-    faiss.omp_set_num_threads(_cpu_count())
+    faiss.omp_set_num_threads(cpu_cores())
 
 
 def gpu_available() -> bool:

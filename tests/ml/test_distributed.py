@@ -29,7 +29,7 @@ import torch
 
 from ml.config import RunConfig
 from ml.data import ImageSet, load_source
-from ml.device import select_runtime
+from ml.device import cpu_cores, select_runtime
 from ml.distributed import world_size
 from ml.pipeline import Canceled, prepare_run, run_stage
 from ml.saved_models import load_clustering, load_contrastive
@@ -177,7 +177,10 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused():
 
 def test_world_size_splits_the_batch_evenly_and_never_exceeds_the_ask():
     cpu = torch.device("cpu")
-    assert world_size(4, cpu, 64) == 4
-    assert world_size(4, cpu, 6) == 3  # a small set's batch (6 images): 3 ranks of 2
+    cores = cpu_cores()
+    assert world_size(2, cpu, 64) == min(2, cores)
+    assert world_size(64, cpu, 64) <= cores  # one process per core at most: never 64 on a small worker
+    if cores >= 3:
+        assert world_size(4, cpu, 6) == 3  # a small set's batch (6 images): 3 ranks of 2
     assert world_size(2, cpu, 7) == 1
     assert world_size(1, cpu, 64) == 1
