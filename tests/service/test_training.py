@@ -90,7 +90,9 @@ def test_killed_worker_resumes_from_checkpoint(client, small_dataset, gpu_worker
         client,
         small_dataset,
         {
-            "pretext.epochs": 5,
+            # Enough epochs that the kill lands inside the pretext on an idle machine too: 5 epochs
+            # of 360 8x8 images took 0.4 s idle, over before the test saw epoch 3 and killed.
+            "pretext.epochs": 200,
             "pretext.batch_size": 64,
             "clustering.epochs": 1,
             "clustering.num_heads": 1,
@@ -100,9 +102,11 @@ def test_killed_worker_resumes_from_checkpoint(client, small_dataset, gpu_worker
     # Epoch 3 in progress means epochs 1-2 are checkpointed.
     wait_for_run(client, run["id"], until=lambda r: (r["stages"][0]["epoch"] or 0) >= 3, timeout=400)
     gpu_worker.kill()
-    before = client.get(f"/v1/runs/{run['id']}").json()
-    assert before["state"] == "PRETEXT"
-    gpu_worker.start()
+    try:
+        before = client.get(f"/v1/runs/{run['id']}").json()
+        assert before["state"] == "PRETEXT", before["stages"][0]
+    finally:
+        gpu_worker.start()  # whatever happened, the next tests get their worker back
     done = wait_for_run(client, run["id"], timeout=600)
     assert done["state"] == "SUCCEEDED", done
     pretext = done["stages"][0]
