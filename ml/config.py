@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 Arch = Literal["resnet18_cifar", "resnet18_stl", "resnet18", "resnet50", "convnet"]
@@ -83,6 +84,24 @@ class MiningConfig(_Strict):
 MAX_CLUSTERS = 10_000
 # num_clusters "auto": the range of K the clustering stage chooses from (ml/num_clusters.py).
 AUTO_MIN, AUTO_MAX = 2, 20
+# The sweep's shape (ml/num_clusters.py), here so the torch-free estimate can count its cost too.
+# Candidates swept at most: every K of a short range, a geometric ladder across a long one.
+MAX_CANDIDATES = 30
+SWEEP_HEADS_PER_K = 3
+SWEEP_BATCH = 256
+
+
+def candidate_ks(lo: int, hi: int, n: int) -> list[int]:
+    """The K values swept for the range [lo, hi] on n images: every K when there are at most
+    MAX_CANDIDATES, else MAX_CANDIDATES values spaced geometrically (relative precision matters:
+    100 vs 110 clusters differ less than 2 vs 12). K stays below n."""
+    hi = min(hi, n - 1)
+    if hi < lo:
+        raise ValueError(f"num_clusters: the range {lo}..{hi} is empty for {n} images")
+    if hi - lo + 1 <= MAX_CANDIDATES:
+        return list(range(lo, hi + 1))
+    ladder = np.geomspace(lo, hi, MAX_CANDIDATES)
+    return sorted({int(round(k)) for k in ladder} | {lo, hi})
 
 
 class ClusterRange(_Strict):

@@ -12,9 +12,12 @@ The cost model (docs/service.md, "Duration and memory estimates"):
 - Each stage's work is counted in such training-image passes: pretext epochs x n x 2 views,
   clustering epochs x n x 2 (anchor and neighbour) plus its per-epoch loss over the dataset, self-
   labeling epochs x n (strong view) plus the weak view and the confident count. Self-labeling stops
-  early on a plateau, so its figure is an upper bound. With `seeds: N` both of those stages run N
-  times, pretext and mining once. With `devices: N` on GPUs, pretext and self-labeling take 1/N of
-  the time (data-parallel); on a CPU the N processes share its cores and gain nothing.
+  early on a plateau, so its figure is an upper bound. With `num_clusters` "auto" or a range the
+  clustering stage first sweeps K (ml/num_clusters.py): a fixed number of steps of linear heads on
+  the features, counted by its multiply-adds against one training image's (MACS_AT_REF). With
+  `seeds: N` both of those stages run N times, pretext and mining once (and the sweep once). With
+  `devices: N` on GPUs, pretext and self-labeling take 1/N of the time (data-parallel); on a CPU
+  the N processes share its cores and gain nothing.
 - Memory: parameters x 16 bytes (weights, gradients, two Adam moments) + batch x views x the
   activations one image leaves for the backward pass x 4 bytes + (on a CPU) the dataset resident at
   training size + a fixed framework overhead. The activation and parameter counts per arch are
@@ -27,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ml.config import RunConfig
+from ml.config import SWEEP_BATCH, SWEEP_HEADS_PER_K, RunConfig, candidate_ks
 
 REF_SIZE = 32
 REF_WIDTH = 32
@@ -68,6 +71,19 @@ class Device:
         return base * scale
 
 
+# Multiply-adds of one image's forward pass at REF_SIZE px (convnet at REF_WIDTH), counted from the
+# models; the K sweep's cost is converted to training-image passes with them.
+MACS_AT_REF: dict[str, float] = {
+    "convnet": 16e6,
+    "resnet18_cifar": 556e6,
+    "resnet18_stl": 140e6,
+    "resnet18": 37e6,
+    "resnet50": 84e6,
+}
+# Output width of each backbone (the features the sweep's heads read); the convnet's is 8 x width.
+BACKBONE_DIM = {"resnet18_cifar": 512, "resnet18_stl": 512, "resnet18": 512, "resnet50": 2048}
+
+
 # Used when no worker has reported yet: this project's 2-core CPU when idle. The convnet figure is
 # ml/device.py's measurement (1024 views at 14 px in 0.93 s, scaled to 32 px); the others follow
 # from it by their multiply-adds at 32 px (convnet 16 M, resnet18_cifar 556 M, resnet18_stl 140 M,
@@ -97,7 +113,7 @@ def train_size(cfg: RunConfig, native: int) -> int:
     return cfg.image_size or native
 
 
-def stage_work(cfg: RunConfig, n: int) -> dict[str, float]:
+def stage_work(cfg: RunConfig, n: int, native_size: int = REF_SIZE) -> dict[str, float]:
     """Training-image passes per stage (a forward-only pass counts 1 / EVAL_SPEEDUP)."""
     ev = 1.0 / EVAL_SPEEDUP
     pc, cc, sl = cfg.pretext, cfg.clustering, cfg.selflabel
@@ -116,14 +132,40 @@ def stage_work(cfg: RunConfig, n: int) -> dict[str, float]:
     # Each seed trains both stages again (ml/stages/seeds.py); its one extra evaluation pass is
     # small next to an epoch and left out.
     clustering, selflabel = cfg.seeds * clustering, cfg.seeds * selflabel
+    clustering += sweep_work(cfg, n, native_size)  # K is chosen once per run, whatever the seeds
     return {"pretext": pretext, "mining": mining, "clustering": clustering, "selflabel": selflabel}
+
+
+def sweep_work(cfg: RunConfig, n: int, native_size: int = REF_SIZE) -> float:
+    """Training-image passes the K sweep costs (0 when num_clusters is a number): sweep_steps steps
+    of (anchor + neighbour) x batch rows through every candidate K's heads, forward and backward,
+    then one forward pass of every image for the criterion."""
+    rng = cfg.num_clusters_range
+    if rng is None or cfg.k is not None:
+        return 0.0
+    try:
+        ks = candidate_ks(rng[0], rng[1], n)
+    except ValueError:
+        return 0.0
+    dim = cfg.pretext.feature_dim if cfg.pretext.feature_space == "head" else _backbone_dim(cfg)
+    columns = SWEEP_HEADS_PER_K * sum(ks)
+    macs = cfg.clustering.sweep_steps * 3 * 2 * SWEEP_BATCH * dim * columns + n * dim * columns
+    size = train_size(cfg, native_size)
+    per_image = MACS_AT_REF[cfg.arch] * (size / REF_SIZE) ** 2
+    if cfg.arch == "convnet":
+        per_image *= (cfg.width / REF_WIDTH) ** 2
+    return macs / (3 * per_image)  # one training pass = forward + backward, about 3 forward passes
+
+
+def _backbone_dim(cfg: RunConfig) -> int:
+    return 8 * cfg.width if cfg.arch == "convnet" else BACKBONE_DIM[cfg.arch]
 
 
 def estimate(cfg: RunConfig, n: int, native_size: int, device: Device, *, reported: bool = True) -> dict[str, Any]:
     """Expected seconds per stage and in total on `device`, with a plain-words warning past an hour."""
     size = train_size(cfg, native_size)
     speed = device.images_per_s(cfg.arch, size, cfg.width)
-    work = stage_work(cfg, n)
+    work = stage_work(cfg, n, native_size)
     if cfg.devices > 1 and device.kind == "cuda":
         # devices: N splits every global batch of these two stages over N GPUs (ml/launch.py); the
         # all-gathers are small next to a step. On a CPU the N processes share the same cores.

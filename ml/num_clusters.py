@@ -33,29 +33,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
-from ml.config import RunConfig
+from ml.config import SWEEP_BATCH, SWEEP_HEADS_PER_K, RunConfig, candidate_ks
 from ml.losses import mean_entropy, scan_loss_all_neighbors
 from ml.rundir import atomic_write_text
 
 CRITERION = "neighbor_modularity"
-# Candidates swept at most: every K of a short range, a geometric ladder across a long one.
-MAX_CANDIDATES = 30
 # Probabilities (heads x images x max K) held at once to measure Eq. 2 (256 MB of float32); beyond,
 # Eq. 2 is measured on a sample of anchors. The criterion itself needs only cluster ids.
 PROBS_MAX = 1 << 26
-
-
-def candidate_ks(lo: int, hi: int, n: int) -> list[int]:
-    """The K values swept for the range [lo, hi] on n images: every K when there are at most
-    MAX_CANDIDATES, else MAX_CANDIDATES values spaced geometrically (relative precision matters:
-    100 vs 110 clusters differ less than 2 vs 12). K stays below n."""
-    hi = min(hi, n - 1)
-    if hi < lo:
-        raise ValueError(f"num_clusters: the range {lo}..{hi} is empty for {n} images")
-    if hi - lo + 1 <= MAX_CANDIDATES:
-        return list(range(lo, hi + 1))
-    ladder = np.geomspace(lo, hi, MAX_CANDIDATES)
-    return sorted({int(round(k)) for k in ladder} | {lo, hi})
 
 
 def neighbor_agreement(pred: np.ndarray, neighbors: np.ndarray) -> tuple[float, float]:
@@ -102,9 +87,9 @@ def sweep(
     neighbors: np.ndarray,
     ks: Sequence[int],
     *,
-    heads_per_k: int = 3,
+    heads_per_k: int = SWEEP_HEADS_PER_K,
     steps: int = 1000,
-    batch_size: int = 256,
+    batch_size: int = SWEEP_BATCH,
     lr: float = 1e-3,
     entropy_weight: float = 5.0,
     seed: int = 0,

@@ -96,3 +96,19 @@ def test_memory_beyond_the_device_names_the_field_and_the_limit():
     if fits >= 2:
         smaller = big.model_copy(update={"pretext": big.pretext.model_copy(update={"batch_size": fits})})
         assert not any(n["bytes"] > DEVICE.memory_bytes for n in est.memory_needs(smaller, 10_000, 32, 3, "cpu")[:1])
+
+
+def test_choosing_k_adds_the_sweep_once_whatever_the_seeds():
+    fixed = est.estimate(RunConfig.from_preset("small", 10), 10_000, 28, DEVICE)["stages_s"]
+    auto = est.estimate(RunConfig.from_preset("small", "auto"), 10_000, 28, DEVICE)["stages_s"]
+    wide = est.estimate(RunConfig.from_preset("small", {"min": 2, "max": 200}), 10_000, 28, DEVICE)["stages_s"]
+    assert auto["clustering"] > fixed["clustering"] and wide["clustering"] > auto["clustering"]
+    assert {s: auto[s] for s in ("pretext", "mining", "selflabel")} == {
+        s: fixed[s] for s in ("pretext", "mining", "selflabel")
+    }
+    sweep = auto["clustering"] - fixed["clustering"]
+    seeds = est.estimate(RunConfig.from_preset("small", "auto", {"seeds": 3}), 10_000, 28, DEVICE)["stages_s"]
+    assert seeds["clustering"] == pytest.approx(3 * fixed["clustering"] + sweep, abs=0.3)
+    # Once K is chosen (a resumed run), there is nothing left to sweep.
+    chosen = RunConfig.from_preset("small", "auto").with_chosen_k(10)
+    assert est.estimate(chosen, 10_000, 28, DEVICE)["stages_s"]["clustering"] == pytest.approx(fixed["clustering"])
