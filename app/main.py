@@ -36,6 +36,30 @@ from app.ui import routes as ui
 
 log = logging.getLogger("scan")
 
+# The order of the API document (and of Swagger UI's sections): a reader's order.
+DOCUMENT_ORDER = (
+    health,
+    keys,
+    datasets,
+    runs,
+    results,
+    predict,
+    neighbors,
+    model,
+    registry,
+    model_serving,
+    open_inference,
+    weights,
+    assignment_jobs,
+    webhooks,
+    ui,
+    ui_registry,
+)
+# The order routes are matched in.
+SERVING_FIRST = (health, keys, predict, model_serving, open_inference) + tuple(
+    m for m in DOCUMENT_ORDER if m not in (health, keys, predict, model_serving, open_inference)
+)
+
 
 @asynccontextmanager
 async def lifespan(_: FastAPI):
@@ -67,24 +91,9 @@ def create_app() -> FastAPI:
     )
     error_handlers.install(app)
     docs.install(app)  # Swagger UI / ReDoc from local assets: no CDN
-    for module in (
-        health,
-        keys,
-        datasets,
-        runs,
-        results,
-        predict,
-        neighbors,
-        model,
-        registry,
-        model_serving,
-        open_inference,
-        weights,
-        assignment_jobs,
-        webhooks,
-        ui,
-        ui_registry,
-    ):
+    # Starlette tries routes in the order they were included, each at a cost: the serving routes
+    # (the small requests that come by the thousand) go first, after the key check's own route.
+    for module in SERVING_FIRST:
         app.include_router(module.router)
     observability.install(app)
     app.add_middleware(security.SecurityHeadersMiddleware)
@@ -106,6 +115,7 @@ def _register_body_schemas(app: FastAPI) -> None:
             components.update(defs.pop("$defs", {}))
             components.setdefault("NeighborsRequest", defs)
             _errors_are_detail_strings(schema)
+            _in_document_order(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -139,3 +149,13 @@ def _errors_are_detail_strings(schema: dict) -> None:
                 }
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
+
+
+def _in_document_order(schema: dict) -> None:
+    """Paths in DOCUMENT_ORDER, not in the order routes are matched in (SERVING_FIRST)."""
+    rank: dict[str, int] = {}
+    for module in DOCUMENT_ORDER:
+        for route in module.router.routes:
+            rank.setdefault(getattr(route, "path", ""), len(rank))
+    paths = schema.get("paths", {})
+    schema["paths"] = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], len(rank))))

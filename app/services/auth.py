@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -84,8 +86,7 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
 
 @dataclass(frozen=True)
 class _Verified:
-    tenant_id: str
-    tenant_name: str
+    tenant: Tenant  # detached, id and name only; shared by the requests that send this key (read-only)
     until: float  # time.monotonic() after which the database is asked again
 
 
@@ -98,9 +99,15 @@ def _stamp_path():
     return get_settings().var_dir / "keys-revoked.stamp"
 
 
+@lru_cache(maxsize=8)
+def _stamp_file(var_dir: Path) -> str:
+    return str(var_dir / "keys-revoked.stamp")
+
+
 def _stamp_mtime() -> int:
+    # Read on every request: the path is built once per var directory, the stat is the only cost.
     try:
-        return os.stat(_stamp_path()).st_mtime_ns
+        return os.stat(_stamp_file(get_settings().var_dir)).st_mtime_ns
     except FileNotFoundError:
         return 0
 
@@ -119,7 +126,7 @@ def cached(key: str) -> Tenant | None:
         hit = _verified.get(_hash(key))
     if hit is None or hit.until <= time.monotonic():
         return None
-    return Tenant(id=hit.tenant_id, name=hit.tenant_name)
+    return hit.tenant
 
 
 def verify(session: Session, key: str) -> Tenant | None:
@@ -130,13 +137,14 @@ def verify(session: Session, key: str) -> Tenant | None:
     tenant = tenant_for_key(session, key)
     if tenant is None:
         return None  # never cache a refusal: a key created a moment later must work at once
+    detached = Tenant(id=tenant.id, name=tenant.name)
     if ttl > 0:
         with _lock:
             if len(_verified) >= _MAX_CACHED:
                 _verified.clear()
             if stamp == _stamp_seen:
-                _verified[_hash(key)] = _Verified(tenant.id, tenant.name, time.monotonic() + ttl)
-    return Tenant(id=tenant.id, name=tenant.name)
+                _verified[_hash(key)] = _Verified(Tenant(id=tenant.id, name=tenant.name), time.monotonic() + ttl)
+    return detached
 
 
 def forget_verified_keys() -> None:

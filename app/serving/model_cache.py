@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,18 @@ class ServedRun:
         self.batcher.close()
 
 
+@lru_cache(maxsize=4096)
+def _resolved(run_dir: str) -> str:
+    return str(Path(run_dir).resolve())
+
+
+def _key(run_dir: str | Path) -> str:
+    """The cache key of a run directory: its resolved path. Resolving stats every component of the
+    path, and /predict asks for every request: a run directory's place is fixed once it has finished,
+    so each path is resolved once per process."""
+    return _resolved(str(run_dir))
+
+
 class ModelCache:
     """A bounded LRU of `ServedRun`s keyed by run directory."""
 
@@ -114,7 +126,7 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, run_dir: str | Path) -> ServedRun:
-        key = str(Path(run_dir).resolve())
+        key = _key(run_dir)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -137,8 +149,9 @@ class ModelCache:
             return served
 
     def peek(self, run_dir: str | Path) -> ServedRun | None:
-        """The run if it is loaded already (no I/O, safe on the event loop), else None."""
-        key = str(Path(run_dir).resolve())
+        """The run if it is loaded already (no I/O once the path has been seen: safe on the event
+        loop), else None."""
+        key = _key(run_dir)
         with self._lock:
             served = self._entries.get(key)
             if served is not None:
