@@ -5,6 +5,12 @@ batching: requests wait in a queue for at most `max_delay_ms`, are concatenated 
 `max_batch_size` images, run through the model once in a worker thread (never on the event loop),
 and each caller gets back its own rows.
 
+A batch waits for the requests the server is already reading (they reach the queue within a few
+turns of the event loop), not for a fixed window: closed-loop clients (each waits for its answer
+before it sends again) were held `max_delay_ms` on every request, and an idle model waited for
+nobody. While the model runs, new requests queue and form the next batch, so batches still grow
+with the load.
+
     batcher = DynamicBatcher(predictor.predict, max_batch_size=64, max_delay_ms=5)
     probs = await batcher.submit(images)      # images: (n, C, H, W) uint8 -> (n, K)
 """
@@ -20,6 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BatchFn = Callable[[np.ndarray], np.ndarray]
+
+# Turns of the event loop without a new request after which a batch stops waiting: a request whose
+# bytes have arrived is read, checked and queued within two turns (read, then run the route).
+_QUIET_TURNS = 3
 
 
 @dataclass
@@ -38,7 +48,7 @@ class DynamicBatcher:
     A request larger than `max_batch_size` is cut into chunks, so a batch never exceeds the limit
     (the limit usually reflects accelerator memory). One batch runs at a time per batcher: while it
     runs, new requests pile up in the queue and form the next batch, which is what makes batches
-    grow under load without waiting longer than `max_delay_ms` when idle.
+    grow under load; a batch waits for the requests being read, at most `max_delay_ms`.
     """
 
     def __init__(
@@ -121,17 +131,19 @@ class DynamicBatcher:
             carry = None
             batch, rows = [first], first.size
             deadline = loop.time() + self.max_delay
+            quiet = 0
             while rows < self.max_batch_size:
-                try:
-                    nxt = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
+                if queue.empty():
+                    # Wait for the requests this process is reading already: they reach the queue within
+                    # a few turns of the event loop. Never for requests not sent yet (no timer): the
+                    # model starts as soon as the loop turns bring nothing new, or at the deadline.
+                    if quiet >= _QUIET_TURNS or loop.time() >= deadline:
                         break
-                    try:
-                        nxt = await asyncio.wait_for(queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
+                    quiet += 1
+                    await asyncio.sleep(0)
+                    continue
+                quiet = 0
+                nxt = queue.get_nowait()
                 if rows + nxt.size > self.max_batch_size:
                     carry = nxt  # starts the next batch; never split a caller's chunk
                     break

@@ -86,3 +86,39 @@ def test_batcher_alone_does_not_wait_longer_than_its_delay():
     elapsed = asyncio.run(main())
     batcher.close()
     assert elapsed < 0.5
+
+
+def test_a_lone_request_runs_at_once_not_after_the_delay():
+    """Nobody else is being read: the batch does not wait for requests that may never come."""
+    calls: list[int] = []
+    batcher = DynamicBatcher(_recording_model(calls), max_batch_size=64, max_delay_ms=60_000)
+
+    async def main():
+        t0 = time.perf_counter()
+        await batcher.submit(np.zeros((1, 1, 2, 2), np.uint8))
+        return time.perf_counter() - t0
+
+    elapsed = asyncio.run(main())
+    batcher.close()
+    assert calls == [1] and elapsed < 30
+
+
+def test_requests_queued_within_a_few_loop_turns_share_the_batch():
+    """A request whose route runs a turn or two after the first one's is still in its batch."""
+    calls: list[int] = []
+    batcher = DynamicBatcher(_recording_model(calls), max_batch_size=64, max_delay_ms=60_000)
+
+    async def after(turns: int, x: np.ndarray) -> np.ndarray:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return await batcher.submit(x)
+
+    async def main():
+        xs = [np.full((1, 1, 2, 2), i, np.uint8) for i in range(3)]
+        return xs, await asyncio.gather(after(0, xs[0]), after(1, xs[1]), after(2, xs[2]))
+
+    xs, outs = asyncio.run(main())
+    batcher.close()
+    assert calls == [3]
+    for x, out in zip(xs, outs):
+        np.testing.assert_array_equal(out[:, 0], x.reshape(1, -1).sum(axis=1) * 2)
