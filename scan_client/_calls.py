@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
@@ -239,8 +239,10 @@ def metrics(run_id: str) -> Call[MetricsOut]:
 def predict(run_id: str, images: Any, *, k: int = 5) -> Call[PredictAnswer]:
     """`images`: image files (bytes or paths), sent as multipart; or a uint8 array (N, C, H, W) at
     the run's shape, sent raw as application/octet-stream (no decoding on the server)."""
-    kwargs = {"params": {"k": k}, **predict_request(images)}
-    return Call("POST", f"/v1/runs/{_id(run_id)}/predict", _as(PredictAnswer), kwargs=kwargs)
+    # k in the path, not as httpx params: merging params parses and rebuilds the URL once more, a
+    # tenth of the cost of a one-image call.
+    path = f"/v1/runs/{_id(run_id)}/predict?{urlencode({'k': k})}"
+    return Call("POST", path, _as(PredictAnswer), kwargs=predict_request(images))
 
 
 def neighbors(
@@ -352,8 +354,8 @@ def unmerge_cluster(model: str, version: int, cluster: int) -> Call[VersionClust
 def predict_model(reference: str, images: Any, *, k: int = 5) -> Call[ModelPredictAnswer]:
     """/predict through `name`, `name@alias` or `name/versions/N`, resolved on the server at
     request time; the answer names the version that served and each cluster's name."""
-    kwargs = {"params": {"k": k}, **predict_request(images)}
-    return Call("POST", f"/v1/models/{_ref(reference)}/predict", _as(ModelPredictAnswer), kwargs=kwargs)
+    path = f"/v1/models/{_ref(reference)}/predict?{urlencode({'k': k})}"
+    return Call("POST", path, _as(ModelPredictAnswer), kwargs=predict_request(images))
 
 
 def model_neighbors(

@@ -92,10 +92,11 @@ def routes() -> dict[str, dict]:
 def test_every_call_names_a_route_of_the_api_and_expects_what_it_answers(routes, tmp_path):
     for name, build in _builders().items():
         call = _call_of(name, build, tmp_path)
+        path = call.path.partition("?")[0]  # a call may carry its query in the path (predict's k)
         matches = [
             ops[call.method.lower()]
             for template, ops in routes.items()
-            if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), call.path) and call.method.lower() in ops
+            if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path) and call.method.lower() in ops
         ]
         assert matches, f"{name}: no route {call.method} {call.path}"
         answered = {int(code) for op in matches for code in op["responses"] if code.startswith("2")}
