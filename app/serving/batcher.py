@@ -82,6 +82,10 @@ class DynamicBatcher:
             raise ValueError("submit() needs at least one row")
         queue = self._queue_for_current_loop()
         loop = asyncio.get_running_loop()
+        if len(inputs) <= self.max_batch_size:  # one chunk: no gather (a task per chunk) needed
+            req = _Request(inputs, loop.create_future())
+            queue.put_nowait(req)
+            return await req.future
         requests = []
         for start in range(0, len(inputs), self.max_batch_size):
             req = _Request(inputs[start : start + self.max_batch_size], loop.create_future())

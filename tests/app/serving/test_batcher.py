@@ -122,3 +122,34 @@ def test_requests_queued_within_a_few_loop_turns_share_the_batch():
     assert calls == [3]
     for x, out in zip(xs, outs):
         np.testing.assert_array_equal(out[:, 0], x.reshape(1, -1).sum(axis=1) * 2)
+
+
+def test_a_caller_that_went_away_is_left_out_of_the_next_batch():
+    calls: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def model(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        started.set()
+        release.wait(30)
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float64)
+
+    batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=60_000)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(np.ones((1, 1, 2, 2), np.uint8)))
+        while not started.is_set():  # the first batch is in the model: the next ones queue
+            await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher.submit(np.ones((2, 1, 2, 2), np.uint8)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        kept = asyncio.ensure_future(batcher.submit(np.full((3, 1, 2, 2), 2, np.uint8)))
+        await asyncio.sleep(0)
+        release.set()
+        return await first, await kept, gone.cancelled()
+
+    first, kept, cancelled = asyncio.run(main())
+    batcher.close()
+    assert cancelled and calls == [1, 3]
+    np.testing.assert_array_equal(first[:, 0], [4])
+    np.testing.assert_array_equal(kept[:, 0], [8, 8, 8])
