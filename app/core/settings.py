@@ -116,7 +116,8 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         description="Dynamic batcher: longest a request waits "
-        "for others to share its batch (Triton's max_queue_delay).",
+        "for others to share its batch (Triton's max_queue_delay); a batch stops waiting as soon as "
+        "no other request is being read.",
     )
     model_cache_size: int = Field(
         4,
