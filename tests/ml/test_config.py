@@ -98,3 +98,21 @@ def test_seeds_default_to_one_and_accept_the_papers_ten():
     assert RunConfig.from_preset("small", 10).seeds == 1
     cfg = RunConfig.from_preset("small", 10, {"seeds": 10})
     assert cfg.seeds == 10 and cfg.overrides() == {"seeds": 10}
+
+
+@pytest.mark.parametrize("preset", ["cifar", "stl", "imagenet"])
+def test_the_papers_presets_self_label_by_the_papers_rule(preset):
+    # Only `small` departs from it (docs/selflabel.md, section 7): the paper's presets take the
+    # pseudo-label from the weak view in train mode, by the threshold alone, at the paper's rates.
+    sl = RunConfig.from_preset(preset, 10).selflabel
+    assert (sl.weak_view, sl.teacher_mode, sl.cluster_quota, sl.augmentation) == ("shift", "train", 0.0, "strong")
+    assert sl.threshold == 0.99
+    assert sl.optim.lr == {"cifar": 1e-4, "stl": 1e-4, "imagenet": 0.03}[preset]
+
+
+def test_the_small_preset_self_labels_with_a_cluster_quota_at_a_small_sets_rate():
+    sl = RunConfig.from_preset("small", 10).selflabel
+    assert (sl.weak_view, sl.teacher_mode, sl.cluster_quota) == ("none", "eval", 0.5)
+    # A small set gives a few hundred steps, not the paper's ~10,000: Adam 1e-3, and patience
+    # for the noisy rise of the confident count.
+    assert sl.optim.lr == 1e-3 and sl.patience == 20
