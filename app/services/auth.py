@@ -95,19 +95,15 @@ _lock = threading.Lock()
 _stamp_seen: int | None = None
 
 
-def _stamp_path():
-    return get_settings().var_dir / "keys-revoked.stamp"
-
-
 @lru_cache(maxsize=8)
-def _stamp_file(var_dir: Path) -> str:
-    return str(var_dir / "keys-revoked.stamp")
+def _stamp_path(var_dir: Path) -> Path:
+    # Read on every request: the path is built once per var directory, the stat is the only cost.
+    return var_dir / "keys-revoked.stamp"
 
 
 def _stamp_mtime() -> int:
-    # Read on every request: the path is built once per var directory, the stat is the only cost.
     try:
-        return os.stat(_stamp_file(get_settings().var_dir)).st_mtime_ns
+        return os.stat(_stamp_path(get_settings().var_dir)).st_mtime_ns
     except FileNotFoundError:
         return 0
 
@@ -143,7 +139,7 @@ def verify(session: Session, key: str) -> Tenant | None:
             if len(_verified) >= _MAX_CACHED:
                 _verified.clear()
             if stamp == _stamp_seen:
-                _verified[_hash(key)] = _Verified(Tenant(id=tenant.id, name=tenant.name), time.monotonic() + ttl)
+                _verified[_hash(key)] = _Verified(detached, time.monotonic() + ttl)
     return detached
 
 
@@ -152,7 +148,7 @@ def forget_verified_keys() -> None:
     which empties the cache of every process sharing the var directory on its next lookup."""
     with _lock:
         _verified.clear()
-    path = _stamp_path()
+    path = _stamp_path(get_settings().var_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
     now = time.time_ns()
