@@ -119,6 +119,21 @@ class Settings(BaseSettings):
         "for others to share its batch (Triton's max_queue_delay); a batch stops waiting as soon as "
         "no other request is being read.",
     )
+    serving_instances: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Dynamic batcher: batches of one run's model that run at once in an API process, each in "
+        "its own thread (Triton's instance_group count). On a CPU, one per core with SCAN_SERVING_TORCH_THREADS=0 "
+        "gives each its own core: no layer waits for a thread the event loop has taken. A GPU uses one.",
+    )
+    serving_torch_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="torch intra-op threads of an API process (for /predict, /neighbors, /v2 infer). "
+        "0: the process's cores divided among SCAN_SERVING_INSTANCES (torch's own default with one instance).",
+    )
     model_cache_size: int = Field(
         4,
         ge=1,

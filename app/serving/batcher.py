@@ -11,6 +11,11 @@ before it sends again) were held `max_delay_ms` on every request, and an idle mo
 nobody. While the model runs, new requests queue and form the next batch, so batches still grow
 with the load.
 
+`instances` batches may run at once, each in its own thread (Triton's `instance_group { count }`):
+on a CPU, two instances of one torch thread each keep both cores on the model with no barrier
+between them, where one instance of two threads stalls a whole layer whenever the event loop takes
+one of its cores. A batch is formed only when an instance is free, so it takes everything queued.
+
     batcher = DynamicBatcher(predictor.predict, max_batch_size=64, max_delay_ms=5)
     probs = await batcher.submit(images)      # images: (n, C, H, W) uint8 -> (n, K)
 """
@@ -48,7 +53,9 @@ class DynamicBatcher:
     A request larger than `max_batch_size` is cut into chunks, so a batch never exceeds the limit
     (the limit usually reflects accelerator memory). One batch runs at a time per batcher: while it
     runs, new requests pile up in the queue and form the next batch, which is what makes batches
-    grow under load; a batch waits for the requests being read, at most `max_delay_ms`.
+    grow under load; a batch waits for the requests being read, at most `max_delay_ms`. With
+    `instances` > 1, that many batches run at once (`fn` must then be safe to call from several
+    threads, as a torch model in inference mode is).
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class DynamicBatcher:
         *,
         max_batch_size: int = 64,
         max_delay_ms: float = 5.0,
+        instances: int = 1,
         executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
@@ -64,17 +72,21 @@ class DynamicBatcher:
             raise ValueError("max_batch_size must be >= 1")
         if max_delay_ms < 0:
             raise ValueError("max_delay_ms must be >= 0")
+        if instances < 1:
+            raise ValueError("instances must be >= 1")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
-        # One thread: the model is not re-entrant on GPU, and torch already uses all cores per call.
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self.instances = instances
+        # One thread per instance: a batch never waits for a thread, and no more run at once.
+        self._executor = executor or ThreadPoolExecutor(max_workers=instances, thread_name_prefix="batcher")
         self._on_batch = on_batch
         # A batcher may be used from several event loops (each test client runs its own loop); each
         # loop gets its own queue and worker task, created on first use.
         self._lock = threading.Lock()
         self._queues: dict[asyncio.AbstractEventLoop, asyncio.Queue[_Request]] = {}
         self._workers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+        self._running: set[asyncio.Task] = set()  # batches in the model (a reference keeps each task alive)
 
     async def submit(self, inputs: np.ndarray) -> np.ndarray:
         """Queue `inputs` (n, ...) and wait for the model's (n, ...) output for exactly these rows."""
@@ -105,7 +117,11 @@ class DynamicBatcher:
             workers = list(self._workers.items())
             self._workers.clear()
             self._queues.clear()
-        for loop, task in workers:
+        with self._lock:
+            running = list(self._running)
+            self._running.clear()
+        for task in [t for _, t in workers] + running:
+            loop = task.get_loop()
             if not loop.is_closed():
                 loop.call_soon_threadsafe(task.cancel)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -129,8 +145,12 @@ class DynamicBatcher:
 
     async def _work(self, queue: asyncio.Queue[_Request]) -> None:
         loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.instances)
         carry: _Request | None = None
         while True:
+            # An instance first, then the batch: requests that came while all instances were busy are
+            # all in the queue by then, and this batch takes them (continuous batching).
+            await free.acquire()
             first = carry if carry is not None else await queue.get()
             carry = None
             batch, rows = [first], first.size
@@ -153,7 +173,15 @@ class DynamicBatcher:
                     break
                 batch.append(nxt)
                 rows += nxt.size
-            await self._run(batch)
+            task = loop.create_task(self._run(batch))
+            with self._lock:
+                self._running.add(task)
+            task.add_done_callback(lambda t: self._finished(t, free))
+
+    def _finished(self, task: asyncio.Task, free: asyncio.Semaphore) -> None:
+        with self._lock:
+            self._running.discard(task)
+        free.release()
 
     async def _run(self, batch: list[_Request]) -> None:
         live = [r for r in batch if not r.future.cancelled()]  # callers that went away

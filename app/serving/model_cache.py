@@ -11,6 +11,7 @@ being served. The parts a route does not need (the index, the features) load on 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -117,10 +118,13 @@ def _key(run_dir: str | Path) -> str:
 class ModelCache:
     """A bounded LRU of `ServedRun`s keyed by run directory."""
 
-    def __init__(self, capacity: int = 4, max_batch_size: int = 64, max_delay_ms: float = 5.0) -> None:
+    def __init__(
+        self, capacity: int = 4, max_batch_size: int = 64, max_delay_ms: float = 5.0, instances: int = 1
+    ) -> None:
         self.capacity = max(1, capacity)
         self.max_batch_size = max_batch_size
         self.max_delay_ms = max_delay_ms
+        self.instances = instances
         self._entries: OrderedDict[str, ServedRun] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -161,12 +165,15 @@ class ModelCache:
     def _load(self, run_dir: Path) -> ServedRun:
         from ml.predictor import Predictor
 
-        predictor = Predictor.load(run_dir, device=serving_device())
+        device = serving_device()
+        predictor = Predictor.load(run_dir, device=device)
         MODEL_LOADS.inc()
         batcher = DynamicBatcher(
             predictor.predict,
             max_batch_size=self.max_batch_size,
             max_delay_ms=self.max_delay_ms,
+            # Concurrent batches on one GPU only queue behind each other on its stream.
+            instances=self.instances if device == "cpu" else 1,
             on_batch=observe_batch,
         )
         return ServedRun(run_dir=run_dir, predictor=predictor, batcher=batcher)
@@ -201,6 +208,18 @@ async def served_run(run_dir: Path) -> ServedRun:
     return model_cache().peek(run_dir) or await run_in_threadpool(load_served, run_dir)
 
 
+def set_torch_threads(threads: int, instances: int) -> int:
+    """Set this process's torch intra-op threads for serving: `threads`, or with 0 the cores divided
+    among `instances` (torch's default left alone with one instance). Answers the count in force."""
+    import torch
+
+    if threads == 0 and instances > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // instances)
+    if threads > 0 and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 _cache: ModelCache | None = None
 _cache_lock = threading.Lock()
 
@@ -211,10 +230,12 @@ def model_cache() -> ModelCache:
     with _cache_lock:
         if _cache is None:
             s = _settings()
+            set_torch_threads(s.serving_torch_threads, s.serving_instances)
             _cache = ModelCache(
                 capacity=s.model_cache_size,
                 max_batch_size=s.predict_max_batch_size,
                 max_delay_ms=s.predict_max_delay_ms,
+                instances=s.serving_instances,
             )
             cache = _cache
             PREDICT_QUEUE.set_function(lambda: float(cache.queue_rows()))

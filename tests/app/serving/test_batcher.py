@@ -152,3 +152,65 @@ def test_a_caller_that_went_away_is_left_out_of_the_next_batch():
     assert cancelled and calls == [1, 3]
     np.testing.assert_array_equal(first[:, 0], [4])
     np.testing.assert_array_equal(kept[:, 0], [8, 8, 8])
+
+
+def _blocking_model(calls: list[int], started: threading.Semaphore, release: threading.Event):
+    """A model that records each batch's size, says it has started, and holds until `release`."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        with lock:
+            calls.append(len(x))
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        started.release()
+        release.wait(30)
+        with lock:
+            running[0] -= 1
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float64)
+
+    return fn, most
+
+
+async def _until(started: threading.Semaphore, batches: int) -> None:
+    """Wait (off the loop's back) until `batches` more batches are inside the model."""
+    for _ in range(batches):
+        while not started.acquire(blocking=False):
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+def test_as_many_batches_run_at_once_as_there_are_instances_and_no_more(instances):
+    """Each instance holds a batch in the model; the next request waits for a free instance and then
+    goes in a batch with everything that queued meanwhile."""
+    calls: list[int] = []
+    started, release = threading.Semaphore(0), threading.Event()
+    fn, most = _blocking_model(calls, started, release)
+    batcher = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=60_000, instances=instances)
+
+    async def main():
+        held = []
+        for i in range(instances):  # one lone request per instance, each its own batch
+            held.append(asyncio.ensure_future(batcher.submit(np.full((1, 1, 2, 2), i, np.uint8))))
+            await _until(started, 1)
+        waiting = [asyncio.ensure_future(batcher.submit(np.full((2, 1, 2, 2), 10 + i, np.uint8))) for i in range(5)]
+        for _ in range(20):  # every instance is busy: none of these reaches the model
+            await asyncio.sleep(0.005)
+        in_model_before_release = len(calls)
+        release.set()
+        return in_model_before_release, await asyncio.gather(*held), await asyncio.gather(*waiting)
+
+    before, held, waiting = asyncio.run(main())
+    batcher.close()
+    assert before == instances and most[0] == instances
+    assert calls == [1] * instances + [10]  # the five queued requests, one batch
+    for i, out in enumerate(held):
+        np.testing.assert_array_equal(out[:, 0], [4 * i])
+    for i, out in enumerate(waiting):
+        np.testing.assert_array_equal(out[:, 0], [4 * (10 + i)] * 2)
+
+
+def test_instances_must_be_positive():
+    with pytest.raises(ValueError, match="instances"):
+        DynamicBatcher(_recording_model([]), instances=0)
