@@ -10,14 +10,23 @@ baseline measured in the same invocation, on one API server configuration:
 
     python bench/serve.py                         # both models with random weights
     python bench/serve.py --workers 2             # uvicorn --workers 2 (each loads the model files)
+    python bench/serve.py --instances 1           # one model call at a time, torch on all cores
     python bench/serve.py --run-dir runs/digits   # section 2 on a finished run of your own
+
+The server configuration (printed): on a CPU, one model instance per core, each with one torch thread
+(SCAN_SERVING_INSTANCES; the in-process baseline keeps torch's default threads on one call). With
+one instance of two threads on 2 cores, every layer waited at its barrier whenever the event loop
+took one of the cores: HTTP reached 0.74 of in-process with 8 images/request, two instances 0.99
+(same invocation, near idle).
 
 Models have random weights: throughput does not depend on what was learned, and no training time
 is spent. The API runs as a real uvicorn process with its own SQLite database in a temporary
 folder; the clients are threads of this process, each with one keep-alive connection through
 scan_client, so decoding, conversion, the dynamic batcher and the JSON answer are all inside the
 measured time. On a machine with few cores the clients take CPU from the server; the ratios are
-then lower bounds.
+then lower bounds. The server runs in the bench's own session: Linux shares a loaded machine's CPU
+between sessions (autogroup), and a server in a session of its own got a second share, which made
+HTTP look faster than in-process (ratios over 1.5 at load 5).
 """
 
 from __future__ import annotations
@@ -165,7 +174,10 @@ def start_api(var_dir: Path, env_extra: dict[str, str], workers: int = 1) -> tup
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        # Its own process group (to stop it and its workers at once) but the bench's session: Linux
+        # shares CPU fairly between sessions (autogroup), so a server in a session of its own would get
+        # a share of a loaded machine on top of the bench's own and flatter the ratio to in-process.
+        process_group=0,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -270,6 +282,12 @@ def main() -> None:
     ap.add_argument("--tiny-channels", type=int, default=1, choices=(1, 3))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=1, help="API worker processes (uvicorn --workers)")
+    ap.add_argument(
+        "--instances",
+        type=int,
+        help="the server's SCAN_SERVING_INSTANCES: batches run at once per process, torch threads divided "
+        "among them (default: one per CPU on a CPU, divided among the workers; 1 on a GPU)",
+    )
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument(
         "--per-request", type=int, nargs="+", default=[1, 8], help="section 2: images per request (each is measured)"
@@ -283,6 +301,8 @@ def main() -> None:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cpus = len(os.sched_getaffinity(0))
+    instances = args.instances or (max(1, cpus // args.workers) if device == "cpu" else 1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.run_dir:
         from ml.predictor import Predictor
@@ -321,11 +341,16 @@ def main() -> None:
             "SCAN_PREDICT_MAX_BATCH_SIZE": str(args.max_batch_size),
             "SCAN_PREDICT_MAX_DELAY_MS": str(args.max_delay_ms),
             "SCAN_SERVING_DEVICE": device,
+            "SCAN_SERVING_INSTANCES": str(instances),
+            # Each worker process divides its share of the cores among its instances.
+            "SCAN_SERVING_TORCH_THREADS": str(max(1, cpus // args.workers // instances)) if device == "cpu" else "0",
         },
         workers=args.workers,
     )
     print(
-        f"server: uvicorn app.main:app --workers {args.workers}; {args.clients} client threads, "
+        f"server: uvicorn app.main:app --workers {args.workers}, {instances} model instance(s) per worker"
+        + (f" of {max(1, cpus // args.workers // instances)} torch thread(s)" if device == "cpu" else "")
+        + f"; {args.clients} client threads, "
         f"{args.seconds:.0f} s per measurement"
     )
     try:
