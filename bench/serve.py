@@ -15,9 +15,10 @@ baseline measured in the same invocation, on one API server configuration:
 
 The server configuration (printed): on a CPU, one model instance per core, each with one torch thread
 (SCAN_SERVING_INSTANCES; the in-process baseline keeps torch's default threads on one call). With
-one instance of two threads on 2 cores, every layer waited at its barrier whenever the event loop
-took one of the cores: HTTP reached 0.74 of in-process with 8 images/request, two instances 0.99
-(same invocation, near idle).
+one instance of two threads on 2 cores, every layer waits at its barrier whenever the event loop or
+a client takes one of the cores: 16 clients x 8 raw images/request reached 155 images/s (0.85 of
+in-process) with `--instances 1`, 181 (1.02) with two instances of one thread (2 cores, 2026-11-29,
+the bench's session at autogroup nice -20 on a machine at load 6-8, i.e. near idle).
 
 Models have random weights: throughput does not depend on what was learned, and no training time
 is spent. The API runs as a real uvicorn process with its own SQLite database in a temporary
