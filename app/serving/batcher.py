@@ -51,11 +51,11 @@ class DynamicBatcher:
     """Collects concurrent `submit` calls into batches of at most `max_batch_size` rows.
 
     A request larger than `max_batch_size` is cut into chunks, so a batch never exceeds the limit
-    (the limit usually reflects accelerator memory). One batch runs at a time per batcher: while it
-    runs, new requests pile up in the queue and form the next batch, which is what makes batches
-    grow under load; a batch waits for the requests being read, at most `max_delay_ms`. With
-    `instances` > 1, that many batches run at once (`fn` must then be safe to call from several
-    threads, as a torch model in inference mode is).
+    (the limit usually reflects accelerator memory). One batch runs at a time per instance (one by
+    default): while they run, new requests pile up in the queue and form the next batch, which is
+    what makes batches grow under load; a batch waits for the requests being read, at most
+    `max_delay_ms`. With `instances` > 1, `fn` must be safe to call from several threads at once, as
+    a torch model in inference mode is.
     """
 
     def __init__(
