@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -146,18 +147,21 @@ class DynamicBatcher:
     async def _work(self, queue: asyncio.Queue[_Request]) -> None:
         loop = asyncio.get_running_loop()
         free = asyncio.Semaphore(self.instances)
-        carry: _Request | None = None
+        busy = [0]  # instances with a batch in the model
+        # Requests taken from the queue but not yet in a batch: they go first, in their order.
+        pending: deque[_Request] = deque()
         while True:
             # An instance first, then the batch: requests that came while all instances were busy are
             # all in the queue by then, and this batch takes them (continuous batching).
             await free.acquire()
-            first = carry if carry is not None else await queue.get()
-            carry = None
+            first = pending.popleft() if pending else await queue.get()
             batch, rows = [first], first.size
             deadline = loop.time() + self.max_delay
             quiet = 0
             while rows < self.max_batch_size:
-                if queue.empty():
+                if pending:
+                    nxt = pending.popleft()
+                elif queue.empty():
                     # Wait for the requests this process is reading already: they reach the queue within
                     # a few turns of the event loop. Never for requests not sent yet (no timer): the
                     # model starts as soon as the loop turns bring nothing new, or at the deadline.
@@ -166,21 +170,35 @@ class DynamicBatcher:
                     quiet += 1
                     await asyncio.sleep(0)
                     continue
-                quiet = 0
-                nxt = queue.get_nowait()
+                else:
+                    quiet = 0
+                    nxt = queue.get_nowait()
                 if rows + nxt.size > self.max_batch_size:
-                    carry = nxt  # starts the next batch; never split a caller's chunk
+                    pending.appendleft(nxt)  # starts the next batch; never split a caller's chunk
                     break
                 batch.append(nxt)
                 rows += nxt.size
+            # Instances left idle share the rows with this one: with fast clients a whole round of
+            # requests arrives at once, and one instance taking all of it left the others' cores idle.
+            idle = self.instances - busy[0] - 1
+            if idle > 0 and len(batch) > 1:
+                share, kept = -(-rows // (idle + 1)), 0
+                for i, r in enumerate(batch):
+                    kept += r.size
+                    if kept >= share:
+                        batch, rest = batch[: i + 1], batch[i + 1 :]
+                        pending.extendleft(reversed(rest))
+                        break
+            busy[0] += 1
             task = loop.create_task(self._run(batch))
             with self._lock:
                 self._running.add(task)
-            task.add_done_callback(lambda t: self._finished(t, free))
+            task.add_done_callback(lambda t: self._finished(t, free, busy))
 
-    def _finished(self, task: asyncio.Task, free: asyncio.Semaphore) -> None:
+    def _finished(self, task: asyncio.Task, free: asyncio.Semaphore, busy: list[int]) -> None:
         with self._lock:
             self._running.discard(task)
+        busy[0] -= 1
         free.release()
 
     async def _run(self, batch: list[_Request]) -> None:
