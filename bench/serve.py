@@ -326,6 +326,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}; load average "
         + " ".join(f"{x:.1f}" for x in os.getloadavg())
     )
+    start_load = os.getloadavg()[0]
     ips = in_process(run_dir, device, images, args.batch_sizes, seconds=max(1.0, args.seconds / 5))
     best_bs = max(ips, key=ips.get)
     print(
@@ -413,6 +414,14 @@ def main() -> None:
                 f"{total / count:.1f} images (max_batch_size {args.max_batch_size}, max_delay_ms {args.max_delay_ms})"
             )
         print("load average at the end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
+        if device == "cpu" and max(os.getloadavg()[0], start_load) > cpus:
+            # Seen at load 5-9 on 2 cores: in-process fell to 18-44 img/s (228 idle) while the server's
+            # single-thread instances kept their share, and the ratios read 1.3-1.6.
+            print(
+                "WARNING: more runnable threads than CPUs: torch's threads in the in-process baseline wait at "
+                "every layer for a core other jobs hold, far more than the server's instances do; section 2's "
+                "ratios are not meaningful, rerun on an idle machine"
+            )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
