@@ -14,7 +14,8 @@ with the load.
 `instances` batches may run at once, each in its own thread (Triton's `instance_group { count }`):
 on a CPU, two instances of one torch thread each keep both cores on the model with no barrier
 between them, where one instance of two threads stalls a whole layer whenever the event loop takes
-one of its cores. A batch is formed only when an instance is free, so it takes everything queued.
+one of its cores. A batch is formed only when an instance is free, so it takes everything queued;
+requests that arrive together while several instances are idle are shared among them.
 
     batcher = DynamicBatcher(predictor.predict, max_batch_size=64, max_delay_ms=5)
     probs = await batcher.submit(images)      # images: (n, C, H, W) uint8 -> (n, K)
