@@ -43,19 +43,20 @@ compose:
 test-deps: chromium fashion-mnist compose
 
 # The suite runs twice: embedded (SQLite + a serverless broker) and against PostgreSQL + Redis
-# with a real `celery worker` process.
+# with a real `celery worker` process. The two halves share nothing (each has its own temporary
+# folders, database and broker) and spend much of their time waiting on servers and workers, so they
+# run at once: each half's output is printed whole when it ends (-k: both always finish).
 test: venv test-deps
-	$(MAKE) test-embedded
-	$(MAKE) test-services
+	$(MAKE) -k -j2 --output-sync=target test-embedded test-services
 
 test-embedded: venv
-	SCAN_TEST_MODE=embedded $(BIN)/pytest
+	SCAN_TEST_MODE=embedded $(BIN)/pytest --basetemp=.pytest-tmp/embedded
 
 test-services: venv
 	SCAN_TEST_MODE=services \
 	SCAN_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \
 	SCAN_BROKER_URL=redis://127.0.0.1:6379/15 \
-	$(BIN)/pytest -m service  # ml/ tests touch no database or broker: once (embedded) is enough
+	$(BIN)/pytest -m service --basetemp=.pytest-tmp/services  # ml/ tests touch no database or broker: once (embedded) is enough
 
 # The inner loop: unit tests only (no training run, no API or worker process), under a minute.
 test-fast: venv
@@ -74,4 +75,4 @@ demo: venv
 	$(BIN)/python -m cli.demo
 
 clean:
-	rm -rf var .pytest_cache
+	rm -rf var .pytest_cache .pytest-tmp

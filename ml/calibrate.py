@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     result = calibrate(args.steps)
     if args.cache is not None:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.cache.with_suffix(".tmp")
+        # Several workers may calibrate at once (both halves of the suite share one cache file):
+        # each writes its own temporary file, so a replace never finds another's half-written one.
+        tmp = args.cache.with_name(f"{args.cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(args.cache)
     print(json.dumps(result))
