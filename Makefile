@@ -50,9 +50,11 @@ test: venv test-deps
 	$(MAKE) -k -j2 --output-sync=target test-embedded test-services
 
 test-embedded: venv
+	mkdir -p .pytest-tmp
 	SCAN_TEST_MODE=embedded $(BIN)/pytest --basetemp=.pytest-tmp/embedded
 
 test-services: venv
+	mkdir -p .pytest-tmp
 	SCAN_TEST_MODE=services \
 	SCAN_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \
 	SCAN_BROKER_URL=redis://127.0.0.1:6379/15 \
