@@ -52,6 +52,13 @@ from ml.predictor import Predictor
 # so the recipe trains 15 epochs. Idle, the pretext runs at 6,800 img/s at width 16 (230 s in all):
 # the convnet at full width 32 with 10 heads gave SCAN 0.724 / self-label 0.684 (0.691 / 0.640 at
 # width 16) in 661 s; the native 28 px at width 16 gave 0.641 in 783 s (docs/fashion.md, section 6).
+# Self-labeling gets 15 epochs (900 steps), not 3: measured 2026-11-29 from one SCAN model (test
+# 0.724, loaded, docs/fashion.md section 7), Adam at 1e-3 first costs 8.5 points of train ACC and
+# wins them back over ~12 epochs; 3 epochs stopped at the bottom of that dip (0.684 idle), 15 gave
+# 0.726 (40 gave 0.727) with the confident count rising 22,757 -> 49,079; from a second SCAN model
+# (0.713) 15 gave 0.710: back to SCAN's ACC, not above it. About 25 s an epoch in one thread at
+# load 1-3, so ~5 more minutes. Choosing among the 10 heads by anything but the lowest
+# loss, averaging them, or filtering pseudo-labels by neighbours or heads gained nothing (section 7).
 CPU_RECIPE = {
     "image_size": 14,
     "width": 32,
@@ -62,7 +69,7 @@ CPU_RECIPE = {
     "clustering.epochs": 60,
     "clustering.batch_size": 512,
     "clustering.num_heads": 10,
-    "selflabel.epochs": 3,
+    "selflabel.epochs": 15,
     "selflabel.batch_size": 1000,
 }
 
