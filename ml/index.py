@@ -29,12 +29,14 @@ device divide by S; `save_index` merges the shards back into one index for servi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import faiss
 import numpy as np
@@ -51,10 +53,26 @@ IVF_POINTS_PER_LIST = 40
 IVF_TRAIN_ITERATIONS = 20
 TRAIN_SEED = 1234
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def use_all_cores() -> None:
-    """Let faiss's OpenMP loops use every core this process may run on."""
-    faiss.omp_set_num_threads(cpu_cores())
+
+def on_all_cores(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` with faiss's OpenMP loops on every core this process may run on, then put back the
+    thread count the caller had. The OpenMP pool is the process's, torch's intra-op threads
+    included: left raised, a worker told OMP_NUM_THREADS=1 beside other jobs trained every stage
+    after mining on all cores (measured 5-10x slower on a loaded 2-core machine, docs/fashion.md)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(cpu_cores())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            faiss.omp_set_num_threads(before)
+
+    return wrapper
 
 
 def gpu_available() -> bool:
@@ -174,10 +192,10 @@ def build_index(
     )
 
 
+@on_all_cores
 def _build(
     x: np.ndarray, *, exact_threshold: int = 50_000, use_gpu: bool | None = None, ids: Any = None, shards: int = 1
 ) -> faiss.Index:
-    use_all_cores()
     n = x.shape[0]
     ids = np.arange(n, dtype=np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
     if ids.shape != (n,):
@@ -322,6 +340,7 @@ def _drop_self(ids: np.ndarray, scores: np.ndarray, self_ids: np.ndarray):
     return ids[keep].reshape(rows, width - 1), scores[keep].reshape(rows, width - 1)
 
 
+@on_all_cores
 def mine_neighbors(
     features: Any, k: int = 20, *, index: faiss.Index | None = None, **build_kw: Any
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -340,7 +359,6 @@ def mine_neighbors(
         index = _build(x, **build_kw)  # x is normalised already; skip a second copy
     elif index.ntotal != n or index.d != x.shape[1]:
         raise ValueError(f"index holds {index.ntotal}x{index.d} vectors, features are {x.shape}")
-    use_all_cores()
 
     out_ids = np.empty((n, k), dtype=np.int64)
     out_scores = np.empty((n, k), dtype=np.float32)

@@ -175,3 +175,29 @@ def test_shards_are_validated():
     for bad in (0, 11, True, 2.0):
         with pytest.raises(ValueError, match="shards"):
             build_index(x, shards=bad)
+
+
+def test_mining_gives_the_callers_thread_count_back():
+    """faiss and torch share the process's OpenMP threads: mining (all cores) must not leave the
+    stages after it on more threads than the worker was given (OMP_NUM_THREADS=1 beside other jobs)."""
+    import faiss
+    import torch
+
+    from ml.device import cpu_cores
+
+    if cpu_cores() < 2:
+        pytest.skip("one core: mining's thread count is the caller's anyway")
+    # Whether the two share one OpenMP runtime depends on which was imported first (torch first, as in
+    # a worker, they do): both are set to one thread, and both must read one after each call.
+    saved = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        x, _ = blobs(3000, centres=10)
+        index = build_index(x, exact_threshold=1000)  # IVF: training and adding run OpenMP loops
+        assert torch.get_num_threads() == faiss.omp_get_max_threads() == 1
+        mine_neighbors(x, k=5, index=index)
+        assert torch.get_num_threads() == faiss.omp_get_max_threads() == 1
+    finally:
+        torch.set_num_threads(saved[0])
+        faiss.omp_set_num_threads(saved[1])
