@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
 
     load_before = os.getloadavg()
-    threads = torch.get_num_threads()  # before mining's faiss call changes the process's OpenMP count
+    threads = torch.get_num_threads()  # every stage's (mining gives the count back after its faiss calls)
     started = datetime.datetime.now(datetime.timezone.utc)
     overrides = {**RECIPES[args.recipe], **parse_overrides(args.overrides), "device": args.device, "seed": args.seed}
     cfg = RunConfig.from_preset(args.preset, 10, overrides)
