@@ -302,8 +302,12 @@ def main() -> None:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cpus = len(os.sched_getaffinity(0))
+    from ml.device import cpu_cores
+
+    cpus = cpu_cores()
     instances = args.instances or (max(1, cpus // args.workers) if device == "cpu" else 1)
+    # Each worker process divides its share of the cores among its instances.
+    threads = max(1, cpus // args.workers // instances) if device == "cpu" else 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.run_dir:
         from ml.predictor import Predictor
@@ -344,14 +348,13 @@ def main() -> None:
             "SCAN_PREDICT_MAX_DELAY_MS": str(args.max_delay_ms),
             "SCAN_SERVING_DEVICE": device,
             "SCAN_SERVING_INSTANCES": str(instances),
-            # Each worker process divides its share of the cores among its instances.
-            "SCAN_SERVING_TORCH_THREADS": str(max(1, cpus // args.workers // instances)) if device == "cpu" else "0",
+            "SCAN_SERVING_TORCH_THREADS": str(threads),
         },
         workers=args.workers,
     )
     print(
         f"server: uvicorn app.main:app --workers {args.workers}, {instances} model instance(s) per worker"
-        + (f" of {max(1, cpus // args.workers // instances)} torch thread(s)" if device == "cpu" else "")
+        + (f" of {threads} torch thread(s)" if threads else "")
         + f"; {args.clients} client threads, "
         f"{args.seconds:.0f} s per measurement"
     )

@@ -11,7 +11,6 @@ being served. The parts a route does not need (the index, the features) load on 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -213,8 +212,10 @@ def set_torch_threads(threads: int, instances: int) -> int:
     among `instances` (torch's default left alone with one instance). Answers the count in force."""
     import torch
 
+    from ml.device import cpu_cores
+
     if threads == 0 and instances > 1:
-        threads = max(1, len(os.sched_getaffinity(0)) // instances)
+        threads = max(1, cpu_cores() // instances)
     if threads > 0 and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from app.serving.model_cache import ModelCache, set_torch_threads
+from ml.device import cpu_cores
 from ml.networks import ClusteringModel, ContrastiveModel, build_backbone
 from ml.predictor import Predictor
 from ml.saved_models import model_meta, save_clustering, save_contrastive
@@ -57,7 +57,7 @@ def test_concurrent_batches_in_several_instances_answer_what_the_model_answers(r
 
 
 def test_torch_threads_left_alone_with_one_instance_and_divided_among_several(torch_threads):
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_cores()
     assert set_torch_threads(0, 1) == torch_threads
     assert set_torch_threads(0, 2) == max(1, cores // 2)
     assert set_torch_threads(0, 4 * cores) == 1  # never below one
