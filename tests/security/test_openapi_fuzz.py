@@ -20,6 +20,10 @@ import pytest
 #   query parameter (ignored, as HTTP APIs do) and a dropped Authorization header that this test
 #   adds back to every request as "accepted".
 EXCLUDED_NAMES = ("positive_data_acceptance", "negative_data_rejection")
+# uvicorn's HTTP parser answers a request that is not valid HTTP, or whose request line is longer
+# than it reads (about 64 KB: a negative case can repeat a query parameter thousands of times), with
+# this plain-text 400 before the API sees it: a bound on the request, not an answer of the API.
+UVICORN_REJECTION = "Invalid HTTP request received."
 CASES = 1_000  # the floor the issue asks for (about 50 generated requests per operation)
 
 
@@ -48,6 +52,7 @@ def test_every_operation_conforms_to_the_schema(api_server: str, cpu_worker, sta
     per_mode = math.ceil(1.5 * CASES / len(operations) / 2) + 2
     calls: list[str] = []
     failures: list[str] = []
+    rejected: list[str] = []
 
     def fuzz_one(operation, mode) -> None:
         @given(case=operation.as_strategy(generation_mode=mode))
@@ -61,7 +66,12 @@ def test_every_operation_conforms_to_the_schema(api_server: str, cpu_worker, sta
         def fuzz(case) -> None:
             calls.append(operation.label)
             try:
-                case.call_and_validate(base_url=api_server, headers=headers, timeout=120, excluded_checks=EXCLUDED)
+                response = case.call(base_url=api_server, headers=headers, timeout=120)
+                if response.status_code == 400 and response.text == UVICORN_REJECTION:
+                    rejected.append(operation.label)  # never reached the API: see UVICORN_REJECTION
+                    return
+                transport = {"base_url": api_server, "headers": dict(headers), "timeout": 120}
+                case.validate_response(response, headers=headers, excluded_checks=EXCLUDED, transport_kwargs=transport)
             except BaseException as exc:  # a FailureGroup is a BaseExceptionGroup: collect them all
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -86,3 +96,6 @@ def test_every_operation_conforms_to_the_schema(api_server: str, cpu_worker, sta
     distinct = sorted(set(failures))
     assert not failures, f"{len(failures)} of {len(calls)} cases failed:\n" + "\n".join(distinct[:40])
     assert len(calls) >= CASES or only, len(calls)
+    # The HTTP server's own refusals are rare (a generated query past its 64 KB request line), not
+    # a way for the API to dodge its checks.
+    assert len(rejected) <= max(1, len(calls) // 100), sorted(set(rejected))
