@@ -1,24 +1,73 @@
-"""The worker-side bookkeeping on the real test database: leases, bounded redeliveries, recovery.
+"""The worker-side bookkeeping on a real database: leases, bounded redeliveries, recovery.
 
 These drive app.services.execution directly (no worker process) so that the edge cases a killed
-worker produces can be staged exactly: a live lease, a stale one, one delivery too many.
+worker produces can be staged exactly: a live lease, a stale one, one delivery too many. They do so
+on a database of their own, migrated from empty like the stack's: the stack's live workers poll
+theirs for stale leases and owed wake-ups every second, and would otherwise claim, recover or
+dispatch these hand-staged runs between two steps of a test (CI saw each of the three).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import make_url
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.db import make_engine
 from app.services import execution
 from app.tables import Dataset, Run, RunEvent, StageStatus, Tenant, utcnow
 from ml.config import RunConfig
 from ml.stages import STAGES
-from tests.service.conftest import db_session
+
+_factory: sessionmaker[Session] | None = None
+
+
+@pytest.fixture(scope="module")
+def settings(stack, tmp_path_factory):
+    """The stack's settings on a private database: a sibling PostgreSQL database in services mode, a
+    SQLite file in embedded mode."""
+    global _factory
+    import psycopg
+
+    from app.bootstrap import migrate
+
+    base = stack.settings
+    admin = None
+    if base.db_url.startswith("postgresql"):
+        url = make_url(base.db_url)
+        name = f"{url.database}_execution"
+        admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        private_url = url.set(database=name).render_as_string(hide_password=False)
+    else:
+        private_url = f"sqlite:///{tmp_path_factory.mktemp('execution-db') / 'scan.db'}"
+    private = base.model_copy(update={"database_url": private_url})
+    migrate(private)
+    engine = make_engine(private)
+    _factory = sessionmaker(engine, expire_on_commit=False)
+    yield private
+    _factory = None
+    engine.dispose()
+    if admin:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def db_session() -> Iterator[Session]:
+    assert _factory is not None, "use the settings fixture first"
+    with _factory() as session:
+        yield session
 
 
 @pytest.fixture
-def run_id(stack) -> str:
+def run_id(settings) -> str:
     with db_session() as session:
         tenant = Tenant(name=f"exec-{utcnow().timestamp()}")
         session.add(tenant)
@@ -46,8 +95,7 @@ def _age_heartbeat(run_id: str, seconds: float) -> None:
         session.commit()
 
 
-def test_a_live_lease_turns_a_duplicate_away(stack, run_id):
-    settings = stack.settings
+def test_a_live_lease_turns_a_duplicate_away(settings, run_id):
     with db_session() as session:
         first = execution.claim(session, settings, run_id, "pretext")
         assert isinstance(first, execution.Claim) and first.attempt == 1
@@ -58,8 +106,7 @@ def test_a_live_lease_turns_a_duplicate_away(stack, run_id):
         assert session.get(Run, run_id).state == "MINING"
 
 
-def test_redeliveries_are_bounded_with_a_clear_message(stack, run_id):
-    settings = stack.settings
+def test_redeliveries_are_bounded_with_a_clear_message(settings, run_id):
     limit = settings.max_stage_attempts
     with db_session() as session:
         for attempt in range(1, limit + 1):
@@ -75,8 +122,7 @@ def test_redeliveries_are_bounded_with_a_clear_message(stack, run_id):
         assert session.get(StageStatus, (run_id, "pretext")).state == "FAILED"
 
 
-def test_stale_runs_are_found_once(stack, run_id):
-    settings = stack.settings
+def test_stale_runs_are_found_once(settings, run_id):
     with db_session() as session:
         assert isinstance(execution.claim(session, settings, run_id, "pretext"), execution.Claim)
         assert run_id not in dict(execution.stale_runs(session, settings))
@@ -91,11 +137,11 @@ def test_stale_runs_are_found_once(stack, run_id):
         assert isinstance(claim, execution.Claim) and claim.attempt == 2
 
 
-def test_cancel_flag_ends_a_run_at_its_next_claim(stack, run_id):
+def test_cancel_flag_ends_a_run_at_its_next_claim(settings, run_id):
     with db_session() as session:
         session.get(Run, run_id).cancel_requested = True
         session.commit()
-        assert execution.claim(session, stack.settings, run_id, "pretext") is None
+        assert execution.claim(session, settings, run_id, "pretext") is None
         session.expire_all()
         assert session.get(Run, run_id).state == "CANCELED"
 
@@ -108,8 +154,7 @@ def _age(run_id: str, **seconds: float) -> None:
         session.commit()
 
 
-def test_a_run_waiting_between_stages_is_not_taken_for_dead(stack, run_id):
-    settings = stack.settings
+def test_a_run_waiting_between_stages_is_not_taken_for_dead(settings, run_id):
     with db_session() as session:
         claim = execution.claim(session, settings, run_id, "pretext")
         execution.finish_stage(session, run_id, "pretext", {}, claim.token)
@@ -119,8 +164,7 @@ def test_a_run_waiting_between_stages_is_not_taken_for_dead(stack, run_id):
         assert not [e for e in session.query(RunEvent).filter_by(run_id=run_id) if e.kind == "recovered"]
 
 
-def test_the_dispatcher_resends_only_what_is_owed(stack, run_id):
-    settings = stack.settings
+def test_the_dispatcher_resends_only_what_is_owed(settings, run_id):
     _age(run_id, created_at=60)
     with db_session() as session:
         # Never sent (the API died between commit and send): owed whatever the queue holds.
@@ -139,8 +183,7 @@ def test_the_dispatcher_resends_only_what_is_owed(stack, run_id):
         assert isinstance(claim, execution.Claim)
 
 
-def test_an_infrastructure_interruption_does_not_spend_an_attempt(stack, run_id):
-    settings = stack.settings
+def test_an_infrastructure_interruption_does_not_spend_an_attempt(settings, run_id):
     with db_session() as session:
         first = execution.claim(session, settings, run_id, "pretext")
         execution.release(session, run_id, "pretext", first.token, "the database was unreachable too long")
@@ -152,8 +195,7 @@ def test_an_infrastructure_interruption_does_not_spend_an_attempt(stack, run_id)
         assert session.get(Run, run_id).dispatched_at is None  # a wake-up for mining is owed
 
 
-def test_a_missing_input_rewinds_to_the_stage_that_writes_it(stack, run_id):
-    settings = stack.settings
+def test_a_missing_input_rewinds_to_the_stage_that_writes_it(settings, run_id):
     with db_session() as session:
         for stage in ("pretext", "mining"):
             claim = execution.claim(session, settings, run_id, stage)
@@ -170,7 +212,7 @@ def test_a_missing_input_rewinds_to_the_stage_that_writes_it(stack, run_id):
         assert isinstance(execution.claim(session, settings, run_id, "mining"), execution.Claim)
 
 
-def test_waiting_runs_oldest_first(stack, run_id):
+def test_waiting_runs_oldest_first(settings, run_id):
     with db_session() as session:
         older = session.get(Run, run_id)
         newer = Run(
@@ -181,5 +223,5 @@ def test_waiting_runs_oldest_first(stack, run_id):
         )
         session.add(newer)
         session.commit()
-        waiting = [r for r, _ in execution.waiting_runs(session, stack.settings, limit=1000)]
+        waiting = [r for r, _ in execution.waiting_runs(session, settings, limit=1000)]
         assert waiting.index(run_id) < waiting.index(newer.id)
