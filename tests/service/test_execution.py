@@ -9,8 +9,6 @@ dispatch these hand-staged runs between two steps of a test (CI saw each of the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -59,11 +57,9 @@ def settings(stack, tmp_path_factory):
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@contextmanager
-def db_session() -> Iterator[Session]:
+def db_session() -> Session:
     assert _factory is not None, "use the settings fixture first"
-    with _factory() as session:
-        yield session
+    return _factory()  # a Session is its own context manager
 
 
 @pytest.fixture
