@@ -59,24 +59,17 @@ from ml.predictor import Predictor
 # (0.713) 15 gave 0.710: back to SCAN's ACC, not above it. About 25 s an epoch in one thread at
 # load 1-3, so ~5 more minutes. Choosing among the 10 heads by anything but the lowest
 # loss, averaging them, or filtering pseudo-labels by neighbours or heads gained nothing (section 7).
-# SimCLR's crop range (0.2-1 of the area, not the `small` preset's 0.5-1) and 50 self-label epochs:
-# measured 2026-11-30 (docs/fashion.md section 11), with the preset's crop self-labeling lost ACC in
-# every run (seed 1: SCAN 0.709 -> 0.624 over 30 epochs); with SimCLR's crop the SCAN model is a few
-# points lower but self-labeling climbs as in the paper's Fig. 4 (seed 1: 0.674 -> 0.741 over 30
-# epochs, the count 30,702 -> 48,218, train ACC still rising at the end; seed 0: 0.686 -> 0.697 over
-# 15). Each self-label epoch costs ~13 s idle, so 50 of them keep the run near 17 minutes.
 CPU_RECIPE = {
     "image_size": 14,
     "width": 32,
     "pretext.epochs": 15,
     "pretext.batch_size": 512,
-    "pretext.crop_scale": (0.2, 1.0),
     "clustering.freeze_backbone": True,
     "clustering.augment": False,
     "clustering.epochs": 60,
     "clustering.batch_size": 512,
     "clustering.num_heads": 10,
-    "selflabel.epochs": 50,
+    "selflabel.epochs": 15,
     "selflabel.batch_size": 1000,
 }
 
