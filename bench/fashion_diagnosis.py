@@ -105,11 +105,11 @@ def main() -> None:
     scan, _ = load_clustering(run.scan_model_path)
     with torch.no_grad():
         scan_probs = scan.heads[0](raw).softmax(-1)
-    scaler = StandardScaler().fit(raw.numpy())
+    standardised = StandardScaler().fit_transform(raw.numpy())
     with warnings.catch_warnings():  # 300 iterations are enough to rank partitions (train ACC ~0.88)
         warnings.simplefilter("ignore", ConvergenceWarning)
-        probe = LogisticRegression(max_iter=300).fit(scaler.transform(raw.numpy()), labels)
-    logits = torch.from_numpy(probe.decision_function(scaler.transform(raw.numpy()))).float()
+        probe = LogisticRegression(max_iter=300).fit(standardised, labels)
+    logits = torch.from_numpy(probe.decision_function(standardised)).float()
     onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), int(labels.max()) + 1).float()
     w = cfg.clustering.entropy_weight
 
