@@ -129,6 +129,7 @@ def stage_work(cfg: RunConfig, n: int, native_size: int = REF_SIZE) -> dict[str,
     selflabel = 0.0
     if sl.enabled and sl.epochs > 0:
         selflabel = sl.epochs * n * (1 + 2 * ev) + n * ev  # strong + weak view, confident count
+        selflabel += sl.epochs * n * _contrastive_views(sl)
     # Each seed trains both stages again (ml/stages/seeds.py); its one extra evaluation pass is
     # small next to an epoch and left out.
     clustering, selflabel = cfg.seeds * clustering, cfg.seeds * selflabel
@@ -212,6 +213,14 @@ def _counts(arch: str, size: int, width: int) -> tuple[float, float]:
     return acts, params
 
 
+def _contrastive_views(sl) -> float:
+    """Training passes per image of a self-label batch that its SimCLR term adds (two views of
+    `contrastive_images` of the batch's images)."""
+    if not sl.contrastive_weight:
+        return 0.0
+    return 2 * min(sl.contrastive_images, sl.batch_size) / sl.batch_size
+
+
 def memory_needs(cfg: RunConfig, n: int, native_size: int, channels: int, kind: str) -> list[dict[str, Any]]:
     """Peak bytes of each training stage, with the field that sets its batch."""
     size = train_size(cfg, native_size)
@@ -226,7 +235,7 @@ def memory_needs(cfg: RunConfig, n: int, native_size: int, channels: int, kind: 
     if not cc.freeze_backbone:
         needs.append(("clustering.batch_size", cc.batch_size, 2))
     if cfg.selflabel.enabled and cfg.selflabel.epochs > 0:
-        needs.append(("selflabel.batch_size", cfg.selflabel.batch_size, 1))
+        needs.append(("selflabel.batch_size", cfg.selflabel.batch_size, 1 + _contrastive_views(cfg.selflabel)))
     return [
         {
             "field": f,

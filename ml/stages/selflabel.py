@@ -3,19 +3,25 @@ on a weakly augmented view become pseudo-labels for the strongly augmented view;
 weighted against class imbalance. Training stops once the number of confident samples plateaus
 (the paper's Fig. 4), which is also what the history records each epoch; the weights with the most
 confident samples are the ones kept. With ``devices`` > 1 it trains on that many ranks
-(ml/distributed.py); class weights and quotas are those of the global batch."""
+(ml/distributed.py); class weights and quotas are those of the global batch.
+
+Beyond the paper, ``selflabel.contrastive_weight`` adds the pretext's SimCLR loss (through its
+frozen projection head) to every step, so the backbone keeps what the pretext taught it while the
+pseudo-labels retrain it (docs/fashion.md section 12)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ml.augment import SimCLRAugment, StrongAugment, WeakAugment, to_float
 from ml.evaluate import hungarian_accuracy
-from ml.losses import mean_entropy, selflabel_loss
-from ml.saved_models import cpu_state, load_clustering, save_clustering
+from ml.losses import mean_entropy, nt_xent_loss, selflabel_loss
+from ml.saved_models import cpu_state, load_clustering, load_contrastive, save_clustering
 from ml.stages.common import StageContext, predict_all, resident_images, take
 from ml.stages.loop import Trainer
 from ml.stages.outputs import write_outputs
@@ -38,10 +44,13 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     model = ctx.group.sync_batchnorm(rt.model(model), rt.device)
     params = model.heads.parameters() if sl.freeze_backbone else model.parameters()
     trainer = Trainer(ctx, model, params, sl.optim, epochs=sl.epochs, batch_size=sl.batch_size, n=n, stream=3)
-    weak, strong = _views(cfg, images.shape[-1])
+    views = _views(cfg, images.shape[-1])
     extras = trainer.resume()
     confidence = _Confidence(model, images, data.labels, sl.threshold, rt, ctx.group)
-    net = ctx.group.wrap(model, rt.device)
+    student = model
+    if sl.contrastive_weight:
+        student = _WithProjection(model, rt.model(load_contrastive(run.pretext_path)[0].head))
+    net = ctx.group.wrap(student, rt.device)
 
     # The weights with the most confident samples are kept (the paper's Fig. 4 criterion, no labels
     # involved), starting from the SCAN model itself: where self-labeling only loses confidence
@@ -52,7 +61,7 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     for _ in trainer.epochs():
         model.train(not sl.freeze_backbone)
         skipped = sum(
-            not _step(net, sl, take(images, idx, rt), weak, strong, trainer, rt, ctx.group) for idx in trainer.batches()
+            not _step(net, sl, take(images, idx, rt), views, trainer, rt, ctx.group) for idx in trainer.batches()
         )
         confident = confidence.count()
         if confident > best["confident"]:
@@ -74,42 +83,72 @@ def run_selflabel(ctx: StageContext, data) -> dict[str, Any]:
     return {"epochs": len(trainer.history), "kept_epoch": best["epoch"], "confident": best["confident"], **results}
 
 
-def _views(cfg, size: int):
-    """The weak view that makes pseudo-labels and the strong view they teach."""
+class _Views(NamedTuple):
+    weak: Any  # makes the pseudo-labels
+    strong: Any  # learns them
+    simclr: Any  # the pretext's views, for the contrastive term
+    temperature: float
+
+
+def _views(cfg, size: int) -> _Views:
     sl, pc = cfg.selflabel, cfg.pretext
-    if sl.augmentation == "strong":
-        strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=pc.flip)
-    else:
-        strong = SimCLRAugment(
-            size,
-            crop_scale=pc.crop_scale,
-            flip=pc.flip,
-            jitter=pc.jitter,
-            jitter_p=pc.jitter_p,
-            gray_p=pc.gray_p,
-            invariances=pc.invariances,
-        )
+    simclr = SimCLRAugment(
+        size,
+        crop_scale=pc.crop_scale,
+        flip=pc.flip,
+        jitter=pc.jitter,
+        jitter_p=pc.jitter_p,
+        gray_p=pc.gray_p,
+        invariances=pc.invariances,
+    )
+    strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=pc.flip) if sl.augmentation == "strong" else simclr
     weak = WeakAugment(size, flip=pc.flip) if sl.weak_view == "shift" else (lambda x, g: to_float(x))
-    return weak, strong
+    return _Views(weak, strong, simclr, pc.temperature)
 
 
-def _step(model, sl, x, weak, strong, trainer: Trainer, rt, group) -> bool:
+class _WithProjection(nn.Module):
+    """The student and the pretext's projection head (frozen) in one module, so that one
+    (data-parallel) forward gives both the self-label logits and SimCLR's embeddings."""
+
+    def __init__(self, model: nn.Module, projection: nn.Module) -> None:
+        super().__init__()
+        self.model, self.projection = model, projection.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, simclr_views: torch.Tensor | None = None):
+        logits = self.model(x)
+        if simclr_views is None:
+            return logits
+        return logits, F.normalize(self.projection(self.model.features(simclr_views)), dim=1)
+
+
+def _step(model, sl, x, views: _Views, trainer: Trainer, rt, group) -> bool:
     """One batch: pseudo-labels from the weak view teach the strong view. False when the batch held
     no confident sample (nothing to learn from; not an error). ``x`` is the global batch; a
     data-parallel rank augments it all (the shared random stream) and trains on its own rows."""
-    xw, xs = rt.prepare(group.shard(weak(x, trainer.g))), rt.prepare(group.shard(strong(x, trainer.g)))
+    g = trainer.g
+    xw, xs = rt.prepare(group.shard(views.weak(x, g))), rt.prepare(group.shard(views.strong(x, g)))
     if sl.teacher_mode == "eval":
         model.eval()  # running BatchNorm statistics, as the confident count is measured
     with torch.no_grad(), rt.autocast():
         weak_logits = group.gather(model(xw)[0].float())
     model.train(not sl.freeze_backbone)
     with rt.autocast():
-        strong_logits = group.gather(model(xs)[0].float())
+        if sl.contrastive_weight:
+            xc = x[: sl.contrastive_images]
+            v1, v2 = rt.prepare(group.shard(views.simclr(xc, g))), rt.prepare(group.shard(views.simclr(xc, g)))
+            logits, z = model(xs, torch.cat([v1, v2]))
+            # rank-major [v1_r, v2_r] per rank, as the pretext gathers them
+            z = group.gather(z.float()).view(group.world, 2, v1.shape[0], -1).transpose(0, 1).reshape(2, len(xc), -1)
+        else:
+            logits = model(xs)
+        strong_logits = group.gather(logits[0].float())
     loss, confident = selflabel_loss(
         weak_logits, strong_logits, sl.threshold, sl.class_balance, cluster_quota=sl.cluster_quota
     )
     if sl.entropy_weight:
         loss = loss - sl.entropy_weight * mean_entropy(strong_logits.softmax(-1))
+    if sl.contrastive_weight:
+        loss = loss + sl.contrastive_weight * nt_xent_loss(z[0], z[1], views.temperature)
     if confident == 0:
         return False
     before = [p.detach().clone() for p in model.parameters()] if sl.ema else None

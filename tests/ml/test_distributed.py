@@ -95,16 +95,21 @@ def test_two_processes_train_the_pretext_as_one_does(digits, tmp_path, method):
 
 
 @slow
-@pytest.mark.parametrize("seeds", [1, 2])
-def test_two_processes_train_the_selflabel_stage_as_one_does(digits, tmp_path, seeds):
-    """With `seeds: 2` the stage self-labels each seed's SCAN model in turn, every seed on both ranks."""
+@pytest.mark.parametrize(
+    "seeds, extra",
+    [(1, {}), (2, {}), (1, {"selflabel.contrastive_weight": 1.0, "selflabel.contrastive_images": 32})],
+    ids=["one-seed", "two-seeds", "contrastive"],
+)
+def test_two_processes_train_the_selflabel_stage_as_one_does(digits, tmp_path, seeds, extra):
+    """With `seeds: 2` the stage self-labels each seed's SCAN model in turn, every seed on both ranks.
+    With the SimCLR term each rank embeds its half of the views and the loss sees all of them."""
     base = tmp_path / "base"
     for stage in ("pretext", "mining", "clustering"):
         _train(stage, base, digits, 1, {"seeds": seeds})
     shutil.copytree(base, tmp_path / "two")
     shutil.copytree(base, tmp_path / "one")
-    one, _, one_events = _train("selflabel", tmp_path / "one", digits, 1, {"seeds": seeds})
-    two, summary, two_events = _train("selflabel", tmp_path / "two", digits, 2, {"seeds": seeds})
+    one, _, one_events = _train("selflabel", tmp_path / "one", digits, 1, {"seeds": seeds, **extra})
+    two, summary, two_events = _train("selflabel", tmp_path / "two", digits, 2, {"seeds": seeds, **extra})
     _same_trajectory(one, two, steps=8 * seeds)
 
     # The per-epoch confident count and ACC are computed by both ranks over their halves of the set.

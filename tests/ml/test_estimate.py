@@ -54,6 +54,21 @@ def test_seeds_multiply_clustering_and_selflabel_only():
         assert three[stage] == pytest.approx(3 * one[stage], abs=0.2)
 
 
+def test_the_selflabel_simclr_term_adds_its_views_to_time_and_memory():
+    plain = RunConfig.from_preset("small", 10, {"selflabel.batch_size": 500})
+    simclr = RunConfig.from_preset(
+        "small",
+        10,
+        {"selflabel.batch_size": 500, "selflabel.contrastive_weight": 1.0, "selflabel.contrastive_images": 250},
+    )
+    one, two = est.stage_work(plain, 10_000), est.stage_work(simclr, 10_000)
+    # two views of half of each batch: one more training pass per image and epoch
+    assert two["selflabel"] - one["selflabel"] == pytest.approx(plain.selflabel.epochs * 10_000)
+    assert {k: v for k, v in two.items() if k != "selflabel"} == {k: v for k, v in one.items() if k != "selflabel"}
+    need = {n["field"]: n for n in est.memory_needs(simclr, 10_000, 28, 1, "cpu")}["selflabel.batch_size"]
+    assert need["views"] == 2.0
+
+
 def test_devices_divide_the_data_parallel_stages_on_gpus_only():
     gpu = est.Device(kind="cuda", name="gpu", memory_bytes=80 << 30, train_images_per_s={"resnet18_cifar": 5000.0})
     cfg = RunConfig.from_preset("cifar", 10, {"pretext.batch_size": 512, "selflabel.batch_size": 1000})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from ml.config import RunConfig
 from ml.data import load_source
 from ml.pipeline import STAGES, Canceled, prepare_run, run_stage
 from ml.predictor import Predictor
+from ml.saved_models import load_clustering
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -305,3 +307,29 @@ def test_missing_input_names_the_earliest_stage_that_writes_it(tmp_path):
     assert missing_input(tmp_path, "clustering") == ("neighbors.npy", "mining")
     assert missing_input(tmp_path, "mining") is None
     assert missing_input(tmp_path, "finalize") == ("assignments.npz", "selflabel")
+
+
+@pytest.mark.slow  # trains: in make test, not in make test-fast
+def test_selflabel_simclr_term_is_added_with_its_weight(digits, tmp_path):
+    """`selflabel.contrastive_weight`: the first step's loss is the paper's self-label loss plus
+    the weight times one SimCLR loss (the same views whatever the weight: they are drawn after the
+    weak and strong ones), and the model it writes is the plain clustering model."""
+    base = {**DIGITS, "pretext.epochs": 1, "clustering.epochs": 1, "selflabel.epochs": 1}
+    prepare_run(tmp_path / "base", RunConfig.from_preset("small", 10, base))
+    for stage in ("pretext", "mining", "clustering"):
+        run_stage(stage, tmp_path / "base", digits)
+    first = {}
+    for weight in (0.0, 1.0, 2.0):
+        run_dir = tmp_path / f"w{weight}"
+        shutil.copytree(tmp_path / "base", run_dir)
+        cfg = RunConfig.from_preset(
+            "small", 10, {**base, "selflabel.contrastive_weight": weight, "selflabel.contrastive_images": 64}
+        )
+        seen = []
+        run_stage("selflabel", run_dir, digits, progress=seen.append, cfg=cfg)
+        first[weight] = next(p.loss for p in seen if p.loss is not None and not p.epoch_end)
+        model, _ = load_clustering(run_dir / "model.pt")
+        assert all(k.startswith(("backbone.", "heads.")) for k in model.state_dict())
+    simclr = first[1.0] - first[0.0]
+    assert simclr > 1.0  # an NT-Xent loss over 128 views, not a rounding difference
+    assert first[2.0] - first[0.0] == pytest.approx(2 * simclr, abs=1e-4)
