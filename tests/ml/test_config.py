@@ -106,6 +106,7 @@ def test_the_papers_presets_self_label_by_the_papers_rule(preset):
     # pseudo-label from the weak view in train mode, by the threshold alone, at the paper's rates.
     sl = RunConfig.from_preset(preset, 10).selflabel
     assert (sl.weak_view, sl.teacher_mode, sl.cluster_quota, sl.augmentation) == ("shift", "train", 0.0, "strong")
+    assert sl.contrastive_weight == 0  # the paper's loss alone
     assert sl.threshold == 0.99
     assert sl.optim.lr == {"cifar": 1e-4, "stl": 1e-4, "imagenet": 0.03}[preset]
 
