@@ -180,6 +180,7 @@ class SelfLabelConfig(_Strict):
     # batch. It keeps the backbone what the pretext made it while the pseudo-labels retrain it: on
     # 14 px Fashion-MNIST self-labeling without it wandered at or below SCAN's ACC with the count
     # rising, with it both rose together (docs/fashion.md section 12). 0: the paper's loss alone.
+    # With imported backbone weights and no pretext epochs the head is the untrained one.
     contrastive_weight: float = Field(0.0, ge=0, le=100)
     contrastive_images: int = Field(256, ge=2, le=MAX_BATCH)
     # Stop once the number of confident samples has not grown by min_gain for `patience` epochs.
@@ -239,6 +240,18 @@ class RunConfig(_Strict):
         for name, batch in (("pretext", self.pretext.batch_size), ("selflabel", self.selflabel.batch_size)):
             if batch % self.devices:
                 raise ValueError(f"{name}.batch_size {batch} does not split evenly over devices={self.devices}")
+        sl = self.selflabel
+        if sl.contrastive_weight:
+            if sl.freeze_backbone:
+                raise ValueError(
+                    "selflabel.contrastive_weight trains the backbone; with selflabel.freeze_backbone=true it "
+                    "would add a loss nothing learns from"
+                )
+            views = min(sl.contrastive_images, sl.batch_size)
+            if views % self.devices:
+                raise ValueError(
+                    f"selflabel.contrastive_images {views} does not split evenly over devices={self.devices}"
+                )
         lo, hi = self.pretext.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("pretext.crop_scale must satisfy 0 < low <= high <= 1")

@@ -117,3 +117,17 @@ def test_the_small_preset_self_labels_with_a_cluster_quota_at_a_small_sets_rate(
     # A small set gives a few hundred steps, not the paper's ~10,000: Adam 1e-3, and patience
     # for the noisy rise of the confident count.
     assert sl.optim.lr == 1e-3 and sl.patience == 20
+
+
+def test_the_selflabel_simclr_term_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="freeze_backbone=true"):
+        RunConfig.from_preset("small", 10, {"selflabel.contrastive_weight": 1.0, "selflabel.freeze_backbone": True})
+    with pytest.raises(ValueError, match="contrastive_images 255 does not split evenly over devices=2"):
+        RunConfig.from_preset(
+            "small",
+            10,
+            {"selflabel.contrastive_weight": 1.0, "selflabel.contrastive_images": 255, "devices": 2},
+        )
+    # the batch caps the views: 511 asked of a 256-image batch are 256, which two devices split
+    cfg = {"selflabel.contrastive_weight": 1.0, "selflabel.contrastive_images": 511, "selflabel.batch_size": 256}
+    assert RunConfig.from_preset("small", 10, {**cfg, "devices": 2}).selflabel.contrastive_images == 511
