@@ -13,6 +13,7 @@ import os
 import pickle
 import queue
 import shutil
+import signal
 import tempfile
 import threading
 import traceback
@@ -94,7 +95,7 @@ def launch(
                     break
             except ProcessException as exc:
                 drain()
-                raise _rank_error(stage, state["error"], exc) from exc
+                raise _rank_error(stage, state["error"], exc, _killed(procs.processes)) from exc
         drain()
     finally:
         for p in procs.processes:
@@ -140,9 +141,26 @@ def _exit_with_launcher() -> None:
     threading.Thread(target=watch, name="scan-ddp-watchdog", daemon=True).start()
 
 
-def _rank_error(stage: str, error: list | None, exc: BaseException) -> BaseException:
+def _killed(processes) -> list[tuple[int, str]]:
+    """Ranks a signal ended, with its name, apart from SIGTERM: torch's join sends that to the
+    ranks still running once one has failed, so it is a consequence, never the cause."""
+    out = []
+    for rank, p in enumerate(processes):
+        code = p.exitcode
+        if code is not None and code < 0 and -code != signal.SIGTERM:
+            out.append((rank, signal.Signals(-code).name))
+    return out
+
+
+def _rank_error(stage: str, error: list | None, exc: BaseException, killed=()) -> BaseException:
     """The first failed rank's own exception (Canceled stays Canceled, an OOM stays an OOM), or a
-    RuntimeError naming the rank that died without one (killed by a signal, or unpicklable)."""
+    RuntimeError naming the rank that died without one (killed by a signal, or unpicklable). A
+    rank killed by a signal (the OOM killer's SIGKILL) comes first: the others then fail in a
+    collective with a dead peer, and whichever reports first is a race, not the cause."""
+    if killed:
+        rank, name = killed[0]
+        after = f"; rank {error[0]} then failed:\n{error[2]}" if error else ""
+        return RuntimeError(f"{stage}: rank {rank} was killed by {name}{after}")
     if error:
         rank, blob, text = error
         if blob is not None:

@@ -189,3 +189,19 @@ def test_world_size_splits_the_batch_evenly_and_never_exceeds_the_ask():
         assert world_size(4, cpu, 6) == 3  # a small set's batch (6 images): 3 ranks of 2
     assert world_size(2, cpu, 7) == 1
     assert world_size(1, cpu, 64) == 1
+
+
+def test_a_rank_killed_by_a_signal_is_named_before_the_errors_it_caused():
+    """The race the test above can lose: rank 1 SIGKILLed, rank 0 then fails in a collective and
+    reports first. The killed rank is the cause; SIGTERM (sent by torch's join to the ranks still
+    running) never is; without a kill the rank's own exception comes back as it was raised."""
+    from types import SimpleNamespace
+
+    from ml.launch import _killed, _rank_error
+
+    gloo = [0, None, "RuntimeError: Connection reset by peer"]
+    procs = [SimpleNamespace(exitcode=-signal.SIGTERM), SimpleNamespace(exitcode=-signal.SIGKILL)]
+    err = _rank_error("pretext", gloo, RuntimeError("join"), _killed(procs))
+    assert str(err).startswith("pretext: rank 1 was killed by SIGKILL") and "Connection reset" in str(err)
+    assert _killed([SimpleNamespace(exitcode=-signal.SIGTERM), SimpleNamespace(exitcode=None)]) == []
+    assert "rank 0 failed" in str(_rank_error("pretext", gloo, RuntimeError("join"), []))
