@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml.augment import SimCLRAugment, StrongAugment
+from ml.augment import StrongAugment
 from ml.losses import scan_loss_all_neighbors, scan_loss_per_head
 from ml.networks import ClusteringModel
 from ml.num_clusters import resolve_num_clusters
 from ml.saved_models import cpu_state, load_contrastive, save_clustering
-from ml.stages.common import StageContext, predict_all, resident_images, take
+from ml.stages.common import StageContext, predict_all, resident_images, simclr_augment, take
 from ml.stages.loop import Trainer
 from ml.stages.outputs import write_outputs
 
@@ -66,15 +66,7 @@ def _augmentation(cfg, size: int):
     cc, pc = cfg.clustering, cfg.pretext
     if cc.augmentation == "strong":
         return StrongAugment(size, cutout=cc.cutout, flip=pc.flip)
-    return SimCLRAugment(
-        size,
-        crop_scale=pc.crop_scale,
-        flip=pc.flip,
-        jitter=pc.jitter,
-        jitter_p=pc.jitter_p,
-        gray_p=pc.gray_p,
-        invariances=pc.invariances,
-    )
+    return simclr_augment(size, pc)
 
 
 def _train(trainer: Trainer, model, heads: _HeadInputs, neighbors: torch.Tensor, cc) -> dict[str, Any] | None:

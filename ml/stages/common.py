@@ -10,11 +10,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml.config import RunConfig
+from ml.augment import SimCLRAugment
+from ml.config import PretextConfig, RunConfig
 from ml.data import resize_to
 from ml.device import Runtime
 from ml.distributed import SINGLE, Group
 from ml.rundir import RunDir
+
+
+def simclr_augment(size: int, pc: PretextConfig) -> SimCLRAugment:
+    """SimCLR's views as the pretext is configured: the pretext trains on them, and the clustering
+    (the paper's ImageNet setting) and self-label (its SimCLR term) stages reuse them."""
+    return SimCLRAugment(
+        size,
+        crop_scale=pc.crop_scale,
+        flip=pc.flip,
+        jitter=pc.jitter,
+        jitter_p=pc.jitter_p,
+        gray_p=pc.gray_p,
+        invariances=pc.invariances,
+    )
 
 
 class Canceled(Exception):

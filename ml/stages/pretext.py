@@ -14,12 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ml.augment import SimCLRAugment
 from ml.losses import moco_loss, nt_xent_loss
 from ml.networks import ContrastiveModel, build_backbone, load_backbone_weights
 from ml.rundir import atomic_write
 from ml.saved_models import model_meta, save_contrastive
-from ml.stages.common import StageContext, channel_stats, predict_all, resident_images, take
+from ml.stages.common import StageContext, channel_stats, predict_all, resident_images, simclr_augment, take
 from ml.stages.loop import Trainer
 
 
@@ -37,15 +36,7 @@ def run_pretext(ctx: StageContext, data) -> dict[str, Any]:
         load_backbone_weights(backbone, Path(pc.backbone_weights))
     model = rt.model(ContrastiveModel(backbone, hidden_dim=pc.hidden_dim, feature_dim=pc.feature_dim))
     model = group.sync_batchnorm(model, rt.device)
-    aug = SimCLRAugment(
-        size,
-        crop_scale=pc.crop_scale,
-        flip=pc.flip,
-        jitter=pc.jitter,
-        jitter_p=pc.jitter_p,
-        gray_p=pc.gray_p,
-        invariances=pc.invariances,
-    )
+    aug = simclr_augment(size, pc)
     trainer = Trainer(
         ctx, model, model.parameters(), pc.optim, epochs=pc.epochs, batch_size=pc.batch_size, n=n, stream=1
     )

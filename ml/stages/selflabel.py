@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml.augment import SimCLRAugment, StrongAugment, WeakAugment, to_float
+from ml.augment import StrongAugment, WeakAugment, to_float
 from ml.evaluate import hungarian_accuracy
 from ml.losses import mean_entropy, nt_xent_loss, selflabel_loss
 from ml.saved_models import cpu_state, load_clustering, load_contrastive, save_clustering
-from ml.stages.common import StageContext, predict_all, resident_images, take
+from ml.stages.common import StageContext, predict_all, resident_images, simclr_augment, take
 from ml.stages.loop import Trainer
 from ml.stages.outputs import write_outputs
 
@@ -92,15 +92,7 @@ class _Views(NamedTuple):
 
 def _views(cfg, size: int) -> _Views:
     sl, pc = cfg.selflabel, cfg.pretext
-    simclr = SimCLRAugment(
-        size,
-        crop_scale=pc.crop_scale,
-        flip=pc.flip,
-        jitter=pc.jitter,
-        jitter_p=pc.jitter_p,
-        gray_p=pc.gray_p,
-        invariances=pc.invariances,
-    )
+    simclr = simclr_augment(size, pc)
     strong = StrongAugment(size, cutout=cfg.clustering.cutout, flip=pc.flip) if sl.augmentation == "strong" else simclr
     weak = WeakAugment(size, flip=pc.flip) if sl.weak_view == "shift" else (lambda x, g: to_float(x))
     return _Views(weak, strong, simclr, pc.temperature)
