@@ -66,12 +66,12 @@ from ml.predictor import Predictor
 # over 25-40 epochs, 0.678 -> 0.73, 0.735 -> 0.749 after 15), so it trained 40 epochs (SCAN 0.724 ->
 # self-label 0.744 on test in 1,278 s, idle, 2026-11-30 03:47). At 05:27 the same day every stage
 # ran 1.8x slower on this 2-core machine (the pretext 526 s instead of 291 s, idle, same commit: the
-# host, not the code), which put the whole run at ~38 minutes. So it trains 25 on a cosine schedule, which lets
-# the ACC settle as the rate falls, with Eq. 2's entropy term at weight 2 kept in the loss
-# (`selflabel.entropy_weight`): balanced clusters went with a higher ACC in every self-label run
-# traced (docs/fashion.md 12.1), and from one SCAN model (test 0.7235) the 25 cosine epochs gave
-# 0.7385 test without the term and 0.742 with it (docs/fashion.md section 13). This recipe's
-# uninterrupted run (06:59, that host): SCAN 0.724 -> self-label 0.742 on test, 1,598 s.
+# host, not the code), which put the whole run at 35-38 minutes. So it trains 25 epochs on a cosine
+# schedule, which lets the ACC settle as the rate falls, with Eq. 2's entropy term at weight 2 kept
+# in the loss (`selflabel.entropy_weight`): balanced clusters went with a higher ACC in both
+# self-label runs traced (docs/fashion.md 12.1), and from one SCAN model (test 0.7235) the 25
+# cosine epochs gave 0.7385 test without the term and 0.742 with it (docs/fashion.md section 13).
+# This recipe's uninterrupted run (06:59, that host): SCAN 0.724 -> self-label 0.742, 1,598 s.
 CPU_RECIPE = {
     "image_size": 14,
     "width": 32,
