@@ -11,14 +11,12 @@ overrides are applied to the copy's config.json (validated as any run's config i
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,21 +24,24 @@ from ml.cli import parse_overrides
 from ml.config import RunConfig
 from ml.data import load_source
 from ml.evaluate import cluster_metrics
-from ml.pipeline import run_stage
+from ml.pipeline import load_config, prepare_run, run_stage
 from ml.predictor import Predictor
+from ml.rundir import RunDir
 
-# What the self-label stage reads from a finished run; its checkpoints and outputs stay behind.
-INPUTS = (
-    "config.json",
-    "pretext.pt",
-    "features.npy",
-    "neighbors.npy",
-    "index.faiss",
-    "metrics.json",
-    "timings.json",
-    "scan.pt",
-    "history.json",
-)
+
+# What the self-label stage reads from a finished run (its config is written anew, with the
+# overrides); the run's checkpoints and outputs stay behind.
+def _inputs(run: RunDir) -> list[Path]:
+    return [
+        run.pretext_path,
+        run.features_path,
+        run.neighbors_path,
+        run.index_path,
+        run.metrics_path,
+        run.path / "timings.json",
+        run.scan_model_path,
+        run.history_path,
+    ]
 
 
 def main() -> None:
@@ -51,28 +52,23 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     args = ap.parse_args()
 
-    if not (args.source / "scan.pt").exists():
+    source = RunDir(args.source)
+    if not source.scan_model_path.exists():
         sys.exit(f"{args.source}: no scan.pt, the clustering stage has not finished there")
-    config = json.loads((args.source / "config.json").read_text())
-    for key, value in parse_overrides(args.overrides).items():
-        *path, last = key.split(".")
-        node = config
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
-            sys.exit(f"--set {key}: {args.source / 'config.json'} has no such field")
-        node[last] = value
-    try:
-        RunConfig.model_validate(config)  # a bad value fails here, not mid-stage
-    except ValidationError as e:
+    base = load_config(args.source)
+    asked = base.num_clusters if isinstance(base.num_clusters, (int, str)) else base.num_clusters.model_dump()
+    try:  # a bad key or value fails here, before anything is copied
+        cfg = RunConfig.from_preset(base.preset, asked, {**base.overrides(), **parse_overrides(args.overrides)})
+        if base.num_clusters_chosen is not None:
+            cfg = cfg.with_chosen_k(base.num_clusters_chosen)
+    except ValueError as e:  # pydantic's ValidationError included
         sys.exit(f"--set: {e}")
     if args.dest.exists():
         shutil.rmtree(args.dest)
-    args.dest.mkdir(parents=True)
-    for name in INPUTS:
-        if (args.source / name).exists():
-            shutil.copy2(args.source / name, args.dest / name)
-    (args.dest / "config.json").write_text(json.dumps(config, indent=1))
+    dest = prepare_run(args.dest, cfg)
+    for path in _inputs(source):
+        if path.exists():
+            shutil.copy2(path, dest.path / path.name)
 
     train = load_source(args.data, split="train", cache_dir=Path(".cache/scan"))
     test = load_source(args.data, split="test", cache_dir=Path(".cache/scan"))
