@@ -38,45 +38,22 @@ from ml.evaluate import cluster_metrics, kmeans_baseline
 from ml.pipeline import STAGES, prepare_run, run_stage
 from ml.predictor import Predictor
 
-# The CPU recipe: the `small` preset, sized so the whole run fits 30 minutes on 2 cores.
-# Sized for 30 minutes on 2 CPU cores (measured ~2,900 images/s in the pretext stage): the images
-# are trained at 14x14 with the convnet half as wide (16-32-64-128), ~1/16 of the cost per image of
-# 28x28 at width 32, which buys 35 SimCLR epochs. The SCAN step trains its heads on features of the
-# frozen backbone (test ACC 0.702); SCAN on the whole network with strong augmentation for 10 epochs
-# was slower and worse here (0.614), measured 2026-11-26.
-# Measured 2026-11-29 under heavy load (docs/fashion.md): 15 pretext epochs give the features of 35
-# (K-means 0.668 vs 0.672, 20-NN purity 0.786 vs 0.796; SCAN 0.720), and every self-labeling
-# variant tried lowered the test ACC (0.631-0.708 from SCAN's 0.720); the loss is Pullover / Coat /
-# Shirt, mixed at 14 px. Two uninterrupted runs with 15 pretext epochs (SCAN 0.688 and 0.720, the
-# spread of the frozen-feature heads) were no worse than the 35-epoch run (0.662) in 40% of its time,
-# so the recipe trains 15 epochs. Idle, the pretext runs at 6,800 img/s at width 16 (230 s in all):
-# the convnet at full width 32 with 10 heads gave SCAN 0.724 / self-label 0.684 (0.691 / 0.640 at
-# width 16) in 661 s; the native 28 px at width 16 gave 0.641 in 783 s (docs/fashion.md, section 6).
-# Self-labeling gets 15 epochs (900 steps), not 3: measured 2026-11-29 from one SCAN model (test
-# 0.724, loaded, docs/fashion.md section 7), Adam at 1e-3 first costs 8.5 points of train ACC and
-# wins them back over ~12 epochs; 3 epochs stopped at the bottom of that dip (0.684 idle), 15 gave
-# 0.726 (40 gave 0.727) with the confident count rising 22,757 -> 49,079; from a second SCAN model
-# (0.713) 15 gave 0.710: back to SCAN's ACC, not above it. About 25 s an epoch in one thread at
-# load 1-3, so ~5 more minutes. Choosing among the 10 heads by anything but the lowest
-# loss, averaging them, or filtering pseudo-labels by neighbours or heads gained nothing (section 7).
-# Self-labeling keeps SimCLR's loss beside its own (`selflabel.contrastive_weight`, measured
-# 2026-11-30, docs/fashion.md section 12): without it the backbone, retrained on its own
-# pseudo-labels, wandered at or below SCAN's ACC (0.726 -> 0.657 in the README's 2026-11-29 run);
-# with it the confident count and train ACC rose together on every SCAN model tried (0.698 -> 0.75
-# over 25-40 epochs, 0.678 -> 0.73, 0.735 -> 0.749 after 15), so it trained 40 epochs (SCAN 0.724 ->
-# self-label 0.744 on test in 1,278 s, idle, 2026-11-30 03:47). At 05:27 the same day every stage
-# ran 1.8x slower on this 2-core machine (the pretext 526 s instead of 291 s, idle, same commit: the
-# host, not the code), which put the whole run at 35-38 minutes. So it trains 25 epochs on a cosine
-# schedule, which lets the ACC settle as the rate falls, with Eq. 2's entropy term at weight 2 kept
-# in the loss (`selflabel.entropy_weight`): balanced clusters went with a higher ACC in both
-# self-label runs traced (docs/fashion.md 12.1), and from one SCAN model (test 0.7235) the 25
-# cosine epochs gave 0.7385 test without the term and 0.742 with it (docs/fashion.md section 13).
-# That recipe's uninterrupted run (06:59, that host): SCAN 0.724 -> self-label 0.742, 1,598 s.
-# On 2026-11-30 at 08:26 the host was slower again (pretext 643 s, clustering 159 s, self-labeling
-# ~43 s an epoch: ~1,870 s for the run). From that run's SCAN model (the same as 06:59's, test
-# 0.7235), 12 cosine epochs gave 0.739 against 25's 0.742, and SimCLR's term on all 1,000 images
-# (0.742 in 1.8x the time), Eq. 2's entropy at 5 (0.740) or no cluster quota (0.736) did not do
-# better (docs/fashion.md section 14). So it self-labels 18 epochs: ~1,600 s on that host.
+# The CPU recipe: the `small` preset, sized so the whole run fits 30 minutes on 2 cores. Why each
+# setting, in short; the measurements behind them are docs/fashion.md's sections 1-14.
+# - 14 px, the convnet at width 32: ~1/4 of the cost per image of 28 px; 28 px, 20 px and a deeper
+#   network gave no better clustering (sections 6, 9.1).
+# - 15 SimCLR epochs: 35 or 40 gave no better clustering (sections 1, 9.1).
+# - 10 linear heads on the frozen backbone, no augmentation: training the backbone with SCAN's strong
+#   augmentation at 14 px lost 17 points (9.2); on these features no head choice, mined neighbours or
+#   clustering option moves the partition (2, 7.1, 11.2-11.3), so the gain has to come from
+#   self-labeling, the one step that retrains the backbone.
+# - Self-labeling keeps SimCLR's loss beside its own (`selflabel.contrastive_weight`): without it
+#   the backbone, retrained on its own pseudo-labels, wandered at or below SCAN's ACC; with it the
+#   confident count and the ACC rise together (12.2-12.3). Eq. 2's entropy at weight 2 keeps the
+#   clusters balanced, +0.3 points (13.2).
+# - 18 epochs on a cosine schedule: 12 end within 0.003 of 25's test ACC (14.2), and 25
+#   would take ~1,870 s on the slowest host measured (the same run took 1,278 s, 1,598 s and 1,624 s
+#   with 40, 25 and 18 self-label epochs on three hosts in one day; 13.1, 14.1).
 CPU_RECIPE = {
     "image_size": 14,
     "width": 32,
