@@ -43,9 +43,6 @@ from ml.predictor import Predictor
 # - 14 px, the convnet at width 32: ~1/4 of the cost per image of 28 px; 28 px, 20 px and a deeper
 #   network gave no better clustering (sections 6, 9.1).
 # - 15 SimCLR epochs: 35 or 40 gave no better clustering (sections 1, 9.1).
-# - SimCLR's crop (0.2-1 of the area), not the preset's 0.5-1: a SCAN model a few points lower, from
-#   which self-labeling with SimCLR's term gained more (0.700 -> 0.748, section 12.2); tried as the
-#   recipe in section 14.5.
 # - 10 linear heads on the frozen backbone, no augmentation: training the backbone with SCAN's strong
 #   augmentation at 14 px lost 17 points (9.2); on these features no head choice, mined neighbours or
 #   clustering option moves the partition (2, 7.1, 11.2-11.3), so the gain has to come from
@@ -62,7 +59,6 @@ CPU_RECIPE = {
     "width": 32,
     "pretext.epochs": 15,
     "pretext.batch_size": 512,
-    "pretext.crop_scale": [0.2, 1.0],
     "clustering.freeze_backbone": True,
     "clustering.augment": False,
     "clustering.epochs": 60,
