@@ -1,5 +1,5 @@
 """Rerun the self-labeling stage of a finished Fashion-MNIST run with other settings, on a copy, and
-report test ACC of the SCAN and the self-labelled model: how docs/fashion.md sections 12-13 compare
+report test ACC of the SCAN and the self-labelled model: how docs/fashion.md sections 12-14 compare
 self-label variants from one SCAN model without paying for the pretext and clustering again.
 
     python bench/rerun_selflabel.py bench/out/fashion-mnist bench/out/sl-e2 --set selflabel.entropy_weight=2
@@ -38,7 +38,7 @@ def _inputs(run: RunDir) -> list[Path]:
         run.neighbors_path,
         run.index_path,
         run.metrics_path,
-        run.path / "timings.json",
+        run.timings_path,
         run.scan_model_path,
         run.history_path,
     ]
@@ -56,9 +56,9 @@ def main() -> None:
     if not source.scan_model_path.exists():
         sys.exit(f"{args.source}: no scan.pt, the clustering stage has not finished there")
     base = load_config(args.source)
-    asked = base.num_clusters if isinstance(base.num_clusters, (int, str)) else base.num_clusters.model_dump()
     try:  # a bad key or value fails here, before anything is copied
-        cfg = RunConfig.from_preset(base.preset, asked, {**base.overrides(), **parse_overrides(args.overrides)})
+        overrides = {**base.overrides(), **parse_overrides(args.overrides)}
+        cfg = RunConfig.from_preset(base.preset, base.num_clusters_asked, overrides)
         if base.num_clusters_chosen is not None:
             cfg = cfg.with_chosen_k(base.num_clusters_chosen)
     except ValueError as e:  # pydantic's ValidationError included

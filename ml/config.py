@@ -272,6 +272,12 @@ class RunConfig(_Strict):
         return self.num_clusters.min, self.num_clusters.max
 
     @property
+    def num_clusters_asked(self) -> int | str | dict[str, int]:
+        """num_clusters as a run asks for it (what ``from_preset`` takes): a number, "auto", or the
+        range as a plain dict."""
+        return self.num_clusters if isinstance(self.num_clusters, (int, str)) else self.num_clusters.model_dump()
+
+    @property
     def k(self) -> int | None:
         """The number of clusters the model has: num_clusters when it is a number, else the K the
         clustering stage chose (None before it has)."""
@@ -299,9 +305,8 @@ class RunConfig(_Strict):
         """What this config changes from its preset, as dotted keys: derived, so a run stores its
         config once and still shows what was asked for. ``from_preset(preset, num_clusters,
         cfg.overrides())`` gives ``cfg`` back."""
-        asked = self.num_clusters if isinstance(self.num_clusters, (int, str)) else self.num_clusters.model_dump()
         if self.preset in PRESETS:
-            reference = RunConfig.from_preset(self.preset, asked)
+            reference = RunConfig.from_preset(self.preset, self.num_clusters_asked)
         else:  # a preset since removed: show what differs from the field defaults
             reference = RunConfig.model_construct(num_clusters=self.num_clusters)
         mine = self.model_dump(mode="json", exclude={"num_clusters_chosen"})

@@ -113,5 +113,5 @@ def run_stage(
         summary = fn(ctx, data)
     device = str(rt.device) if world == 1 else f"{rt.device.type} x{world}"
     summary = {**summary, "seconds": time.perf_counter() - t0, "device": device, "devices": world}
-    run.update_json(run.path / "timings.json", stage, summary)
+    run.update_json(run.timings_path, stage, summary)
     return summary

@@ -29,6 +29,7 @@ class RunDir:
     clusters_path = property(lambda self: self.path / "clusters.json")
     metrics_path = property(lambda self: self.path / "metrics.json")
     history_path = property(lambda self: self.path / "history.json")
+    timings_path = property(lambda self: self.path / "timings.json")
 
     def checkpoint(self, stage: str) -> Path:
         return self.path / "checkpoints" / f"{stage}.pt"
