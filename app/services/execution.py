@@ -65,6 +65,10 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
     token = secrets.token_hex(16)
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.stale_after_s)
+    # A lease still held here belongs to a task that stopped heart-beating: this claim takes it over.
+    # The dispatcher's sweep (stale_runs) says so when it gets there first; when a redelivered message
+    # gets here first, this claim is what recovers the run and has to say so instead.
+    held = session.scalar(select(Run.lease_token).where(Run.id == run_id))
     # State and cancel flag are in the condition too: an API cancel of an idle run races with this.
     won = session.execute(
         update(Run)
@@ -105,6 +109,16 @@ def claim(session: Session, settings: Settings, run_id: str, stage: str) -> Clai
         status.finished_at = None
     run.state = RUNNING_STATES.get(stage, run.state)
     run.started_at = run.started_at or now
+    if held is not None:
+        session.add(
+            RunEvent(
+                run_id=run_id,
+                kind="recovered",
+                stage=stage,
+                message=f"no heartbeat for {settings.stale_after_s:.0f}s from the task running {stage}; "
+                "this worker took it over",
+            )
+        )
     session.add(
         RunEvent(
             run_id=run_id,

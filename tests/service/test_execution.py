@@ -133,6 +133,22 @@ def test_stale_runs_are_found_once(settings, run_id):
         assert isinstance(claim, execution.Claim) and claim.attempt == 2
 
 
+def test_a_claim_that_takes_over_a_dead_lease_says_the_run_was_recovered(settings, run_id):
+    # A redelivered message can reach a fresh worker before the dispatcher's sweep sees the dead
+    # lease; the run's events must tell the same story either way.
+    with db_session() as session:
+        assert isinstance(execution.claim(session, settings, run_id, "pretext"), execution.Claim)
+        kinds = [e.kind for e in session.query(RunEvent).filter_by(run_id=run_id)]
+        assert "recovered" not in kinds  # a first claim of a free lease recovers nothing
+        _age_heartbeat(run_id, settings.stale_after_s + 5)
+        session.expire_all()
+        claim = execution.claim(session, settings, run_id, "pretext")
+        assert isinstance(claim, execution.Claim) and claim.attempt == 2
+        events = [(e.kind, e.stage) for e in session.query(RunEvent).filter_by(run_id=run_id).order_by(RunEvent.id)]
+        assert events.count(("recovered", "pretext")) == 1
+        assert events.index(("recovered", "pretext")) < len(events) - 1  # before the attempt it recovers
+
+
 def test_cancel_flag_ends_a_run_at_its_next_claim(settings, run_id):
     with db_session() as session:
         session.get(Run, run_id).cancel_requested = True
