@@ -56,7 +56,7 @@ from ml.predictor import Predictor
 #   with 40, 25 and 18 self-label epochs on three hosts in one day; 13.1, 14.1).
 CPU_RECIPE = {
     "image_size": 14,
-    "width": 32,
+    "width": 64,
     "pretext.epochs": 15,
     "pretext.batch_size": 512,
     "clustering.freeze_backbone": True,
