@@ -39,9 +39,13 @@ from ml.pipeline import STAGES, prepare_run, run_stage
 from ml.predictor import Predictor
 
 # The CPU recipe: the `small` preset, sized so the whole run fits 30 minutes on 2 cores. Why each
-# setting, in short; the measurements behind them are docs/fashion.md's sections 1-14.
-# - 14 px, the convnet at width 32: ~1/4 of the cost per image of 28 px; 28 px, 20 px and a deeper
-#   network gave no better clustering (sections 6, 9.1).
+# setting, in short; the measurements behind them are docs/fashion.md's sections 1-15.
+# - 14 px: ~1/4 of the cost per image of 28 px; 28 px, 20 px and a deeper network gave no better
+#   clustering (sections 6, 9.1).
+# - The convnet at width 64: no better SCAN model than width 32 (0.724), but a backbone that
+#   self-labeling moves further, 0.750 against 0.744 on the same host (15.2). It costs 4x width 32
+#   per image: 1,341 s on the host of 15.2, ~90 minutes on the slowest host measured, where
+#   `--set width=32` is what fits (0.739 in 1,624 s; 14.3, 15.3).
 # - 15 SimCLR epochs: 35 or 40 gave no better clustering (sections 1, 9.1).
 # - 10 linear heads on the frozen backbone, no augmentation: training the backbone with SCAN's strong
 #   augmentation at 14 px lost 17 points (9.2); on these features no head choice, mined neighbours or
@@ -51,9 +55,8 @@ from ml.predictor import Predictor
 #   the backbone, retrained on its own pseudo-labels, wandered at or below SCAN's ACC; with it the
 #   confident count and the ACC rise together (12.2-12.3). Eq. 2's entropy at weight 2 keeps the
 #   clusters balanced, +0.3 points (13.2).
-# - 18 epochs on a cosine schedule: 12 end within 0.003 of 25's test ACC (14.2), and 25
-#   would take ~1,870 s on the slowest host measured (the same run took 1,278 s, 1,598 s and 1,624 s
-#   with 40, 25 and 18 self-label epochs on three hosts in one day; 13.1, 14.1).
+# - 18 epochs on a cosine schedule: at width 32, 12 end within 0.003 of 25's test ACC (14.2); at
+#   width 64, 25 epochs and SimCLR's term on the whole batch ended 0.001-0.002 below 18 (15.2).
 CPU_RECIPE = {
     "image_size": 14,
     "width": 64,
