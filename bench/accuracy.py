@@ -45,7 +45,8 @@ from ml.predictor import Predictor
 # - The convnet at width 64: no better SCAN model than width 32 (0.724), but a backbone that
 #   self-labeling moves further, 0.750 against 0.744 on the same host (15.2). It costs 4x width 32
 #   per image: 1,341 s on the host of 15.2, ~90 minutes on the slowest host measured, where
-#   `--set width=32` is what fits (0.739 in 1,624 s; 14.3, 15.3).
+#   `--set width=32` is what fits (0.739 in 1,624 s; 14.3, 15.4). Seeds 1 and 2 give
+#   0.722 and 0.752 (15.3).
 # - 15 SimCLR epochs: 35 or 40 gave no better clustering (sections 1, 9.1).
 # - 10 linear heads on the frozen backbone, no augmentation: training the backbone with SCAN's strong
 #   augmentation at 14 px lost 17 points (9.2); on these features no head choice, mined neighbours or
